@@ -163,7 +163,8 @@ def encode_with_trigger(
     L = tokenizer.model_max_length
     if last_class > L - 2:  # the last slot of L belongs to EOS
         raise ValueError(
-            f"the class tokens end at position {last_class} but only {L - 2} fit before EOS in {L} tokens: "
+            f"the class tokens would end at token position {last_class}, past the last free position {L - 2} "
+            f"(position {L - 1} is EOS): "
             "shorten the prompt before the class word or use fewer ID images"
         )
     # (3) BOS + body + EOS, truncated to L (EOS kept last), padded with the tokenizer's pad token

@@ -83,7 +83,7 @@ def test_both_sdxl_tokenizers(tokenizers):
         ("img walking in the park", {}, "starts the prompt.*class word before it"),
         ("a man img walking", {"num_id_images": 0}, "at least one ID image"),
         ("a man img walking", {"tokens_per_image": 0}, "tokens_per_image=0"),
-        (" ".join(["very"] * 80) + " man img", {}, "only 75 fit before EOS.*shorten the prompt"),
+        (" ".join(["very"] * 80) + " man img", {}, "past the last free position 75.*shorten the prompt"),
         ("a dog img", {"trigger_word": "sks_pet"}, "splits it into.*add_trigger_word"),
     ],
 )
