@@ -1,0 +1,662 @@
+"""Tests of sdlite.attention: the paper's algorithm, the fast processor, tiles, the bank, install/remove.
+
+Tolerances: float32 results compared with atol=rtol=1e-5 (orders of magnitude above the ~1e-6 rounding
+differences of reordered sums, far below the O(0.1) changes a wrong key set causes); float64 with 1e-10.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sdlite.attention import (
+    OFFICIAL_SKIP_SCHEDULE,
+    ConsistencyBank,
+    ConsistentSelfAttnProcessor,
+    CSAState,
+    SkipSchedule,
+    consistent_self_attention_reference,
+    draw_sampled_indices,
+    install_consistent_attention,
+    num_sampled_tokens,
+    self_attention_layer_names,
+    window_starts,
+)
+from sdlite.tiny import tiny_sd15_unet, tiny_sdxl_unet, tiny_unet_inputs
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------
+def features(B=6, N=10, C=8, seed=0, dtype=torch.float32):
+    return torch.randn(B, N, C, generator=torch.Generator().manual_seed(seed), dtype=dtype)  # (B, N, C)
+
+
+def identity_attention(C, dtype=torch.float32):
+    """A diffusers Attention layer whose q/k/v/out projections are the identity: one head of C channels."""
+    attn = Attention(query_dim=C, heads=1, dim_head=C, bias=False, out_bias=False).to(dtype)
+    with torch.no_grad():
+        for lin in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
+            lin.weight.copy_(torch.eye(C, dtype=dtype))
+    return attn.eval()
+
+
+def random_attention(C=16, heads=4, seed=0):
+    """A diffusers Attention layer with random projections (with biases) and several heads."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        attn = Attention(query_dim=C, heads=heads, dim_head=C // heads, bias=True, out_bias=True)
+    return attn.eval()
+
+
+def plain_attention(x):
+    """Single-head self-attention of every image on itself, identity projections. (B, N, C) -> (B, N, C)."""
+    w = torch.softmax(x @ x.transpose(1, 2) / math.sqrt(x.shape[-1]), dim=-1)
+    return w @ x
+
+
+def dense_mask_csa(attn, x, indices, tile, stride):
+    """The dense formulation: every query of a window scores all W*N window tokens, with an additive bias
+    log(multiplicity): -inf for tokens outside image i's key set, 0 for keys present once, log 2 for keys
+    present twice (own tokens that were also sampled, include_self_in_sample=True). (B, N, C) -> (B, N, C)."""
+    B, N, C = x.shape
+    h = attn.heads
+    q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)  # (B, N, inner)
+    d = q.shape[-1] // h
+    out = torch.zeros(B, N, q.shape[-1], dtype=x.dtype)
+    count = torch.zeros(B, 1, 1, dtype=x.dtype)
+    for w, s in enumerate(window_starts(B, tile, stride)):
+        kw = k[s:s + tile].reshape(tile * N, h, d).transpose(0, 1)  # (h, W*N, d)
+        vw = v[s:s + tile].reshape(tile * N, h, d).transpose(0, 1)
+        for i in range(tile):
+            mult = torch.zeros(tile * N, dtype=x.dtype)  # how often each window token is a key of image i
+            mult[i * N:(i + 1) * N] += 1
+            mult.index_add_(0, indices[w, i], torch.ones(indices.shape[2], dtype=x.dtype))
+            bias = torch.log(mult)  # (W*N,) -inf where absent
+            qi = q[s + i].view(N, h, d).transpose(0, 1)  # (h, N, d)
+            scores = qi @ kw.transpose(1, 2) / math.sqrt(d) + bias  # (h, N, W*N)
+            o = torch.softmax(scores, dim=-1) @ vw  # (h, N, d)
+            out[s + i] += o.transpose(0, 1).reshape(N, h * d)
+            count[s + i] += 1
+    return attn.to_out[0](out / count)
+
+
+# ---------------------------------------------------------------------------------------------------
+# windows and sampling
+# ---------------------------------------------------------------------------------------------------
+def test_window_starts_cover_every_image_with_full_windows():
+    assert window_starts(6, 3, 1) == [0, 1, 2, 3]  # the paper's sliding window
+    assert window_starts(8, 4, 4) == [0, 4]  # disjoint tiles
+    assert window_starts(6, 4, 4) == [0, 2]  # last window moved back so it ends at the last image
+    assert window_starts(5, 5, 1) == [0]
+    for B, W, s in [(7, 3, 2), (9, 4, 3), (10, 1, 1)]:
+        covered = {x for t in window_starts(B, W, s) for x in range(t, t + W)}
+        assert covered == set(range(B)) and max(window_starts(B, W, s)) + W == B
+
+
+def test_num_sampled_tokens_is_rate_times_pool():
+    assert num_sampled_tokens(4, 1024, 0.5) == 1536  # (W-1) N r
+    assert num_sampled_tokens(4, 1024, 0.5, include_self_in_sample=True) == 2048  # W N r
+    assert num_sampled_tokens(3, 10, 0.0) == 0 and num_sampled_tokens(3, 10, 1.0) == 20
+
+
+def test_sampled_indices_are_distinct_and_avoid_the_image_itself():
+    B, N, W = 7, 12, 3
+    idx = draw_sampled_indices(B, N, 0.4, W, 2, torch.Generator().manual_seed(3))
+    assert idx.shape == (len(window_starts(B, W, 2)), W, num_sampled_tokens(W, N, 0.4))
+    for w in range(idx.shape[0]):
+        for i in range(W):
+            row = idx[w, i]
+            assert len(set(row.tolist())) == row.numel()  # without replacement
+            assert not ((row >= i * N) & (row < (i + 1) * N)).any()  # never its own tokens
+            assert (row >= 0).all() and (row < W * N).all()
+    # the paper's literal pseudo-code: the pool includes the image itself
+    idx_self = draw_sampled_indices(B, N, 0.9, W, 1, torch.Generator().manual_seed(3), include_self_in_sample=True)
+    own_hits = [((idx_self[w, i] >= i * N) & (idx_self[w, i] < (i + 1) * N)).sum() for w in range(5) for i in range(W)]
+    assert sum(own_hits) > 0
+
+
+def test_sampling_is_uniform_over_the_pool():
+    """Each pool token is drawn with probability k / pool: counts over many draws stay near the mean."""
+    N, W, rate = 8, 3, 0.25
+    idx = draw_sampled_indices(400, N, rate, W, 1, torch.Generator().manual_seed(0))  # (398, 3, 4)
+    counts = torch.bincount(idx[:, 0].reshape(-1), minlength=W * N)[N:]  # image 0's pool: images 1, 2
+    mean = idx.shape[0] * num_sampled_tokens(W, N, rate) / ((W - 1) * N)
+    assert counts.min() > 0.6 * mean and counts.max() < 1.4 * mean
+
+
+def test_rate_one_takes_the_whole_pool_without_randomness():
+    g = torch.Generator().manual_seed(0)
+    before = g.get_state()
+    idx = draw_sampled_indices(4, 5, 1.0, 4, 1, g)
+    assert torch.equal(g.get_state(), before)
+    assert sorted(idx[0, 2].tolist()) == [t for t in range(20) if not 10 <= t < 15]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the reference version
+# ---------------------------------------------------------------------------------------------------
+def test_reference_rate_zero_is_plain_self_attention():
+    x = features()
+    torch.testing.assert_close(consistent_self_attention_reference(x, 0.0, 3), plain_attention(x), **TOL)
+    torch.testing.assert_close(consistent_self_attention_reference(x, 0.7, 1), plain_attention(x), **TOL)  # W = 1
+
+
+def test_reference_rate_one_whole_batch_is_full_joint_attention():
+    x = features(B=4, N=6, C=8)
+    joint = plain_attention(x.reshape(1, 4 * 6, 8)).reshape(4, 6, 8)  # every token sees all B*N tokens
+    torch.testing.assert_close(consistent_self_attention_reference(x, 1.0, 4), joint, **TOL)
+    assert not torch.allclose(joint, plain_attention(x), atol=1e-3)  # and that differs from plain attention
+
+
+def test_reference_averages_overlapping_windows():
+    """Image 1 of 3 with W = 2, stride 1 lies in windows [0,1] and [1,2]; r = 1: its output is the mean of
+    joint attention over images {0,1} and over {1,2}."""
+    x = features(B=3, N=5, C=4)
+    out = consistent_self_attention_reference(x, 1.0, 2, stride=1)
+    a = plain_attention(x[0:2].reshape(1, 10, 4)).reshape(2, 5, 4)[1]
+    b = plain_attention(x[1:3].reshape(1, 10, 4)).reshape(2, 5, 4)[0]
+    torch.testing.assert_close(out[1], (a + b) / 2, **TOL)
+
+
+def test_reference_include_self_counts_own_tokens_twice():
+    """With the paper's literal sampling, a sampled own token is a key twice: the same as adding log 2 to
+    its score. Both reference modes match the dense multiplicity formulation and differ from each other."""
+    x = features(B=4, N=6, C=8, dtype=torch.float64)
+    eye = identity_attention(8, torch.float64)
+    g = torch.Generator().manual_seed(5)
+    idx_self = draw_sampled_indices(4, 6, 0.5, 4, 1, g, include_self_in_sample=True)
+    literal = consistent_self_attention_reference(x, 0.5, 4, include_self_in_sample=True, sampled_indices=idx_self)
+    with torch.no_grad():
+        torch.testing.assert_close(literal, dense_mask_csa(eye, x, idx_self, 4, 1), atol=1e-10, rtol=1e-10)
+    default = consistent_self_attention_reference(x, 0.5, 4, generator=torch.Generator().manual_seed(5))
+    assert (literal - default).abs().max() > 1e-3
+
+
+def test_reference_is_deterministic_for_a_seed():
+    x = features()
+    a = consistent_self_attention_reference(x, 0.5, 3, torch.Generator().manual_seed(1))
+    b = consistent_self_attention_reference(x, 0.5, 3, torch.Generator().manual_seed(1))
+    c = consistent_self_attention_reference(x, 0.5, 3, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+# ---------------------------------------------------------------------------------------------------
+# fast == reference == dense mask
+# ---------------------------------------------------------------------------------------------------
+CASES = [  # rate, tile, stride, include_self
+    (0.5, 3, 1, False),  # the paper's sliding window
+    (0.3, 4, 4, False),  # disjoint tiles, 6 images: last tile moved back
+    (0.5, 6, 6, True),  # no tiles, the paper's literal sampling
+    (0.5, 6, 6, False),  # no tiles
+    (0.6, 4, 2, False),  # half-overlapping tiles
+    (1.0, 3, 3, False),  # joint attention in disjoint tiles (the storyworld training case)
+    (1.0, 2, 1, False),
+]
+
+
+@pytest.mark.parametrize("rate,tile,stride,include_self", CASES)
+@pytest.mark.parametrize("window_batch", [1, 2, None])
+def test_fast_equals_reference_on_the_same_sample(rate, tile, stride, include_self, window_batch):
+    B, N, C = 6, 10, 8
+    x = features(B, N, C)
+    idx = draw_sampled_indices(B, N, rate, tile, stride, torch.Generator().manual_seed(1), include_self)
+    ref = consistent_self_attention_reference(x, rate, tile, stride=stride, include_self_in_sample=include_self,
+                                              sampled_indices=idx)
+    proc = ConsistentSelfAttnProcessor(rate, tile, stride, include_self_in_sample=include_self,
+                                       window_batch=window_batch)
+    with torch.no_grad():
+        fast = proc(identity_attention(C), x, sampled_indices=idx)
+    torch.testing.assert_close(fast, ref, **TOL)
+
+
+def test_fast_equals_reference_for_the_same_generator_seed():
+    x = features()
+    ref = consistent_self_attention_reference(x, 0.5, 3, torch.Generator().manual_seed(9), stride=1)
+    state = CSAState(generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        fast = ConsistentSelfAttnProcessor(0.5, 3, 1, state=state)(identity_attention(8), x)
+    torch.testing.assert_close(fast, ref, **TOL)
+
+
+@pytest.mark.parametrize("rate,tile,stride,include_self", CASES)
+def test_dense_mask_equals_index_formulation_multihead(rate, tile, stride, include_self):
+    """Random q/k/v/out projections with biases, 4 heads: the index path == the dense (masked) path."""
+    B, N, C = 6, 10, 16
+    x = features(B, N, C)
+    attn = random_attention(C, heads=4)
+    idx = draw_sampled_indices(B, N, rate, tile, stride, torch.Generator().manual_seed(2), include_self)
+    with torch.no_grad():
+        fast = ConsistentSelfAttnProcessor(rate, tile, stride, include_self_in_sample=include_self)(
+            attn, x, sampled_indices=idx)
+        dense = dense_mask_csa(attn, x, idx, tile, stride)
+    torch.testing.assert_close(fast, dense, **TOL)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 7), N=st.integers(1, 9), tile_frac=st.floats(0, 1), stride_frac=st.floats(0, 1),
+       rate=st.floats(0, 1), include_self=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_fast_equals_reference_property(B, N, tile_frac, stride_frac, rate, include_self, seed):
+    tile = 1 + int(tile_frac * (B - 1))
+    stride = 1 + int(stride_frac * (tile - 1))
+    x = features(B, N, 4, seed=seed % 1000)
+    idx = draw_sampled_indices(B, N, rate, tile, stride, torch.Generator().manual_seed(seed), include_self)
+    ref = consistent_self_attention_reference(x, rate, tile, stride=stride, include_self_in_sample=include_self,
+                                              sampled_indices=idx)
+    with torch.no_grad():
+        fast = ConsistentSelfAttnProcessor(rate, tile, stride, include_self_in_sample=include_self)(
+            identity_attention(4), x, sampled_indices=idx)
+    torch.testing.assert_close(fast, ref, **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------
+# equivalences with the stock processor
+# ---------------------------------------------------------------------------------------------------
+def test_rate_zero_is_exactly_the_stock_processor():
+    x = features(B=6, N=10, C=16)
+    attn = random_attention(16, heads=4)
+    with torch.no_grad():
+        stock = AttnProcessor2_0()(attn, x)
+        for tile, stride in [(3, 1), (6, 6), (None, None)]:
+            csa = ConsistentSelfAttnProcessor(0.0, tile, stride)(attn, x)
+            assert torch.equal(csa, stock)
+
+
+def test_batch_of_one_image_is_exactly_the_stock_processor():
+    x = features(B=1, N=10, C=16)
+    attn = random_attention(16, heads=4)
+    with torch.no_grad():
+        assert torch.equal(ConsistentSelfAttnProcessor(0.5)(attn, x), AttnProcessor2_0()(attn, x))
+        pair = features(B=2, N=10, C=16)  # one image per guidance half
+        csa = ConsistentSelfAttnProcessor(0.5, state=CSAState(guidance_halves=True))(attn, pair)
+        torch.testing.assert_close(csa, AttnProcessor2_0()(attn, pair), **TOL)
+
+
+def test_rate_one_whole_batch_is_joint_attention_multihead():
+    """r = 1, W = B: the stock processor run on all B*N tokens as one sequence."""
+    B, N, C = 4, 9, 16
+    x = features(B, N, C)
+    attn = random_attention(C, heads=4)
+    with torch.no_grad():
+        joint = AttnProcessor2_0()(attn, x.reshape(1, B * N, C)).reshape(B, N, C)
+        csa = ConsistentSelfAttnProcessor(1.0, B)(attn, x)
+        # the same set of keys reached through the index path (include_self off, explicit full sample)
+        idx = draw_sampled_indices(B, N, 1.0, B, B)
+        via_index = ConsistentSelfAttnProcessor(1.0 - 1e-9, B)(attn, x, sampled_indices=idx)
+    torch.testing.assert_close(csa, joint, **TOL)
+    torch.testing.assert_close(via_index, joint, **TOL)
+    assert (csa - AttnProcessor2_0()(attn, x)).abs().max() > 1e-3
+
+
+def test_guidance_halves_never_mix():
+    """[uncond; cond] with guidance_halves=True == CSA on each half alone (same sample); changing the uncond
+    half leaves the cond half's output unchanged."""
+    B, N, C = 4, 8, 16
+    attn = random_attention(C, heads=2)
+    uncond, cond = features(B, N, C, seed=1), features(B, N, C, seed=2)
+    idx = draw_sampled_indices(B, N, 0.5, 2, 1, torch.Generator().manual_seed(0))
+    halves = ConsistentSelfAttnProcessor(0.5, 2, 1, state=CSAState(guidance_halves=True))
+    alone = ConsistentSelfAttnProcessor(0.5, 2, 1)
+    with torch.no_grad():
+        both = halves(attn, torch.cat([uncond, cond]), sampled_indices=idx)
+        torch.testing.assert_close(both[:B], alone(attn, uncond, sampled_indices=idx), **TOL)
+        torch.testing.assert_close(both[B:], alone(attn, cond, sampled_indices=idx), **TOL)
+        other = halves(attn, torch.cat([uncond * 3 + 1, cond]), sampled_indices=idx)
+        assert torch.equal(other[B:], both[B:])
+        # without the flag the 2B images are one story of 8: the cond half now sees the uncond half
+        one_story = ConsistentSelfAttnProcessor(0.5, None, state=CSAState(generator=torch.Generator().manual_seed(0)))
+        a = one_story(attn, torch.cat([uncond, cond]))
+        one_story.state.generator.manual_seed(0)
+        b = one_story(attn, torch.cat([uncond * 3 + 1, cond]))
+        assert (a[B:] - b[B:]).abs().max() > 1e-4
+
+
+def test_tiles_keep_images_apart_and_flag_off_mixes():
+    """Disjoint tiles of 2: the output of images 2, 3 does not depend on images 0, 1. Without tiles it does."""
+    B, N, C = 4, 8, 16
+    attn = random_attention(C, heads=2)
+    x = features(B, N, C)
+    y = x.clone()
+    y[:2] = features(2, N, C, seed=7)
+    with torch.no_grad():
+        tiled = ConsistentSelfAttnProcessor(0.5, 2, 2, state=CSAState(generator=torch.Generator().manual_seed(0)))
+        a = tiled(attn, x)
+        tiled.state.generator.manual_seed(0)
+        b = tiled(attn, y)
+        assert torch.equal(a[2:], b[2:])
+        whole = ConsistentSelfAttnProcessor(0.5, None, state=CSAState(generator=torch.Generator().manual_seed(0)))
+        c = whole(attn, x)
+        whole.state.generator.manual_seed(0)
+        d = whole(attn, y)
+        assert (c[2:] - d[2:]).abs().max() > 1e-4
+
+
+def test_four_dimensional_input_matches_the_token_layout():
+    """A (B, C, H, W) input (VAE-style layer with group norm, residual and rescale) gives the same as the
+    (B, H*W, C) route done by hand."""
+    B, C, H, W = 4, 16, 3, 4
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        attn = Attention(query_dim=C, heads=2, dim_head=8, norm_num_groups=4, residual_connection=True,
+                         rescale_output_factor=2.0, bias=True).eval()
+    x = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(1))
+    idx = draw_sampled_indices(B, H * W, 0.5, 2, 1, torch.Generator().manual_seed(2))
+    proc = ConsistentSelfAttnProcessor(0.5, 2, 1)
+    with torch.no_grad():
+        out4 = proc(attn, x, sampled_indices=idx)
+        tokens = x.view(B, C, H * W).transpose(1, 2)  # (B, N, C)
+        normed = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+        plain = ConsistentSelfAttnProcessor(0.5, 2, 1)
+        bare = Attention(query_dim=C, heads=2, dim_head=8, bias=True).eval()
+        bare.load_state_dict({k: v for k, v in attn.state_dict().items() if not k.startswith("group_norm")})
+        ref = (plain(bare, normed, sampled_indices=idx) + tokens) / 2.0
+    assert out4.shape == x.shape
+    torch.testing.assert_close(out4, ref.transpose(1, 2).reshape(B, C, H, W), **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------
+# gradients (storyworld trains with joint attention in groups)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rate,tile,stride", [(1.0, 2, 2), (0.5, 3, 1)])
+def test_processor_is_differentiable_gradcheck(rate, tile, stride):
+    B, N, C = 4, 3, 4
+    attn = random_attention(C, heads=2).double()
+    x = features(B, N, C, dtype=torch.float64).requires_grad_(True)
+    idx = draw_sampled_indices(B, N, rate, tile, stride, torch.Generator().manual_seed(0))
+    proc = ConsistentSelfAttnProcessor(rate, tile, stride, window_batch=None)
+    assert torch.autograd.gradcheck(lambda t: proc(attn, t, sampled_indices=idx), (x,), eps=1e-6, atol=1e-6)
+
+
+def test_unet_trains_with_group_joint_attention():
+    unet = tiny_sdxl_unet(seed=0).train()
+    inputs = tiny_unet_inputs(unet, batch=4, seed=1)
+    handle = install_consistent_attention(unet, rate=1.0, tile=2, stride=2, layers="all", window_batch=None)
+    loss = unet(**inputs).sample.square().mean()
+    loss.backward()
+    grads = [p.grad for p in unet.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    attn1 = unet.get_submodule(handle.layer_names[0])
+    assert attn1.to_q.weight.grad.abs().sum() > 0
+    handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------------
+# install / remove on UNets
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [tiny_sdxl_unet, tiny_sd15_unet])
+def test_install_then_remove_is_bit_identical(make):
+    unet = make(seed=0)
+    inputs = tiny_unet_inputs(unet, batch=4, seed=0)
+    before_procs = dict(unet.attn_processors)
+    with torch.no_grad():
+        before = unet(**inputs).sample
+        handle = install_consistent_attention(unet, rate=0.5, tile=2, layers="all")
+        during = unet(**inputs).sample
+        handle.remove()
+        after = unet(**inputs).sample
+    assert torch.equal(before, after)
+    assert (during - before).abs().max() > 1e-4  # CSA did change something while installed
+    assert all(unet.attn_processors[k] is p for k, p in before_procs.items())
+
+
+def test_layer_selection_and_cross_attention_untouched():
+    unet = tiny_sdxl_unet()
+    names = self_attention_layer_names(unet)
+    assert all(n.endswith("attn1") for n in names) and len(names) == 8
+    up = install_consistent_attention(unet, layers="up")
+    procs = unet.attn_processors
+    assert set(up.layer_names) == {n for n in names if n.startswith("up_blocks.")} and len(up.layer_names) == 4
+    assert all(isinstance(procs[n + ".processor"], ConsistentSelfAttnProcessor) for n in up.layer_names)
+    assert not any(isinstance(p, ConsistentSelfAttnProcessor) for k, p in procs.items() if ".attn2." in k)
+    up.remove()
+    mid = install_consistent_attention(unet, layers=lambda n: n.startswith("mid_block"))
+    assert len(mid.layer_names) == 2
+    mid.remove()
+    with install_consistent_attention(unet, layers="all") as everything:
+        assert len(everything.layer_names) == len(names)
+    assert not any(isinstance(p, ConsistentSelfAttnProcessor) for p in unet.attn_processors.values())
+
+
+def test_up_only_leaves_down_and_mid_outputs_alone():
+    """With layers='up', the down/mid self-attention layers still run the stock processor: a hook on a
+    down-block attn1 sees the same output with and without CSA."""
+    unet = tiny_sdxl_unet()
+    inputs = tiny_unet_inputs(unet, batch=4)
+    seen = []
+    layer = unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn1")
+    hook = layer.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        unet(**inputs)
+        with install_consistent_attention(unet, rate=0.5, tile=4, layers="up"):
+            unet(**inputs)
+    hook.remove()
+    assert torch.equal(seen[0], seen[1])
+
+
+def test_handle_state_is_per_handle():
+    a, b = tiny_sdxl_unet(seed=0), tiny_sdxl_unet(seed=0)
+    ha = install_consistent_attention(a, seed=1)
+    hb = install_consistent_attention(b, seed=1)
+    ha.set_step(5)
+    assert hb.state.step is None and ha.state is not hb.state
+    ha.remove(), hb.remove()
+
+
+# ---------------------------------------------------------------------------------------------------
+# steps: first steps without CSA and the random-skip schedule
+# ---------------------------------------------------------------------------------------------------
+def test_first_steps_without_csa_and_skip_schedule():
+    unet = tiny_sdxl_unet()
+    inputs = tiny_unet_inputs(unet, batch=4)
+    with torch.no_grad():
+        stock = unet(**inputs).sample
+        with install_consistent_attention(unet, rate=0.5, tile=4, layers="all", first_steps_without_csa=2) as h:
+            h.set_step(1)
+            assert torch.equal(unet(**inputs).sample, stock)
+            h.set_step(2)
+            assert not torch.equal(unet(**inputs).sample, stock)
+            with h.off():
+                assert torch.equal(unet(**inputs).sample, stock)
+        always_skip = SkipSchedule(early_prob=1.0, late_prob=0.0, switch_step=10)
+        with install_consistent_attention(unet, rate=0.5, tile=4, layers="all", skip_schedule=always_skip) as h:
+            h.set_step(3)
+            assert torch.equal(unet(**inputs).sample, stock)
+            h.set_step(10)
+            assert not torch.equal(unet(**inputs).sample, stock)
+
+
+def test_official_skip_schedule_frequencies():
+    state = CSAState(generator=torch.Generator().manual_seed(0), skip_schedule=OFFICIAL_SKIP_SCHEDULE)
+    state.step = 5
+    early = sum(not state.csa_active() for _ in range(4000)) / 4000
+    state.step = 25
+    late = sum(not state.csa_active() for _ in range(4000)) / 4000
+    assert abs(early - 0.3) < 0.03 and abs(late - 0.1) < 0.02
+
+
+def test_same_seed_same_output():
+    unet = tiny_sdxl_unet()
+    inputs = tiny_unet_inputs(unet, batch=4)
+    outs = []
+    for seed in (3, 3, 4):
+        with torch.no_grad(), install_consistent_attention(unet, rate=0.5, tile=4, layers="all", seed=seed):
+            outs.append(unet(**inputs).sample)
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+# ---------------------------------------------------------------------------------------------------
+# the write/read bank
+# ---------------------------------------------------------------------------------------------------
+def test_bank_write_read_matches_hand_computation():
+    """Read: own tokens + the stored tokens as extra keys/values == the stock processor over the sequence
+    [bank; own] keeping only the queries of the own tokens (the bank's queries are dropped)."""
+    C, N = 16, 6
+    attn = random_attention(C, heads=4)
+    state = CSAState(generator=torch.Generator().manual_seed(0))
+    proc = ConsistentSelfAttnProcessor(0.5, None, state=state, name="layer")
+    refs = features(3, N, C, seed=1)  # alice's three reference images
+    state.mode, state.characters, state.step = "write", ("alice",), 0
+    with torch.no_grad():
+        write_out = proc(attn, refs)
+    stored = state.bank.read("alice", 0, "layer")  # (G, k, C)
+    assert stored.shape == (1, round(0.5 * 3 * N), C)
+    flat = refs.reshape(-1, C)
+    assert all(any(torch.equal(row, f) for f in flat) for row in stored[0])  # tokens of the reference images
+    assert state.bank.nbytes() == stored.numel() * 4 and state.bank.nbytes("alice") == stored.numel() * 4
+    assert (write_out - AttnProcessor2_0()(attn, refs)).abs().max() > 1e-4  # write mode also does CSA
+
+    new = features(2, N, C, seed=2)  # two later panels read the bank
+    state.mode, state.characters = "read", ("alice",)
+    with torch.no_grad():
+        read_out = proc(attn, new)
+        for b in range(2):
+            seq = torch.cat([stored[0], new[b]])[None]  # (1, k + N, C)
+            expect = AttnProcessor2_0()(attn, seq)[0, -N:]  # each token's attention over the same keys
+            torch.testing.assert_close(read_out[b], expect, **TOL)
+
+
+def test_bank_two_characters_guidance_halves_steps_and_clear():
+    C, N = 8, 4
+    attn = random_attention(C, heads=2)
+    state = CSAState(guidance_halves=True)
+    proc = ConsistentSelfAttnProcessor(0.5, None, state=state, name="L")
+    with torch.no_grad():
+        for step in (0, 1):
+            state.step = step
+            for who, seed in (("alice", 1), ("bob", 2)):
+                state.mode, state.characters = "write", (who,)
+                proc(attn, features(4, N, C, seed=seed))  # 2 reference images x 2 guidance halves
+        assert state.bank.characters == ["alice", "bob"] and len(state.bank) == 4
+        assert state.bank.read("bob", 1, "L").shape == (2, 4, C)  # (halves, round(0.5 * 2 * 4), C)
+        state.mode, state.characters, state.step = "read", ("alice", "bob"), 1
+        out = proc(attn, features(2, N, C, seed=3))  # one image, [uncond; cond]
+        assert out.shape == (2, N, C)
+        state.characters = ("alice",)
+        assert not torch.allclose(proc(attn, features(2, N, C, seed=3)), out)  # bob's tokens mattered
+        total = state.bank.nbytes()
+        state.bank.clear("bob")
+        assert state.bank.characters == ["alice"] and state.bank.nbytes() == total // 2
+        state.bank.clear()
+        assert state.bank.nbytes() == 0 and len(state.bank) == 0
+
+
+def test_bank_through_the_handle_on_a_unet():
+    unet = tiny_sdxl_unet()
+    refs = tiny_unet_inputs(unet, batch=4, seed=1)  # 2 reference panels x [uncond; cond]
+    later = tiny_unet_inputs(unet, batch=2, seed=2)  # 1 later panel x [uncond; cond]
+    with torch.no_grad(), install_consistent_attention(unet, rate=0.5, tile=None, guidance_halves=True) as h:
+        plain = None
+        for step in range(2):
+            h.set_step(step)
+            with h.write("alice"):
+                unet(**refs)
+        assert len(h.bank) == 2 * len(h.layer_names) and h.bank.nbytes() > 0
+        h.set_step(1)
+        with h.read("alice"):
+            read = unet(**later).sample
+        with h.off():
+            plain = unet(**later).sample
+        assert (read - plain).abs().max() > 1e-4
+        h.bank.clear()
+        with h.read("alice"), pytest.raises(ValueError, match="holds no tokens for character 'alice'"):
+            unet(**later)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input: clear errors that name the fix
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rate", [-0.1, 1.5, float("nan")])
+def test_bad_rate(rate):
+    with pytest.raises(ValueError, match="rate must be"):
+        consistent_self_attention_reference(features(), rate, 2)
+    with pytest.raises(ValueError, match="rate must be"):
+        ConsistentSelfAttnProcessor(rate)
+
+
+def test_bad_tile_and_stride():
+    x = features(B=4)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        consistent_self_attention_reference(x, 0.5, 0)
+    with pytest.raises(ValueError, match="larger than the batch of 4 images"):
+        consistent_self_attention_reference(x, 0.5, 5)
+    with pytest.raises(ValueError, match="stride must be an int >= 1"):
+        consistent_self_attention_reference(x, 0.5, 2, stride=0)
+    with pytest.raises(ValueError, match="would leave images outside every window"):
+        consistent_self_attention_reference(x, 0.5, 2, stride=3)
+    with pytest.raises(ValueError, match="stride must be an int >= 1"):
+        ConsistentSelfAttnProcessor(0.5, 2, 0)
+    with pytest.raises(ValueError, match="stride needs a tile size"):
+        ConsistentSelfAttnProcessor(0.5, None, 2)
+    with pytest.raises(ValueError, match="larger than the batch of 4 images"), torch.no_grad():
+        ConsistentSelfAttnProcessor(0.5, 8)(identity_attention(8), x)
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match=r"shape \(B, N, C\)"):
+        consistent_self_attention_reference(torch.randn(4, 8), 0.5, 2)
+    x = features(B=6, N=10)
+    wrong = draw_sampled_indices(6, 10, 0.5, 3, 3)  # 2 windows, but the call below has 4
+    with pytest.raises(ValueError, match="windows of W=3 images"):
+        consistent_self_attention_reference(x, 0.5, 3, stride=1, sampled_indices=wrong)
+    with pytest.raises(ValueError, match=r"must lie in \[0, W\*N\)"):
+        consistent_self_attention_reference(x, 0.5, 3, stride=3, sampled_indices=wrong + 100)
+    with pytest.raises(ValueError, match="even batch"), torch.no_grad():
+        ConsistentSelfAttnProcessor(0.5, state=CSAState(guidance_halves=True))(identity_attention(8), features(B=3))
+
+
+def test_bad_processor_use():
+    attn = identity_attention(8)
+    x = features(B=4)
+    with pytest.raises(ValueError, match="self-attention \\(attn1\\) layers only"):
+        ConsistentSelfAttnProcessor(0.5)(attn, x, encoder_hidden_states=x)
+    with pytest.raises(ValueError, match="does not take an attention_mask"):
+        ConsistentSelfAttnProcessor(0.5)(attn, x, attention_mask=torch.ones(4, 10))
+    state = CSAState(mode="read", characters=("carol",))
+    with pytest.raises(ValueError, match="holds no tokens for character 'carol'"):
+        ConsistentSelfAttnProcessor(0.5, state=state, name="L")(attn, x)
+    with pytest.raises(ValueError, match="window_batch must be"):
+        ConsistentSelfAttnProcessor(0.5, window_batch=0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ConsistentSelfAttnProcessor(0.5, state=CSAState(mode="bogus"))(attn, x)
+
+
+def test_bad_bank_use():
+    bank = ConsistencyBank()
+    with pytest.raises(ValueError, match="holds no tokens for character 'dave'"):
+        bank.read("dave", 0, "L")
+    bank.write("dave", 0, "L", torch.zeros(1, 2, 3))
+    with pytest.raises(ValueError, match="nothing for step 1"):
+        bank.read("dave", 1, "L")
+    with pytest.raises(ValueError, match="bank tokens must be"):
+        bank.write("dave", 0, "L", torch.zeros(2, 3))
+
+
+def test_bad_install():
+    unet = tiny_sdxl_unet()
+    with pytest.raises(TypeError, match="needs a diffusers UNet2DConditionModel"):
+        install_consistent_attention(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="layers must be one of"):
+        install_consistent_attention(unet, layers="upper")
+    with pytest.raises(ValueError, match="no self-attention layer matches"):
+        install_consistent_attention(unet, layers=lambda n: False)
+    with pytest.raises(ValueError, match="first_steps_without_csa must be"):
+        install_consistent_attention(unet, first_steps_without_csa=-1)
+    h = install_consistent_attention(unet)
+    with pytest.raises(ValueError, match="already installed"):
+        install_consistent_attention(unet)
+    with pytest.raises(ValueError, match="step must be an int >= 0"):
+        h.set_step(-1)
+    with pytest.raises(ValueError, match="read needs one or more character names"):
+        h.read()
+    with pytest.raises(ValueError, match="write needs one character name"):
+        h.write("")
+    h.remove()
+    with pytest.raises(ValueError, match="SkipSchedule.early_prob"):
+        SkipSchedule(early_prob=2.0)
