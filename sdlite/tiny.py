@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_sd15_unet", "tiny_sdxl_unet", "tiny_unet_inputs"]
+__all__ = ["tiny_sd15_unet", "tiny_sdxl_pipeline", "tiny_sdxl_unet", "tiny_storyworld_pipeline", "tiny_unet_inputs"]
 
 SDXL_TEXT_DIM = 64  # cross-attention width of the tiny SDXL UNet (real SDXL: 2048)
 SDXL_POOLED_DIM = 32  # pooled text embedding width (real SDXL: 1280)
@@ -95,3 +95,75 @@ def tiny_unet_inputs(unet, batch: int = 4, seed: int = 0, text_tokens: int = 8, 
             .repeat(batch, 1),  # (B, 6): original size, crop top-left, target size
         }
     return inputs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole tiny pipelines (added for story generation tests: the real loading path without a download)
+# ----------------------------------------------------------------------------------------------------
+def _save_and_reload(pipe, folder):
+    from pathlib import Path
+
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+
+
+def tiny_sdxl_pipeline(folder=None, seed: int = 0):
+    """A ``StableDiffusionXLPipeline`` shaped like real SDXL (OpenAI CLIP tokenizers with 49408 tokens, two text
+    encoders whose penultimate states are concatenated, a VAE with 8x downsampling, ``text_time`` UNet) with
+    random weights of a few million parameters. Images default to 128x128 (latents 16x16).
+
+    With ``folder``, the pipeline is ``save_pretrained`` there and loaded back with ``from_pretrained``: the same
+    code path as ``StableDiffusionXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")``.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .tokenization import load_clip_tokenizers
+
+    tok1, tok2 = load_clip_tokenizers(trigger_word="img")
+    half = SDXL_TEXT_DIM // 2  # each text encoder gives half of the cross-attention width (SDXL: 768 + 1280)
+
+    def text_config(projection_dim):
+        return CLIPTextConfig(vocab_size=len(tok1), hidden_size=half, intermediate_size=2 * half,
+                              num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                              projection_dim=projection_dim, bos_token_id=tok1.bos_token_id,
+                              eos_token_id=tok1.eos_token_id, pad_token_id=tok1.pad_token_id)
+
+    te1 = _seeded(seed + 1, lambda: CLIPTextModel(text_config(half)))
+    te2 = _seeded(seed + 2, lambda: CLIPTextModelWithProjection(text_config(SDXL_POOLED_DIM)))
+    vae = _seeded(seed + 3, lambda: AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=8, sample_size=128))
+    unet = tiny_sdxl_unet(seed=seed, sample_size=16)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
+                                     unet=unet, scheduler=scheduler)
+    if folder is not None:
+        pipe = _save_and_reload(pipe, folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_storyworld_pipeline(folder=None, seed: int = 0):
+    """The storyworld pipeline's architecture at its "tiny" sizes with random weights (seconds on CPU).
+
+    With ``folder``, it is written in the shipped layout (``save_pipeline``: the pipeline plus ``clip/``), so
+    ``sdlite.models.load_storyworld(folder=...)`` and ``load_storyworld_clip(folder=...)`` load it like the real one.
+    """
+    from .models import (StoryworldSizes, assemble_pipeline, build_clip, build_storyworld_tokenizer, build_unet,
+                         build_vae, load_storyworld, save_pipeline)
+
+    sizes = StoryworldSizes.named("tiny")
+    tok = build_storyworld_tokenizer()
+    clip = build_clip(sizes, tok, seed=seed + 1)
+    pipe = assemble_pipeline(build_vae(sizes, seed=seed + 2), clip, build_unet(sizes, seed=seed + 3), tok)
+    if folder is not None:
+        save_pipeline(pipe, clip, folder)
+        pipe = load_storyworld("cpu", folder=folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

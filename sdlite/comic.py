@@ -1,0 +1,179 @@
+"""Step 04c: comic pages: panels + captions -> one PNG page.
+
+Two layouts, for any number of panels:
+
+* ``"grid"``: ``columns`` panels per row (2 gives the classic 2x2 page for four panels); the last row is centred.
+* ``"classic"``: rows of 1, 2 or 3 panels (a repeating rhythm, or a seeded random one) scaled to the page width,
+  like a printed comic. Unlike the official demo, small panels keep their captions.
+
+Every panel gets its caption under it, word-wrapped, in the bundled DejaVu Sans font (``data/fonts``; licence
+next to it). Panels are upscaled with nearest-neighbour by default, so storyworld's 64x64 pixels stay crisp.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .paths import check_writable, data_file
+
+__all__ = ["LAYOUTS", "PanelBox", "bundled_font", "classic_rows", "layout_boxes", "make_page", "save_page", "wrap_text"]
+
+LAYOUTS = ("grid", "classic")
+_CLASSIC_RHYTHM = (2, 1, 3, 2)  # panels per row, repeated
+
+
+def bundled_font(size: int = 16) -> ImageFont.FreeTypeFont:
+    """DejaVu Sans at ``size`` px (shipped in data/fonts, Bitstream Vera licence)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 4:
+        raise ValueError(f"font size must be an int >= 4 px, got {size!r}")
+    return ImageFont.truetype(str(data_file("fonts", "DejaVuSans.ttf")), size)
+
+
+def wrap_text(text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """Greedy word wrap to lines no wider than ``width`` px (a single too-long word is cut letter by letter)."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        trial = f"{current} {word}".strip()
+        if font.getlength(trial) <= width:
+            current = trial
+            continue
+        if current:
+            lines.append(current)
+        while font.getlength(word) > width and len(word) > 1:  # break a word longer than the line
+            cut = max(1, max(k for k in range(1, len(word) + 1) if font.getlength(word[:k]) <= width or k == 1))
+            lines.append(word[:cut])
+            word = word[cut:]
+        current = word
+    if current:
+        lines.append(current)
+    return lines
+
+
+@dataclass(frozen=True)
+class PanelBox:
+    """Where panel ``index`` goes on the page: its image box (x, y, size) and the caption strip under it."""
+
+    index: int
+    x: int
+    y: int
+    w: int
+    h: int
+    caption_h: int
+
+
+def classic_rows(n: int, seed: int | None = None) -> list[int]:
+    """Panels per row for the classic layout: the rhythm 2, 1, 3, 2, ... or, with ``seed``, a random one (1-3 per
+    row); the last row takes what is left."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"a page needs at least one panel, got n={n!r}")
+    rng = np.random.default_rng(seed) if seed is not None else None
+    rows, k = [], 0
+    while sum(rows) < n:
+        size = int(rng.integers(1, 4)) if rng is not None else _CLASSIC_RHYTHM[k % len(_CLASSIC_RHYTHM)]
+        rows.append(min(size, n - sum(rows)))
+        k += 1
+    return rows
+
+
+def layout_boxes(n: int, layout: str = "grid", panel_size: int = 256, columns: int = 2, gap: int = 12,
+                 caption_lines: int = 2, font_size: int = 16, seed: int | None = None) -> tuple[int, int, list[PanelBox]]:
+    """Page size and one :class:`PanelBox` per panel (square panels). Returns (width, height, boxes)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: use one of {LAYOUTS}")
+    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
+        raise ValueError(f"columns must be an int >= 1, got {columns!r}")
+    if panel_size < 16:
+        raise ValueError(f"panel_size={panel_size} px is too small to read: use >= 16 (e.g. 256)")
+    line_h = int(font_size * 1.25)
+    cap_h = caption_lines * line_h + gap // 2
+    if layout == "grid":
+        rows = [min(columns, n - i) for i in range(0, n, columns)] if n > 0 else []
+        page_w = columns * panel_size + (columns + 1) * gap
+    else:
+        rows = classic_rows(n, seed) if n > 0 else []
+        page_w = 2 * panel_size + 3 * gap  # a classic page is as wide as two panels
+    if n < 1:
+        raise ValueError(f"a page needs at least one panel, got n={n!r}")
+    boxes, y, k = [], gap, 0
+    for count in rows:
+        if layout == "grid":
+            size = panel_size
+            x0 = (page_w - (count * size + (count - 1) * gap)) // 2  # centre a short last row
+        else:
+            size = (page_w - (count + 1) * gap) // count
+            x0 = gap
+        for j in range(count):
+            boxes.append(PanelBox(k, x0 + j * (size + gap), y, size, size, cap_h))
+            k += 1
+        y += size + cap_h + gap
+    return page_w, y, boxes
+
+
+def make_page(
+    images,
+    captions: list[str] | None = None,
+    layout: str = "grid",
+    panel_size: int = 256,
+    columns: int = 2,
+    title: str | None = None,
+    font_size: int | None = None,
+    seed: int | None = None,
+    resample: str = "nearest",
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> Image.Image:
+    """Lay out panels (PIL images or uint8 (H, W, 3) arrays) with their captions on one RGB page."""
+    images = list(images)
+    if not images:
+        raise ValueError("make_page needs at least one panel image")
+    if captions is None:
+        captions = [""] * len(images)
+    captions = list(captions)
+    if len(captions) != len(images):
+        raise ValueError(f"{len(images)} panels but {len(captions)} captions: give one caption per panel "
+                         "(use '' for none)")
+    if resample not in ("nearest", "lanczos"):
+        raise ValueError(f"resample must be 'nearest' (crisp pixels) or 'lanczos' (smooth), got {resample!r}")
+    pil = [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images]
+    font_size = font_size or max(10, panel_size // 16)
+    font = bundled_font(font_size)
+    line_h = int(font_size * 1.25)
+    # enough caption lines for the longest caption at the narrowest panel width
+    lines = 1
+    for _ in range(3):
+        page_w, page_h, boxes = layout_boxes(len(pil), layout, panel_size, columns, 12, lines, font_size, seed)
+        need = max(len(wrap_text(c, font, b.w - 4)) for b, c in zip(boxes, captions)) if any(captions) else 0
+        if need <= lines:
+            break
+        lines = need
+    title_h = 0
+    if title:
+        title_font = bundled_font(int(font_size * 1.5))
+        title_lines = wrap_text(title, title_font, page_w - 24)
+        title_h = len(title_lines) * int(font_size * 1.9) + 12
+    page = Image.new("RGB", (page_w, page_h + title_h), background)
+    draw = ImageDraw.Draw(page)
+    if title:
+        for t, text in enumerate(title_lines):
+            draw.text((page_w // 2, 12 + t * int(font_size * 1.9)), text, fill=(0, 0, 0), font=title_font, anchor="ma")
+    method = Image.NEAREST if resample == "nearest" else Image.LANCZOS
+    for box, im, cap in zip(boxes, pil, captions):
+        y = box.y + title_h
+        page.paste(im.convert("RGB").resize((box.w, box.h), method), (box.x, y))
+        draw.rectangle([box.x - 1, y - 1, box.x + box.w, y + box.h], outline=(0, 0, 0), width=2)
+        for t, text in enumerate(wrap_text(cap, font, box.w - 4)):
+            draw.text((box.x + box.w // 2, y + box.h + 4 + t * line_h), text, fill=(0, 0, 0), font=font, anchor="ma")
+    return page
+
+
+def save_page(page: Image.Image, path: str | Path, force: bool = False) -> Path:
+    """Write the page as PNG; refuses to overwrite an existing file unless ``force``."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{path}: pages are written as PNG, use a path ending in .png")
+    path = check_writable(path, force)
+    page.save(path, format="PNG")
+    return path

@@ -1,0 +1,403 @@
+"""Step 04b: StoryDiffusion on any SDXL pipeline: a parsed story -> consistent panels.
+
+:func:`generate_story` takes an unmodified diffusers ``StableDiffusionXLPipeline`` (storyworld's, or real SDXL in
+fp16 on a GPU) and a :class:`~sdlite.story.Story`, and:
+
+1. checks every prompt against the pipeline's tokenizer (length, and vocabulary on storyworld);
+2. installs consistent self-attention (CSA, :mod:`sdlite.attention`) on the chosen self-attention layers;
+3. **write**: generates each character's reference panels (its first ``id_length`` solo panels) together, in one
+   batch whose images attend to each other, and stores a sample of their tokens in the bank, per step and layer;
+4. **read**: generates the other panels in batches of ``read_batch``; each attends to its own tokens plus the
+   bank of the characters it names ([NC] panels use plain attention);
+5. removes the processors (also on error).
+
+Only public pipeline arguments are used: ``prompt_embeds`` (from ``pipe.encode_prompt``, or the PhotoMaker fused
+embeddings), one ``torch.Generator`` per panel, and ``callback_on_step_end`` to tell CSA the denoising step.
+Peak memory depends on the largest batch (``max(id_length, read_batch)`` panels) plus the bank, which does not
+grow with the story: a 32-panel story needs no more memory than an 8-panel one (``benchmarks/story_memory.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .attention import OFFICIAL_SKIP_SCHEDULE, SkipSchedule, install_consistent_attention
+from .story import Story, check_story_prompts
+
+__all__ = [
+    "Batch",
+    "CSAConfig",
+    "SEED_POLICIES",
+    "StoryResult",
+    "generate_story",
+    "is_storyworld",
+    "load_pipeline",
+    "model_defaults",
+    "panel_seeds",
+    "plan_batches",
+]
+
+SEED_POLICIES = ("per_panel", "shared")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CSAConfig:
+    """How consistent self-attention runs during a story.
+
+    rate: share of the other images' tokens each image samples (0.5 in the paper / official code).
+    tile: images per CSA window inside a batch (None: the whole batch); stride: window step (None: = tile).
+    layers: "up" (official: up-block self-attention), "all", "down", "mid", or None = the model's default
+        ("all" on storyworld, whose UNet was pre-trained with joint attention in every layer; "up" on SDXL).
+    id_length: reference panels per character, generated together and written to the bank (None: all its solo
+        panels: the whole story of one character in one CSA batch, where tiles matter).
+    read_batch: panels per batch in the read phase.
+    first_steps_without_csa: plain attention for steps 0..n-1 (official: 1).
+    skip_schedule: random plain-attention layer calls (official: 0.3 before step 20, 0.1 after); None: never.
+    enabled: False = no CSA at all (plain SDXL, same batches and seeds: the baseline).
+    """
+
+    rate: float = 0.5
+    tile: int | None = None
+    stride: int | None = None
+    layers: str | None = None
+    id_length: int | None = 4
+    read_batch: int = 4
+    first_steps_without_csa: int = 1
+    skip_schedule: SkipSchedule | None = None
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not 0 <= self.rate <= 1:
+            raise ValueError(f"rate must be in [0, 1], got {self.rate!r}: e.g. rate=0.5")
+        for name in ("tile", "id_length"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {v!r}")
+        if self.tile == 1:
+            raise ValueError("tile=1 puts every image alone in its window (no consistency): use tile >= 2, "
+                             "None (whole batch), or enabled=False for no CSA")
+        if self.stride is not None and (self.tile is None or not 1 <= self.stride <= self.tile):
+            raise ValueError(f"stride={self.stride!r} needs a tile and 1 <= stride <= tile: e.g. tile=4, stride=2")
+        if isinstance(self.read_batch, bool) or not isinstance(self.read_batch, int) or self.read_batch < 1:
+            raise ValueError(f"read_batch must be an int >= 1, got {self.read_batch!r}")
+        if self.layers not in (None, "up", "all", "down", "mid"):
+            raise ValueError(f"layers must be 'up', 'all', 'down', 'mid' or None (model default), got {self.layers!r}")
+
+    @classmethod
+    def official(cls, **overrides) -> CSAConfig:
+        """The official demo's setting: up-blocks, rate 0.5, no CSA at step 0, random skips."""
+        return cls(**{"layers": "up", "first_steps_without_csa": 1, "skip_schedule": OFFICIAL_SKIP_SCHEDULE,
+                      **overrides})
+
+
+def is_storyworld(pipe) -> bool:
+    """True for a pipeline with a small-vocabulary tokenizer (storyworld's), False for CLIP's 49408 tokens."""
+    from .story import _is_small_vocabulary
+
+    return _is_small_vocabulary(pipe.tokenizer)
+
+
+def model_defaults(pipe) -> dict:
+    """Defaults that depend on the model: steps, guidance, CSA layers (size: the pipeline's own default)."""
+    if is_storyworld(pipe):
+        return {"steps": 20, "guidance_scale": 4.0, "layers": "all"}
+    return {"steps": 35, "guidance_scale": 5.0, "layers": "up"}
+
+
+def load_pipeline(model: str | Path = "storyworld", device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """``"storyworld"`` (the shipped tiny model), a local pipeline folder, or a hub id such as
+    ``"stabilityai/stable-diffusion-xl-base-1.0"`` (needs the weights in the local cache or a network).
+
+    dtype defaults to float16 on CUDA and float32 elsewhere (storyworld: always float32).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no GPU: use --device cpu (storyworld runs on CPU)")
+    if str(model) == "storyworld":
+        from .models import load_storyworld
+
+        return load_storyworld(device)
+    from diffusers import StableDiffusionXLPipeline
+
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    path = Path(model)
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json): pass a folder "
+                                    "written by save_pretrained, a hub id, or 'storyworld'")
+        from .models import storyworld_dir
+
+        if path.resolve() == storyworld_dir().resolve():
+            from .models import load_storyworld
+
+            return load_storyworld(device, folder=path)
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
+    else:
+        if "/" not in str(model):
+            raise ValueError(f"--model {model!r} is neither 'storyworld', an existing folder, nor a hub id like "
+                             "'stabilityai/stable-diffusion-xl-base-1.0'")
+        try:
+            pipe = StableDiffusionXLPipeline.from_pretrained(str(model), dtype=dtype, use_safetensors=True,
+                                                             variant="fp16" if dtype == torch.float16 else None)
+        except OSError as err:
+            raise FileNotFoundError(
+                f"could not load {model!r} ({err.__class__.__name__}): without a network the weights must be in the "
+                "Hugging Face cache (run once online: `huggingface-cli download stabilityai/stable-diffusion-xl-base"
+                "-1.0`) or in a local folder passed as --model PATH") from err
+    return pipe.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plan: which panels go together, in which CSA mode
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Batch:
+    """Panels generated in one pipeline call. mode: "write" (a character's references), "read" (attend to the
+    bank of ``characters``), "plain" (no CSA: [NC] panels, or CSA disabled)."""
+
+    mode: str
+    characters: tuple[str, ...]
+    panels: tuple[int, ...]
+
+
+def plan_batches(story: Story, csa: CSAConfig | None) -> list[Batch]:
+    """The write batches (one per character, its reference panels), then the other panels in story order,
+    grouped by the characters they name into read batches of at most ``read_batch``."""
+    if csa is None or not csa.enabled:
+        size = (csa or CSAConfig()).read_batch
+        size = max(size, (csa or CSAConfig()).id_length or len(story))
+        idx = list(range(len(story)))
+        return [Batch("plain", (), tuple(idx[i:i + size])) for i in range(0, len(idx), size)]
+    refs = story.reference_panels(csa.id_length)
+    plan = [Batch("write", (name,), tuple(panels)) for name, panels in refs.items()]
+    done = {i for panels in refs.values() for i in panels}
+    pending: dict[tuple[str, ...], list[int]] = {}
+    for p in story.panels:
+        if p.index in done:
+            continue
+        group = pending.setdefault(p.characters, [])
+        group.append(p.index)
+        if len(group) == csa.read_batch:
+            plan.append(Batch("read" if p.characters else "plain", p.characters, tuple(group)))
+            pending[p.characters] = []
+    for chars, group in pending.items():
+        if group:
+            plan.append(Batch("read" if chars else "plain", chars, tuple(group)))
+    return plan
+
+
+def panel_seeds(n: int, seed: int, policy: str = "per_panel") -> list[int]:
+    """The noise seed of every panel: ``seed + i`` (independent noise) or ``seed`` for all (the official
+    demo's habit, "shared")."""
+    if policy not in SEED_POLICIES:
+        raise ValueError(f"seed_policy must be one of {SEED_POLICIES}, got {policy!r}")
+    return [seed + i if policy == "per_panel" else seed for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class StoryResult:
+    images: list[Image.Image]  # one per panel, story order
+    story: Story
+    seeds: list[int]
+    plan: list[Batch]
+    settings: dict = field(default_factory=dict)
+    bank_nbytes: int = 0  # bytes held by the CSA bank at the end of the story
+
+    @property
+    def captions(self) -> list[str]:
+        return self.story.captions
+
+    def arrays(self) -> np.ndarray:
+        """uint8 (n, H, W, 3)."""
+        return np.stack([np.asarray(im.convert("RGB")) for im in self.images])
+
+
+def _id_pixels(images, size: int, device, dtype) -> torch.Tensor:
+    """A list of PIL/uint8 ID images -> CLIP-normalised (n, 3, size, size)."""
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    out = []
+    for im in images:
+        im = im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8))
+        x = torch.from_numpy(np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))).float() / 255
+        out.append((x.permute(2, 0, 1) - mean) / std)
+    return torch.stack(out).to(device=device, dtype=dtype)
+
+
+def _encode(pipe, prompts: list[str], negative: str, do_cfg: bool, device):
+    pe, npe, pooled, npooled = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=do_cfg,
+                                                  negative_prompt=[negative] * len(prompts) if negative else None)
+    return pe, npe, pooled, npooled
+
+
+def _fused_embeds(pipe, story: Story, panel_ids, id_encoder, id_images, device, text_embeds):
+    """PhotoMaker path: prompt embeddings with the class tokens of the trigger word fused with the ID images.
+    Returns (B, L, D) or None when no panel of the batch has ID images."""
+    from .tokenization import encode_with_trigger_sdxl
+
+    rows = []
+    any_id = False
+    for j, i in enumerate(panel_ids):
+        p = story.panels[i]
+        name = p.characters[0] if p.solo else None
+        if name is None or name not in id_images or "img" not in p.id_prompt.lower().split():
+            rows.append(text_embeds[j])
+            continue
+        any_id = True
+        imgs = id_images[name]
+        e1, e2 = encode_with_trigger_sdxl((pipe.tokenizer, pipe.tokenizer_2), p.id_prompt, num_id_images=len(imgs))
+        h1 = pipe.text_encoder(e1.input_ids[None].to(device), output_hidden_states=True).hidden_states[-2]
+        h2 = pipe.text_encoder_2(e2.input_ids[None].to(device), output_hidden_states=True).hidden_states[-2]
+        embeds = torch.cat([h1, h2], dim=-1)  # (1, L, D1 + D2)
+        pix = _id_pixels(imgs, id_encoder.config.vision["image_size"], device, embeds.dtype)[None]  # (1, n, 3, S, S)
+        rows.append(id_encoder(pix, embeds, e1.class_tokens_mask[None].to(device))[0].to(text_embeds.dtype))
+    return torch.stack(rows) if any_id else None
+
+
+@torch.no_grad()
+def generate_story(
+    pipe,
+    story: Story,
+    *,
+    csa: CSAConfig | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int = 0,
+    seed_policy: str = "per_panel",
+    progress: bool = True,
+    id_images: dict | None = None,
+    id_encoder=None,
+    style_strength_ratio: float = 20.0,
+) -> StoryResult:
+    """Generate the panels of ``story`` with consistent self-attention on a ``StableDiffusionXLPipeline``.
+
+    Args:
+        pipe: any ``StableDiffusionXLPipeline`` (storyworld via ``load_pipeline()``, or real SDXL).
+        csa: a :class:`CSAConfig` (default: ``CSAConfig()`` with the model's default layers);
+            ``CSAConfig(enabled=False)`` for the no-CSA baseline with the same batches and noise.
+        steps / guidance_scale: default per model (:func:`model_defaults`); height/width: the pipeline's default.
+        seed, seed_policy: panel i's noise comes from ``torch.Generator().manual_seed(seed + i)`` ("per_panel")
+            or ``seed`` for every panel ("shared"); CSA's sampling is seeded from ``seed`` too.
+        id_images: {character name: [ID images]} and ``id_encoder`` (:class:`sdlite.id_encoder.IDEncoder`): the
+            PhotoMaker path. Solo panels of those characters whose description carries the trigger word
+            ("a man img") get their class token fused with the ID embeddings after ``style_strength_ratio`` % of
+            the steps (delayed conditioning).
+    Returns:
+        :class:`StoryResult` with one PIL image per panel in story order.
+    """
+    from tqdm.auto import tqdm
+
+    from .id_encoder import start_merge_step
+
+    defaults = model_defaults(pipe)
+    csa = CSAConfig() if csa is None else csa
+    if not isinstance(csa, CSAConfig):
+        raise TypeError(f"csa must be a CSAConfig, got {type(csa).__name__}: e.g. CSAConfig(rate=0.5)")
+    if not isinstance(story, Story):
+        raise TypeError(f"story must be a parsed Story, got {type(story).__name__}: use sdlite.story.parse_story(text)")
+    layers = csa.layers or defaults["layers"]
+    steps = defaults["steps"] if steps is None else steps
+    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if (id_images is None) != (id_encoder is None):
+        raise ValueError("the PhotoMaker path needs both id_images={name: [images]} and id_encoder=IDEncoder(...)")
+    if id_images is not None:
+        unknown = sorted(set(id_images) - set(story.characters))
+        if unknown:
+            raise ValueError(f"id_images names {unknown}, not characters of the story ({list(story.characters)})")
+        if any(len(v) < 1 for v in id_images.values()):
+            raise ValueError("every character in id_images needs at least one image")
+    check_story_prompts(story, pipe.tokenizer, use_trigger=id_images is not None)
+    seeds = panel_seeds(len(story), seed, seed_policy)
+    plan = plan_batches(story, csa)
+    device = pipe._execution_device
+    do_cfg = guidance_scale > 1.0
+    merge = start_merge_step(steps, style_strength_ratio) if id_images is not None else 0
+
+    handle = None
+    if csa.enabled:
+        handle = install_consistent_attention(
+            pipe.unet, rate=csa.rate, tile=None, layers=layers, guidance_halves=do_cfg,
+            first_steps_without_csa=csa.first_steps_without_csa, skip_schedule=csa.skip_schedule, seed=seed)
+    images: list[Image.Image | None] = [None] * len(story)
+    saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+    bar = tqdm(total=len(story), desc="panels", unit="panel", disable=not progress)
+    try:
+        for b, batch in enumerate(plan):
+            ids = list(batch.panels)
+            prompts = [story.panels[i].prompt for i in ids]
+            pe, npe, pooled, npooled = _encode(pipe, prompts, story.negative_prompt, do_cfg, device)
+            fused = None
+            if id_images is not None:
+                fused = _fused_embeds(pipe, story, ids, id_encoder, id_images, device, pe)
+            if fused is not None and merge == 0:
+                pe, fused = fused, None
+            generators = [torch.Generator().manual_seed(s) for s in (seeds[i] for i in ids)]
+
+            def on_step_end(_pipe, i, _t, kwargs, fused=fused, npe=npe):
+                if handle is not None:
+                    handle.set_step(i + 1)  # the next step's index (keys the bank, drives the skips)
+                if fused is not None and i + 1 == merge:  # delayed conditioning: switch to the ID-fused prompt
+                    return {"prompt_embeds": torch.cat([npe, fused]) if do_cfg else fused}
+                return {}
+
+            ctx = _nullcontext()
+            if handle is not None:
+                handle.set_step(0)
+                handle.reseed(seed * 1_000_003 + b)
+                for p in handle.processors.values():  # the tile cannot be larger than this batch
+                    n = len(ids)
+                    p.tile = None if csa.tile is None or csa.tile >= n else csa.tile
+                    p.stride = None if p.tile is None else (min(csa.stride, p.tile) if csa.stride else None)
+                if batch.mode == "write":
+                    ctx = handle.write(batch.characters[0])
+                elif batch.mode == "read":
+                    ctx = handle.read(*batch.characters)
+                else:
+                    ctx = handle.off()
+            with ctx:
+                out = pipe(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=pooled,
+                           negative_pooled_prompt_embeds=npooled, num_inference_steps=steps,
+                           guidance_scale=guidance_scale, height=height, width=width, generator=generators,
+                           callback_on_step_end=on_step_end,
+                           callback_on_step_end_tensor_inputs=["prompt_embeds"], output_type="pil")
+            for i, im in zip(ids, out.images):
+                images[i] = im
+            bar.update(len(ids))
+    finally:
+        bar.close()
+        pipe.set_progress_bar_config(**saved_bar)
+        bank_nbytes = handle.bank.nbytes() if handle is not None else 0
+        if handle is not None:
+            handle.bank.clear()
+            handle.remove()
+    settings = {"csa": dataclasses.asdict(csa) | {"layers": layers}, "steps": steps, "guidance_scale": guidance_scale,
+                "height": height, "width": width, "seed": seed, "seed_policy": seed_policy,
+                "style": story.style.name, "id_images": sorted(id_images) if id_images else []}
+    return StoryResult(images, story, seeds, plan, settings, bank_nbytes)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

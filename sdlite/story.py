@@ -1,0 +1,418 @@
+"""Step 04a: story text -> panels (the story format, parsing, checks).
+
+A story is a small text file, close in spirit to the official StoryDiffusion demo::
+
+    // lines starting with // are comments; blank lines are ignored
+    style: plain                       (optional: a named style, or a template containing {prompt})
+    negative: blurry                   (optional: the negative prompt; a named style brings its own)
+    [Lily] a girl                      a character line: [Name] description (class word, trigger word ...)
+    [Tom] a boy
+    [Lily] walking in the park # Lily goes out.      one line per panel; after the last `#`: the caption
+    [Tom] waving on the beach
+    [Lily] [Tom] standing in the city # They meet.    a panel may name several characters
+    [NC] the city at night # Night falls.             [NC]: a panel without a character
+
+Rules (each broken rule is a ``ValueError`` naming the line and the fix):
+
+* Character lines come first: a ``[Name] ...`` line whose name is new, before the first panel line. Names are
+  letters, digits, ``_`` and ``-``; ``NC`` is reserved.
+* A panel's prompt is the descriptions of the characters it names, joined by " and ", then ", " and the panel
+  text with the tags removed: ``[Lily] walking in the park`` -> ``a girl, walking in the park`` (exactly the
+  form of storyworld's captions). ``[NC]`` panels use their text alone.
+* The caption is the text after the last ``#``; without one, the panel text with the names written out.
+* Every character needs at least one *solo* panel (naming only them): its first solo panels are its reference
+  panels, generated together and remembered by consistent self-attention.
+* The prompt after the style template must fit the tokenizer (77 tokens for SDXL, 32 for storyworld); on a
+  tokenizer with a small vocabulary (storyworld's) every word must be one it knows.
+
+The trigger word of PhotoMaker (``img``, written after the class word: ``[Bob] a man img``) is kept in
+:attr:`StoryPanel.id_prompt` and removed from :attr:`StoryPanel.prompt`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .tokenization import remove_trigger_word
+
+__all__ = [
+    "STYLES",
+    "Character",
+    "Story",
+    "StoryPanel",
+    "StyleTemplate",
+    "check_story_prompts",
+    "example_story_path",
+    "parse_story",
+    "read_story",
+    "unknown_words",
+]
+
+NO_CHARACTER = "NC"
+TRIGGER_WORD = "img"
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_TAG = re.compile(r"\[([^\[\]]*)\]")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Style templates
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StyleTemplate:
+    """A prompt template (must contain ``{prompt}``) and its negative prompt."""
+
+    name: str
+    template: str = "{prompt}"
+    negative: str = ""
+
+    def __post_init__(self) -> None:
+        if "{prompt}" not in self.template:
+            raise ValueError(f"style template {self.template!r} has no {{prompt}} placeholder: "
+                             "write e.g. 'comic book panel, {prompt}, bold lines'")
+
+    def apply(self, prompt: str) -> str:
+        return self.template.replace("{prompt}", prompt)
+
+
+# Written for sdlite. "plain" is the storyworld default: its tokenizer knows only storyworld words, so the other
+# styles (for real SDXL) would be rejected there with the list of unknown words.
+STYLES: dict[str, StyleTemplate] = {
+    s.name: s for s in (
+        StyleTemplate("plain", "{prompt}", ""),
+        StyleTemplate("comic", "comic book panel, {prompt}, bold ink outlines, flat colours, graphic novel art",
+                      "photograph, realistic, blurry, lowres, deformed, text, watermark"),
+        StyleTemplate("photo", "photo of {prompt}, 35mm, natural light, sharp focus, detailed",
+                      "drawing, painting, cartoon, blurry, lowres, deformed, watermark"),
+        StyleTemplate("cinematic", "cinematic still, {prompt}, dramatic lighting, shallow depth of field, film grain",
+                      "cartoon, drawing, lowres, blurry, deformed, watermark"),
+        StyleTemplate("watercolour", "soft watercolour illustration of {prompt}, paper texture, gentle colours",
+                      "photograph, harsh lines, lowres, deformed, watermark"),
+        StyleTemplate("manga", "black and white manga panel, {prompt}, screentone shading, clean line art",
+                      "colour, photograph, lowres, deformed, watermark"),
+    )
+}
+
+
+def _resolve_style(value: str, line: int) -> StyleTemplate:
+    value = value.strip()
+    if value in STYLES:
+        return STYLES[value]
+    if "{prompt}" in value:
+        return StyleTemplate("custom", value, "")
+    raise ValueError(f"line {line}: unknown style {value!r}: use one of {sorted(STYLES)} or a template that "
+                     "contains {prompt}, e.g. 'style: a drawing of {prompt}'")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The parsed story
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Character:
+    name: str
+    description: str  # as written, trigger word included
+    line: int
+
+    @property
+    def prompt(self) -> str:
+        """The description without the trigger word (what a text-only prompt says)."""
+        return remove_trigger_word(self.description, TRIGGER_WORD)
+
+
+@dataclass(frozen=True)
+class StoryPanel:
+    """One panel: its prompt before and after the style template, the characters it names, its caption."""
+
+    index: int  # 0-based position in the story
+    line: int  # 1-based line number in the story text
+    text: str  # the panel text without tags and caption
+    characters: tuple[str, ...]  # names, in order of appearance ((): an [NC] panel)
+    caption: str
+    prompt: str  # descriptions + text, trigger word removed, style applied
+    id_prompt: str  # the same with the trigger word kept (PhotoMaker path)
+    raw_prompt: str  # descriptions + text before the style template (trigger removed)
+
+    @property
+    def solo(self) -> bool:
+        return len(self.characters) == 1
+
+
+@dataclass(frozen=True)
+class Story:
+    characters: dict[str, Character]  # in definition order
+    panels: tuple[StoryPanel, ...]
+    style: StyleTemplate = field(default_factory=lambda: STYLES["plain"])
+    negative_prompt: str = ""
+
+    def __len__(self) -> int:
+        return len(self.panels)
+
+    @property
+    def prompts(self) -> list[str]:
+        return [p.prompt for p in self.panels]
+
+    @property
+    def captions(self) -> list[str]:
+        return [p.caption for p in self.panels]
+
+    def solo_panels(self, name: str) -> list[int]:
+        return [p.index for p in self.panels if p.characters == (name,)]
+
+    def reference_panels(self, id_length: int | None = 4) -> dict[str, list[int]]:
+        """Each character's reference panels: its first ``id_length`` solo panels (None: all of them)."""
+        if id_length is not None and (isinstance(id_length, bool) or not isinstance(id_length, int)
+                                      or id_length < 1):
+            raise ValueError(f"id_length must be an int >= 1 (reference panels per character) or None (all solo "
+                             f"panels), got {id_length!r}")
+        return {name: self.solo_panels(name)[:id_length] for name in self.characters}
+
+    def with_style(self, style: str | StyleTemplate) -> Story:
+        """The same story under another style (a name of STYLES, a template with {prompt}, or a StyleTemplate)."""
+        st = style if isinstance(style, StyleTemplate) else _resolve_style(style, 0)
+        panels = tuple(StoryPanel(p.index, p.line, p.text, p.characters, p.caption, st.apply(p.raw_prompt),
+                                  st.apply(_id_raw(p, self.characters)), p.raw_prompt) for p in self.panels)
+        return Story(self.characters, panels, st, self.negative_prompt or st.negative)
+
+
+def _id_raw(panel: StoryPanel, characters: dict[str, Character]) -> str:
+    descs = [characters[c].description for c in panel.characters]
+    return _join(descs, panel.text)
+
+
+def _join(descriptions: list[str], text: str) -> str:
+    who = " and ".join(d for d in descriptions if d)
+    if who and text:
+        return f"{who}, {text}"
+    return who or text
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parsing
+# ----------------------------------------------------------------------------------------------------
+def parse_story(text: str, style: str | StyleTemplate | None = None) -> Story:
+    """Parse story text (format in the module doc) into a :class:`Story`. ``style`` overrides the file's."""
+    if not isinstance(text, str):
+        raise TypeError(f"parse_story needs the story text as a str, got {type(text).__name__}: "
+                        "use read_story(path) for a file")
+    characters: dict[str, Character] = {}
+    rows: list[tuple[int, str, tuple[str, ...], str]] = []  # (line, text, names, caption)
+    file_style: StyleTemplate | None = None
+    negative: str | None = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("//"):
+            continue
+        low = line.lower()
+        if low.startswith("style:"):
+            file_style = _resolve_style(line[6:], number)
+            continue
+        if low.startswith("negative:"):
+            negative = line[9:].strip()
+            continue
+        body, caption = line, None
+        if "#" in line:
+            body, caption = line.rsplit("#", 1)
+            body, caption = body.strip(), " ".join(caption.split())
+        tags = _TAG.findall(body)
+        names = [t.strip() for t in tags]
+        for name in names:
+            if not _NAME.match(name):
+                raise ValueError(f"line {number}: bad character name [{name}]: use letters, digits, _ or - "
+                                 "(e.g. [Lily]), and [NC] for a panel without a character")
+        if "[" in _TAG.sub("", body) or "]" in _TAG.sub("", body):
+            raise ValueError(f"line {number}: unbalanced brackets in {line!r}: write character tags as [Name]")
+        rest = " ".join(_TAG.sub(" ", body).split())
+        rest = re.sub(r"^[,;:]\s*", "", rest)
+        is_definition = (not rows and len(names) == 1 and body.startswith("[") and names[0] != NO_CHARACTER
+                         and names[0] not in characters)
+        if is_definition:
+            if caption is not None:
+                raise ValueError(f"line {number}: a character line cannot have a caption ('#'): write "
+                                 f"[{names[0]}] description, without '#'")
+            if not rest:
+                raise ValueError(f"line {number}: character [{names[0]}] has no description: write e.g. "
+                                 f"[{names[0]}] a girl")
+            characters[names[0]] = Character(names[0], rest, number)
+            continue
+        if not names:
+            raise ValueError(f"line {number}: a panel line must name its characters as [Name] or start with [NC] "
+                             f"(no character), got {line!r}")
+        if NO_CHARACTER in names:
+            if names != [NO_CHARACTER]:
+                raise ValueError(f"line {number}: [NC] means no character, but the line also names "
+                                 f"{[n for n in names if n != NO_CHARACTER]}: remove [NC] or the names")
+            names = []
+            if not rest:
+                raise ValueError(f"line {number}: an [NC] panel needs a text, e.g. [NC] the park at night")
+        for name in names:
+            if name not in characters:
+                known = ", ".join(f"[{c}]" for c in characters) or "none"
+                where = (f"define it at the top, before the first panel, with a line `[{name}] description`")
+                raise ValueError(f"line {number}: unknown character [{name}] (known: {known}): {where}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"line {number}: a panel names the same character twice: name each once")
+        rows.append((number, rest, tuple(names), caption))
+
+    if not rows:
+        raise ValueError("the story is empty: it has no panel lines. Add one line per panel after the character "
+                         "lines, e.g. `[Lily] a girl` then `[Lily] walking in the park # Lily goes out.`")
+    st = STYLES["plain"] if file_style is None else file_style
+    if style is not None:
+        st = style if isinstance(style, StyleTemplate) else _resolve_style(style, 0)
+    panels = []
+    for index, (number, rest, names, caption) in enumerate(rows):
+        descs = [characters[n].description for n in names]
+        id_raw = _join(descs, rest)
+        raw = _join([characters[n].prompt for n in names], remove_trigger_word(rest, TRIGGER_WORD))
+        if caption is None:
+            caption = _join(list(names), rest) if names else rest
+        panels.append(StoryPanel(index, number, rest, names, caption, st.apply(raw), st.apply(id_raw), raw))
+    story = Story(characters, tuple(panels), st, negative if negative is not None else st.negative)
+    for name, ch in characters.items():
+        if not story.solo_panels(name):
+            raise ValueError(f"line {ch.line}: character [{name}] has no solo panel (a panel naming only [{name}]) "
+                             f"to serve as its reference: add a line like `[{name}] standing in the park`, or "
+                             "remove the character")
+    return story
+
+
+def read_story(path: str | Path, style: str | StyleTemplate | None = None) -> Story:
+    """Parse a story file (UTF-8)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no story file at {path}: write one (see sdlite/story.py for the format) or "
+                                f"start from {example_story_path()}")
+    return parse_story(path.read_text(encoding="utf-8"), style=style)
+
+
+def example_story_path() -> Path:
+    """The bundled example story, ``data/stories/example.txt``."""
+    from .paths import data_file
+
+    return data_file("stories", "example.txt")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks against a tokenizer
+# ----------------------------------------------------------------------------------------------------
+FULL_CLIP_VOCABULARY = 49408
+_WORD = re.compile(r"[A-Za-z]+|\d+|[^\sA-Za-z\d]")
+
+
+def _is_small_vocabulary(tokenizer) -> bool:
+    return len(tokenizer) < FULL_CLIP_VOCABULARY // 2
+
+
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """Words of ``text`` a small-vocabulary tokenizer (storyworld's) does not know as one token; [] for CLIP's.
+
+    CLIP's BPE never fails: an unknown word silently becomes letter pieces the storyworld text encoder never saw
+    in training. A word is known when it is one token that is not the unknown token.
+    """
+    if not _is_small_vocabulary(tokenizer):
+        return []
+    unk = tokenizer.unk_token_id
+    bad = []
+    for word in _WORD.findall(text):
+        pieces = tokenizer.tokenize(word)
+        if len(pieces) != 1 or tokenizer.convert_tokens_to_ids(pieces[0]) == unk:
+            if word not in bad:
+                bad.append(word)
+    return bad
+
+
+def check_story_prompts(story: Story, tokenizer, use_trigger: bool = False) -> None:
+    """Every prompt (and the negative prompt) fits ``tokenizer``: known words, length within model_max_length.
+
+    Raises ValueError naming the line and the fix.
+    """
+    limit = tokenizer.model_max_length
+    small = _is_small_vocabulary(tokenizer)
+    texts = [(p.line, p.id_prompt if use_trigger else p.prompt) for p in story.panels]
+    if story.negative_prompt:
+        texts.append((0, story.negative_prompt))
+    for line, prompt in texts:
+        where = f"line {line}" if line else "the negative prompt"
+        bad = unknown_words(tokenizer, prompt)
+        if use_trigger:
+            bad = [w for w in bad if w.lower() != TRIGGER_WORD]
+        if bad:
+            raise ValueError(
+                f"{where}: the prompt {prompt!r} uses words the model's small (storyworld) vocabulary does not "
+                f"know: {bad}. Use storyworld words only (class words, colours, scenes, actions: see "
+                "sdlite.storyworld.all_words()), the 'plain' style, or a real SDXL model (--model <hub id or folder>)")
+        n = len(tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids)
+        if n > limit:
+            hint = " or drop the style template (style: plain)" if small or story.style.name != "plain" else ""
+            raise ValueError(f"{where}: the prompt is {n} tokens after the style template, but the tokenizer takes "
+                             f"{limit} (BOS and EOS included): shorten the panel text or the character "
+                             f"description{hint}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The `sdlite story` command
+# ----------------------------------------------------------------------------------------------------
+def add_story_parser(subparsers) -> None:
+    """Register ``sdlite story`` on an argparse subparsers object (see sdlite/cli.py)."""
+    p = subparsers.add_parser(
+        "story", help="story text -> consistent panels -> a comic page (PNG)",
+        description="Generate a comic page from a story file with consistent self-attention. Without STORY, the "
+                    "bundled example (data/stories/example.txt) is used. Writes the page and the single panels "
+                    "(<out stem>_panels/panel_NN.png); never overwrites a file unless --force.")
+    p.add_argument("story", nargs="?", default=None, help="story file (default: the bundled example story)")
+    p.add_argument("--out", default="out/page.png", help="page PNG to write (default: out/page.png)")
+    p.add_argument("--model", default="storyworld",
+                   help="'storyworld' (default, CPU), a pipeline folder, or a hub id such as "
+                        "stabilityai/stable-diffusion-xl-base-1.0 (fp16 on CUDA)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps ...")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 20 storyworld, 35 SDXL)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 4 storyworld, 5 SDXL)")
+    p.add_argument("--seed", type=int, default=0, help="seed: panel i uses seed + i (default 0)")
+    p.add_argument("--shared-seed", action="store_true", help="the same noise seed for every panel (official demo)")
+    p.add_argument("--rate", type=float, default=0.5, help="CSA sampling rate in [0, 1] (default 0.5)")
+    p.add_argument("--tile", type=int, default=None, help="CSA window size in images (default: the whole batch)")
+    p.add_argument("--layers", choices=["up", "all"], default=None,
+                   help="self-attention layers with CSA (default: all on storyworld, up on SDXL)")
+    p.add_argument("--id-length", type=int, default=4, help="reference panels per character (default 4)")
+    p.add_argument("--no-csa", action="store_true", help="plain generation, no consistent self-attention")
+    p.add_argument("--style", default=None, help=f"style template: one of {sorted(STYLES)} or text with {{prompt}} "
+                                                 "(default: the story's, else plain)")
+    p.add_argument("--size", type=int, default=None, help="image height = width in px (default: the model's)")
+    p.add_argument("--layout", choices=["grid", "classic"], default="grid", help="page layout (default grid)")
+    p.add_argument("--columns", type=int, default=2, help="panels per row in the grid layout (default 2)")
+    p.add_argument("--panel-size", type=int, default=256, help="panel size on the page in px (default 256)")
+    p.add_argument("--title", default=None, help="a title above the panels")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_story_command)
+
+
+def run_story_command(args) -> int:
+    """``sdlite story``: parse, check outputs, load the model, generate, write page + panels, print the paths."""
+    from .comic import make_page
+    from .paths import check_writable
+    from .pipeline import CSAConfig, generate_story, load_pipeline
+
+    path = Path(args.story) if args.story else example_story_path()
+    story = read_story(path, style=args.style)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out {out}: the page is a PNG, use a path ending in .png")
+    panel_dir = out.with_name(out.stem + "_panels")
+    panel_paths = [panel_dir / f"panel_{i + 1:02d}.png" for i in range(len(story))]
+    for target in [out, *panel_paths]:  # fail before the (slow) generation, never half-way
+        check_writable(target, args.force)
+    csa = CSAConfig(rate=args.rate, tile=args.tile, layers=args.layers, id_length=args.id_length,
+                    enabled=not args.no_csa)
+    pipe = load_pipeline(args.model, args.device)
+    result = generate_story(pipe, story, csa=csa, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                            seed_policy="shared" if args.shared_seed else "per_panel", height=args.size,
+                            width=args.size, progress=not args.quiet)
+    page = make_page(result.images, story.captions, layout=args.layout, columns=args.columns,
+                     panel_size=args.panel_size, title=args.title)
+    page.save(out, format="PNG")
+    for target, image in zip(panel_paths, result.images):
+        image.save(target, format="PNG")
+    print(f"page: {out}")
+    print(f"panels: {panel_dir}/ ({len(panel_paths)} files: {panel_paths[0].name} .. {panel_paths[-1].name})")
+    return 0
