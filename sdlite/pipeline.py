@@ -19,7 +19,7 @@ grow with the story: a 32-panel story needs no more memory than an 8-panel one (
 from __future__ import annotations
 
 import dataclasses
-import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,7 +254,7 @@ def _fused_embeds(pipe, story: Story, panel_ids, id_encoder, id_images, device, 
     for j, i in enumerate(panel_ids):
         p = story.panels[i]
         name = p.characters[0] if p.solo else None
-        if name is None or name not in id_images or "img" not in p.id_prompt.lower().split():
+        if name is None or name not in id_images or not re.search(r"(?<!\w)img(?!\w)", p.id_prompt, re.IGNORECASE):
             rows.append(text_embeds[j])
             continue
         any_id = True

@@ -19,7 +19,8 @@ Rules (each broken rule is a ``ValueError`` naming the line and the fix):
 * A panel's prompt is the descriptions of the characters it names, joined by " and ", then ", " and the panel
   text with the tags removed: ``[Lily] walking in the park`` -> ``a girl, walking in the park`` (exactly the
   form of storyworld's captions). ``[NC]`` panels use their text alone.
-* The caption is the text after the last ``#``; without one, the panel text with the names written out.
+* The caption is the text after the last ``#`` (the prompt ends at the first ``#``); without one, the panel
+  text with the names written out.
 * Every character needs at least one *solo* panel (naming only them): its first solo panels are its reference
   panels, generated together and remembered by consistent self-attention.
 * The prompt after the style template must fit the tokenizer (77 tokens for SDXL, 32 for storyworld); on a
@@ -211,8 +212,8 @@ def parse_story(text: str, style: str | StyleTemplate | None = None) -> Story:
             continue
         body, caption = line, None
         if "#" in line:
-            body, caption = line.rsplit("#", 1)
-            body, caption = body.strip(), " ".join(caption.split())
+            caption = " ".join(line.rsplit("#", 1)[1].split())  # after the last '#'
+            body = line.split("#", 1)[0].strip()  # the prompt: before the first '#'
         tags = _TAG.findall(body)
         names = [t.strip() for t in tags]
         for name in names:

@@ -1,0 +1,75 @@
+"""The `sdlite story` command: options, outputs, the no-overwrite rule, clear errors."""
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from sdlite.cli import build_parser, main
+from sdlite.tiny import tiny_storyworld_pipeline
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sw") / "pipe"
+    tiny_storyworld_pipeline(folder)
+    return folder
+
+
+def test_help_lists_the_options():
+    assert "story" in build_parser().format_help()  # builds without loading any model
+    out = subprocess.run([sys.executable, "-m", "sdlite.cli", "story", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for option in ("--out", "--model", "--device", "--steps", "--seed", "--rate", "--tile", "--no-csa", "--force"):
+        assert option in out.stdout, option
+
+
+def test_story_writes_page_and_panels_and_never_overwrites(model_folder, tmp_path, capsys):
+    out = tmp_path / "page.png"
+    args = ["story", "--model", str(model_folder), "--out", str(out), "--steps", "1", "--quiet"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"page: {out}" in printed
+    panels = sorted((tmp_path / "page_panels").glob("panel_*.png"))
+    assert len(panels) == 6  # the bundled example story has 6 panels
+    assert Image.open(panels[0]).size == (64, 64) and Image.open(out).format == "PNG"
+    before = out.read_bytes()
+    assert main(args + ["--seed", "5"]) == 2  # exists: refused, nothing written
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--force" in err
+    assert out.read_bytes() == before
+    assert main(args + ["--seed", "5", "--force"]) == 0
+    assert out.read_bytes() != before
+
+
+def test_existing_panel_file_is_also_protected(model_folder, tmp_path, capsys):
+    (tmp_path / "p_panels").mkdir()
+    (tmp_path / "p_panels" / "panel_03.png").write_bytes(b"mine")
+    code = main(["story", "--model", str(model_folder), "--out", str(tmp_path / "p.png"), "--steps", "1", "--quiet"])
+    assert code == 2 and "panel_03.png already exists" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()  # checked before generating anything
+    assert (tmp_path / "p_panels" / "panel_03.png").read_bytes() == b"mine"
+
+
+def test_story_file_no_csa_and_errors(model_folder, tmp_path, capsys):
+    story = tmp_path / "s.txt"
+    story.write_text("[Max] a boy\n[Max] walking in the park # Off he goes.\n[Max] jumping on the beach\n")
+    out = tmp_path / "two.png"
+    assert main(["story", str(story), "--model", str(model_folder), "--out", str(out), "--steps", "1", "--no-csa",
+                 "--quiet", "--layout", "classic"]) == 0
+    assert len(list((tmp_path / "two_panels").glob("*.png"))) == 2
+    bad = tmp_path / "bad.txt"
+    bad.write_text("[Max] a boy\n[Max] walking\n[Ann] waving\n")
+    assert main(["story", str(bad), "--model", str(model_folder), "--out", str(tmp_path / "x.png")]) == 2
+    assert "line 3: unknown character [Ann]" in capsys.readouterr().err
+    assert main(["story", str(story), "--out", str(tmp_path / "x.jpg")]) == 2
+    assert "ending in .png" in capsys.readouterr().err
+    oov = tmp_path / "oov.txt"
+    oov.write_text("[Max] a boy\n[Max] riding a dragon\n")
+    assert main(["story", str(oov), "--model", str(model_folder), "--out", str(tmp_path / "y.png")]) == 2
+    assert "does not know: ['riding', 'dragon']" in capsys.readouterr().err
+
+
+def test_no_subcommand_prints_help(capsys):
+    assert main([]) == 2
+    assert "story" in capsys.readouterr().out

@@ -1,0 +1,206 @@
+"""generate_story on storyworld's architecture and on a reloaded tiny random SDXL folder (the real path)."""
+import numpy as np
+import pytest
+import torch
+
+from sdlite.attention import ConsistentSelfAttnProcessor
+from sdlite.id_encoder import IDEncoder, IDEncoderConfig
+from sdlite.pipeline import (
+    Batch, CSAConfig, generate_story, is_storyworld, load_pipeline, model_defaults, panel_seeds, plan_batches,
+)
+from sdlite.story import parse_story
+from sdlite.tiny import tiny_sdxl_pipeline, tiny_storyworld_pipeline
+
+STEPS = 2
+FOUR = "[Lily] a girl\n" + "\n".join(f"[Lily] {a} in the park" for a in ("standing", "walking", "jumping", "waving"))
+
+
+@pytest.fixture(scope="module")
+def sw_pipe():
+    return tiny_storyworld_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_sdxl")
+    tiny_sdxl_pipeline(folder, seed=0)
+    return folder
+
+
+def _arrays(result):
+    return result.arrays().astype(np.int16)
+
+
+def _story(n, character="Lily", cls="a girl"):
+    acts = ["standing", "walking", "jumping", "sitting", "waving"]
+    lines = [f"[{character}] {cls}"] + [f"[{character}] {acts[i % 5]} in the park" for i in range(n)]
+    return parse_story("\n".join(lines))
+
+
+# ---------------------------------------------------------------- the plan
+def test_plan_writes_references_then_reads_in_bounded_batches():
+    story = parse_story("[A] a boy\n[B] a girl\n" + "\n".join(["[A] walking"] * 6 + ["[B] waving"] * 3)
+                        + "\n[A] [B] standing\n[NC] the park")
+    plan = plan_batches(story, CSAConfig(id_length=2, read_batch=3))
+    assert plan[:2] == [Batch("write", ("A",), (0, 1)), Batch("write", ("B",), (6, 7))]
+    assert Batch("read", ("A",), (2, 3, 4)) in plan and Batch("read", ("A",), (5,)) in plan
+    assert Batch("read", ("B",), (8,)) in plan and Batch("read", ("A", "B"), (9,)) in plan
+    assert Batch("plain", (), (10,)) in plan
+    covered = sorted(i for b in plan for i in b.panels)
+    assert covered == list(range(len(story)))  # every panel exactly once
+    # long stories: no batch grows with the story
+    for n in (8, 32):
+        assert max(len(b.panels) for b in plan_batches(_story(n), CSAConfig())) == 4
+    assert [len(b.panels) for b in plan_batches(_story(6), CSAConfig(id_length=None))] == [6]  # all in one batch
+
+
+def test_seed_policies():
+    assert panel_seeds(4, 10) == [10, 11, 12, 13]
+    assert panel_seeds(3, 10, "shared") == [10, 10, 10]
+    with pytest.raises(ValueError, match="seed_policy must be one of"):
+        panel_seeds(3, 1, "random")
+
+
+# ---------------------------------------------------------------- storyworld architecture
+def test_storyworld_story_shapes_determinism_and_clean_uninstall(sw_pipe):
+    before = dict(sw_pipe.unet.attn_processors)
+    story = parse_story(FOUR)
+    a = generate_story(sw_pipe, story, steps=STEPS, progress=False)
+    b = generate_story(sw_pipe, story, steps=STEPS, progress=False)
+    assert len(a.images) == 4 and a.arrays().shape == (4, 64, 64, 3)
+    np.testing.assert_array_equal(a.arrays(), b.arrays())  # same seed, same panels
+    after = sw_pipe.unet.attn_processors
+    assert all(after[k] is before[k] for k in before)  # the exact processor objects are back
+    assert a.settings["csa"]["layers"] == "all" and is_storyworld(sw_pipe)
+    assert a.bank_nbytes > 0
+
+
+def test_csa_changes_panels_and_the_step_callback_drives_it(sw_pipe):
+    story = parse_story(FOUR)
+    plain = _arrays(generate_story(sw_pipe, story, steps=STEPS, progress=False, csa=CSAConfig(enabled=False)))
+    csa = _arrays(generate_story(sw_pipe, story, steps=STEPS, progress=False,
+                                 csa=CSAConfig(first_steps_without_csa=0, rate=1.0)))
+    assert np.abs(plain - csa).max() > 0
+    # CSA from step STEPS on = never: identical to no CSA ...
+    never = _arrays(generate_story(sw_pipe, story, steps=STEPS, progress=False,
+                                   csa=CSAConfig(first_steps_without_csa=STEPS, rate=1.0)))
+    np.testing.assert_array_equal(never, plain)
+    # ... from the last step on: differs, so the callback advanced the step counter to STEPS - 1
+    last = _arrays(generate_story(sw_pipe, story, steps=STEPS, progress=False,
+                                  csa=CSAConfig(first_steps_without_csa=STEPS - 1, rate=1.0)))
+    assert np.abs(last - plain).max() > 0
+
+
+def test_per_panel_noise_does_not_depend_on_batching(sw_pipe):
+    story = parse_story(FOUR)
+    one = generate_story(sw_pipe, story, steps=STEPS, progress=False,
+                         csa=CSAConfig(enabled=False, id_length=1, read_batch=1))
+    four = generate_story(sw_pipe, story, steps=STEPS, progress=False, csa=CSAConfig(enabled=False))
+    assert len(one.plan) == 4 and len(four.plan) == 1
+    np.testing.assert_allclose(_arrays(one), _arrays(four), atol=2)  # batched matmuls may round differently
+
+
+def test_shared_seed_repeats_the_noise(sw_pipe):
+    story = parse_story("[A] a boy\n" + "\n".join(["[A] walking in the park"] * 3))
+    shared = _arrays(generate_story(sw_pipe, story, steps=STEPS, progress=False, seed_policy="shared",
+                                    csa=CSAConfig(enabled=False)))
+    indep = _arrays(generate_story(sw_pipe, story, steps=STEPS, progress=False, csa=CSAConfig(enabled=False)))
+    np.testing.assert_allclose(shared[0], shared[2], atol=2)  # same prompt, same noise
+    assert np.abs(indep[0] - indep[2]).max() > 10
+
+
+def test_bank_does_not_grow_with_the_story(sw_pipe):
+    r8 = generate_story(sw_pipe, _story(8), steps=STEPS, progress=False)
+    r12 = generate_story(sw_pipe, _story(12), steps=STEPS, progress=False)
+    assert r8.bank_nbytes == r12.bank_nbytes > 0
+    assert max(len(b.panels) for b in r12.plan) == 4
+
+
+def test_tiles_smaller_than_a_batch_and_two_characters(sw_pipe):
+    story = parse_story("[A] a boy\n[B] a girl\n[A] walking in the park\n[A] waving in the park\n"
+                        "[B] sitting on the beach\n[A] [B] standing in the city\n[NC] the park at night")
+    r = generate_story(sw_pipe, story, steps=STEPS, progress=False, csa=CSAConfig(tile=2, id_length=2))
+    assert len(r.images) == 5 and [b.mode for b in r.plan] == ["write", "write", "read", "plain"]
+
+
+def test_storyworld_rejects_unknown_words_before_generating(sw_pipe):
+    with pytest.raises(ValueError, match=r"line 2: .*\['dragon'\]"):
+        generate_story(sw_pipe, parse_story("[A] a boy\n[A] a dragon in the park"), steps=STEPS, progress=False)
+    assert not any(isinstance(p, ConsistentSelfAttnProcessor) for p in sw_pipe.unet.attn_processors.values())
+
+
+def test_processors_removed_after_an_error_mid_story(sw_pipe, monkeypatch):
+    before = dict(sw_pipe.unet.attn_processors)
+    calls = []
+
+    def boom(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(type(sw_pipe), "__call__", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        generate_story(sw_pipe, parse_story(FOUR), steps=STEPS, progress=False)
+    assert calls and all(sw_pipe.unet.attn_processors[k] is v for k, v in before.items())
+
+
+def test_photomaker_path_changes_the_id_panels(sw_pipe):
+    story = parse_story("[A] a boy img\n[A] walking in the park\n[A] waving in the park")
+    width = sw_pipe.text_encoder.config.hidden_size  # both storyworld encoders have this width
+    enc = IDEncoder(IDEncoderConfig.tiny(width, width, image_size=32)).eval()
+    face = np.full((40, 40, 3), 200, np.uint8)
+    plain = _arrays(generate_story(sw_pipe, story, steps=STEPS, progress=False))
+    fused = _arrays(generate_story(sw_pipe, story, steps=STEPS, progress=False, id_images={"A": [face]},
+                                   id_encoder=enc, style_strength_ratio=0))
+    assert np.abs(plain - fused).max() > 0
+    with pytest.raises(ValueError, match="needs both id_images"):
+        generate_story(sw_pipe, story, id_images={"A": [face]})
+    with pytest.raises(ValueError, match=r"id_images names \['Z'\]"):
+        generate_story(sw_pipe, story, id_images={"Z": [face]}, id_encoder=enc)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="rate must be in"):
+        CSAConfig(rate=1.5)
+    with pytest.raises(ValueError, match="tile=1 puts every image alone"):
+        CSAConfig(tile=1)
+    with pytest.raises(ValueError, match="stride=2 needs a tile"):
+        CSAConfig(stride=2)
+    with pytest.raises(ValueError, match="layers must be"):
+        CSAConfig(layers="middle")
+    with pytest.raises(ValueError, match="read_batch must be"):
+        CSAConfig(read_batch=0)
+
+
+def test_bad_calls(sw_pipe):
+    with pytest.raises(TypeError, match="parsed Story"):
+        generate_story(sw_pipe, "[A] a boy\n[A] walking")
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        generate_story(sw_pipe, parse_story(FOUR), steps=0)
+    with pytest.raises(ValueError, match="neither 'storyworld', an existing folder, nor a hub id"):
+        load_pipeline("no-such-model")
+
+
+# ---------------------------------------------------------------- the real path: SDXL from a folder
+def test_real_sdxl_path_from_a_saved_folder(sdxl_folder):
+    pipe = load_pipeline(sdxl_folder, "cpu")
+    assert not is_storyworld(pipe) and len(pipe.tokenizer) >= 49408
+    assert model_defaults(pipe)["layers"] == "up"
+    story = parse_story("style: comic\n[Bob] a man img, wearing a black suit\n[Bob] reading a newspaper at home\n"
+                        "[Bob] riding a dragon over the mountains")  # any English: the full CLIP vocabulary
+    before = dict(pipe.unet.attn_processors)
+    r = generate_story(pipe, story, steps=STEPS, height=64, width=64, progress=False)
+    assert r.arrays().shape == (2, 64, 64, 3)
+    assert "wearing a black suit" in story.prompts[0] and "img" not in story.prompts[0].split()
+    assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+    up = [k for k in before if k.startswith("up_blocks") and "attn1" in k]
+    assert up and r.settings["csa"]["layers"] == "up"
+    again = generate_story(pipe, story, steps=STEPS, height=64, width=64, progress=False)
+    np.testing.assert_array_equal(r.arrays(), again.arrays())
+
+
+def test_load_pipeline_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a diffusers pipeline folder"):
+        load_pipeline(tmp_path)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no GPU"):
+            load_pipeline("storyworld", "cuda")
