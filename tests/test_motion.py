@@ -1,0 +1,428 @@
+"""The semantic motion predictor (sdlite.motion) and the video decoder's shapes, real-scale configs and CLI."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdlite import motion, video
+from sdlite import storyworld as sw
+from sdlite.models import StoryworldSizes, build_clip, build_scheduler, build_storyworld_tokenizer, build_vae
+from sdlite.motion import (
+    PAPER_SIZE, ImageEmbedder, SemanticMotionPredictor, build_cache, frame_fractions, linear_interpolation,
+    load_cache, predictor_errors, train_predictor,
+)
+from sdlite.video import VideoDecoder, VideoModels, build_decoder, video_unet_config
+
+E = 32  # tiny CLIP projection width
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    sizes = StoryworldSizes.named("tiny")
+    tok = build_storyworld_tokenizer()
+    return build_clip(sizes, tok, seed=1).eval(), tok
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_clip):
+    clip, tok = tiny_clip
+    vae = build_vae(StoryworldSizes.named("tiny"), seed=2).eval()
+    torch.manual_seed(0)
+    pred = SemanticMotionPredictor(embed_dim=E, hidden_size=32, num_layers=1, num_heads=2, head_dim=16).eval()
+    dec = build_decoder("tiny", image_embed_dim=E, cross_attention_dim=clip.config.text_config.hidden_size, seed=3)
+    return VideoModels(vae=vae, embedder=ImageEmbedder(clip), text_model=clip.text_model, tokenizer=tok,
+                       predictor=pred, decoder=dec.eval(), scheduler=build_scheduler())
+
+
+def _randomize_output(pred, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        pred.proj_out.weight.copy_(torch.randn(pred.proj_out.weight.shape, generator=g) * 0.1)
+        pred.proj_out.bias.copy_(torch.randn(pred.proj_out.bias.shape, generator=g) * 0.1)
+    return pred
+
+
+# ---------------------------------------------------------------- interpolation
+def test_linear_interpolation_hits_both_ends_and_the_middle():
+    a, b = torch.randn(3, 8), torch.randn(3, 8)
+    e = linear_interpolation(a, b, 5)  # (3, 5, 8)
+    assert e.shape == (3, 5, 8)
+    torch.testing.assert_close(e[:, 0], a)
+    torch.testing.assert_close(e[:, -1], b)
+    torch.testing.assert_close(e[:, 2], (a + b) / 2)
+    torch.testing.assert_close(e[:, 1], 0.75 * a + 0.25 * b)
+
+
+def test_linear_interpolation_of_latents_keeps_the_frame_axis_second():
+    a, b = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    z = linear_interpolation(a, b, 4)
+    assert z.shape == (2, 4, 4, 6, 6)
+    torch.testing.assert_close(z[:, 0], a)
+    torch.testing.assert_close(z[:, 3], b)
+    torch.testing.assert_close(z[:, 1], (2 * a + b) / 3)
+
+
+def test_interpolation_bad_input():
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        frame_fractions(1)
+    with pytest.raises(ValueError, match="same shape"):
+        linear_interpolation(torch.zeros(2, 8), torch.zeros(2, 7), 4)
+    assert frame_fractions(3).tolist() == [0.0, 0.5, 1.0]
+
+
+# ---------------------------------------------------------------- the predictor
+def test_untrained_predictor_is_linear_interpolation():
+    torch.manual_seed(0)
+    pred = SemanticMotionPredictor(embed_dim=16, hidden_size=32, num_layers=2, num_heads=2, head_dim=16)
+    a, b = torch.randn(4, 16), torch.randn(4, 16)
+    torch.testing.assert_close(pred(a, b, 7), linear_interpolation(a, b, 7))
+
+
+@pytest.mark.parametrize("frames", [3, 16, 24])
+def test_predictor_shapes_and_pinned_keyframes(frames):
+    torch.manual_seed(0)
+    pred = _randomize_output(SemanticMotionPredictor(embed_dim=16, hidden_size=32, num_layers=2, num_heads=2,
+                                                     head_dim=16))
+    a, b = torch.randn(2, 16), torch.randn(2, 16)
+    out = pred(a, b, frames)
+    assert out.shape == (2, frames, 16)
+    torch.testing.assert_close(out[:, 0], a)
+    torch.testing.assert_close(out[:, -1], b)
+    assert (out[:, 1:-1] - linear_interpolation(a, b, frames)[:, 1:-1]).abs().max() > 1e-3
+
+
+def test_predictor_without_pinning_moves_the_keyframes_too():
+    torch.manual_seed(0)
+    pred = _randomize_output(SemanticMotionPredictor(embed_dim=16, hidden_size=32, num_layers=1, num_heads=2,
+                                                     head_dim=16, pin_endpoints=False))
+    a, b = torch.randn(2, 16), torch.randn(2, 16)
+    assert (pred(a, b, 5)[:, 0] - a).abs().max() > 1e-3
+
+
+def test_predictor_frames_attend_to_each_other():
+    """Frame 1's prediction must depend on where the *end* keyframe is beyond what interpolation says: the
+    transformer mixes frames (a per-frame MLP would not change frame 1's correction when only b moves at t=1/4)."""
+    torch.manual_seed(0)
+    pred = _randomize_output(SemanticMotionPredictor(embed_dim=8, hidden_size=32, num_layers=1, num_heads=2,
+                                                     head_dim=16))
+    a, b = torch.randn(1, 8), torch.randn(1, 8)
+    b2 = b + torch.randn(1, 8)
+    d1 = pred(a, b, 5) - linear_interpolation(a, b, 5)
+    d2 = pred(a, b2, 5) - linear_interpolation(a, b2, 5)
+    assert (d1[:, 1] - d2[:, 1]).abs().max() > 1e-4
+
+
+def test_predictor_bad_input():
+    pred = SemanticMotionPredictor(embed_dim=16, hidden_size=32, num_layers=1, num_heads=2, head_dim=16)
+    with pytest.raises(ValueError, match="embed the keyframes"):
+        pred(torch.zeros(2, 8), torch.zeros(2, 8), 4)
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        pred(torch.zeros(2, 16), torch.zeros(2, 16), 1)
+    with pytest.raises(ValueError, match="positive int"):
+        SemanticMotionPredictor(num_layers=0)
+
+
+def test_paper_size_predictor():
+    with torch.device("meta"):
+        pred = SemanticMotionPredictor(**PAPER_SIZE)
+    assert len(pred.blocks) == 8
+    assert pred.blocks[0].attn1.heads == 12
+    assert pred.proj_in.out_features == 1024
+    n = sum(p.numel() for p in pred.parameters())
+    assert 80e6 < n < 120e6, n  # 8 x (attention 4 x 1024 x 768 + MLP 2 x 1024 x 4096) + projections
+
+
+def test_predictor_round_trips_through_a_folder(tmp_path):
+    torch.manual_seed(0)
+    pred = _randomize_output(SemanticMotionPredictor(embed_dim=16, hidden_size=32, num_layers=2, num_heads=2,
+                                                     head_dim=16))
+    pred.save_pretrained(tmp_path / "predictor")
+    again = SemanticMotionPredictor.storyworld(tmp_path / "predictor")
+    a, b = torch.randn(3, 16), torch.randn(3, 16)
+    torch.testing.assert_close(again(a, b, 9), pred.eval()(a, b, 9), rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="python -m sdlite.motion train"):
+        SemanticMotionPredictor.storyworld(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------- CLIP image space
+def test_storyworld_embedder_shapes_and_bad_input(tiny_clip):
+    clip, _ = tiny_clip
+    emb = ImageEmbedder(clip)
+    x = torch.rand(5, 3, 64, 64) * 2 - 1
+    e = emb(x)
+    assert e.shape == (5, E)
+    ref = clip.visual_projection(clip.vision_model(pixel_values=x).pooler_output)
+    torch.testing.assert_close(e, ref)
+    torch.testing.assert_close(emb(x, batch_size=2), e)  # batching does not change anything
+    assert emb(torch.rand(2, 3, 32, 32)).shape == (2, E)  # resized to the tower's size
+    with pytest.raises(ValueError, match="to_tensor"):
+        emb(torch.zeros(2, 64, 64, 3))
+    with pytest.raises(TypeError, match="CLIPModel"):
+        ImageEmbedder(torch.nn.Linear(2, 2))
+
+
+def test_real_scale_clip_vision_tower_from_a_folder(tmp_path):
+    """The real path: a CLIPVisionModelWithProjection at 224 px / patch 14 (ViT-H-14's geometry, tiny widths)
+    saved to a folder and loaded back with OpenAI's pixel normalisation."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=224, patch_size=14, projection_dim=24)
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(cfg).save_pretrained(tmp_path / "vit")
+    emb = ImageEmbedder.from_pretrained(tmp_path / "vit")
+    assert emb.image_size == 224 and emb.embed_dim == 24
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    e = emb(x)
+    assert e.shape == (2, 24)
+    manual = torch.nn.functional.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False)
+    mean = torch.tensor(motion.CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(motion.CLIP_STD).view(1, 3, 1, 1)
+    ref = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "vit")(pixel_values=((manual + 1) / 2 - mean) / std)
+    torch.testing.assert_close(e, ref.image_embeds)
+    pred = SemanticMotionPredictor(embed_dim=24, hidden_size=48, num_layers=2, num_heads=3, head_dim=16)
+    assert motion.predict_frame_embeddings(emb, pred, x[:1], x[1:], 16).shape == (1, 16, 24)
+
+
+# ---------------------------------------------------------------- training
+def _curved_embeddings(n, frames=8, d=8, seed=0):
+    """Trajectories that are NOT straight lines: e(t) = (1-t) a + t b + sin(pi t) W(b - a)."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    w = torch.randn(d, d, generator=torch.Generator().manual_seed(123)) / math.sqrt(d)
+    t = torch.linspace(0, 1, frames).view(1, -1, 1)
+    return (1 - t) * a[:, None] + t * b[:, None] + torch.sin(math.pi * t) * ((b - a) @ w)[:, None]
+
+
+def _small_predictor(seed=0):
+    torch.manual_seed(seed)
+    return SemanticMotionPredictor(embed_dim=8, hidden_size=32, num_layers=1, num_heads=2, head_dim=16)
+
+
+def test_training_learns_a_curved_motion_better_than_interpolation():
+    data, val = _curved_embeddings(512), _curved_embeddings(128, seed=1)
+    before = predictor_errors(_small_predictor(), val)
+    assert before["ratio"] == pytest.approx(1.0)
+    model, hist = train_predictor(data, _small_predictor(), steps=150, batch_size=64, lr=3e-3, seed=0, warmup=10,
+                                  log_every=50)
+    after = predictor_errors(model, val)
+    assert after["ratio"] < 0.5, after
+    assert hist["loss"][-1] < hist["loss"][0]
+    assert after["mse_linear"] == pytest.approx(before["mse_linear"])
+
+
+def test_training_is_deterministic_and_resumes_exactly(tmp_path):
+    data = _curved_embeddings(64)
+    kw = dict(steps=8, batch_size=8, seed=3, warmup=2, log_every=2)
+    m1, h1 = train_predictor(data, _small_predictor(), **kw)
+    m2, _ = train_predictor(data, _small_predictor(), **kw)
+    for k, v in m1.state_dict().items():
+        torch.testing.assert_close(m2.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    m3, _ = train_predictor(data, _small_predictor(), **{**kw, "seed": 4})
+    assert not torch.equal(m3.proj_out.weight, m1.proj_out.weight)
+    # stopped after 4 steps (checkpoint), resumed to 8: the same weights as the uninterrupted run
+    _, part = train_predictor(data, _small_predictor(), out=tmp_path / "run", stop_at=4, **kw)
+    assert part["step"][-1] == 4
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 4
+    resumed, h2 = train_predictor(data, _small_predictor(), out=tmp_path / "run", resume=True, **kw)
+    for k, v in m1.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, msg=k)
+    assert h2["loss"] == pytest.approx(h1["loss"])
+    with pytest.raises(FileExistsError, match="resume"):
+        train_predictor(data, _small_predictor(), out=tmp_path / "run", **kw)
+
+
+def test_training_bad_input():
+    with pytest.raises(ValueError, match="load_cache"):
+        train_predictor(torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="embed_dim"):
+        train_predictor(torch.zeros(4, 5, 8), SemanticMotionPredictor(embed_dim=16, hidden_size=32, num_layers=1,
+                                                                       num_heads=2, head_dim=16), steps=1)
+    with pytest.raises(ValueError, match="seed"):
+        train_predictor(torch.zeros(4, 5, 8), seed=1.5)
+
+
+# ---------------------------------------------------------------- the clip cache
+def test_cache_is_resumable_and_matches_the_dataset(tmp_path, tiny_models, monkeypatch):
+    monkeypatch.setattr(motion, "CACHE_CHUNK", 2)
+    m = tiny_models
+    build_cache(tmp_path / "c", 3, seed=4, embedder=m.embedder, vae=m.vae, frames=5, max_chunks=1, progress=False)
+    assert len(list((tmp_path / "c").glob("part_*"))) == 1
+    build_cache(tmp_path / "c", 3, seed=4, embedder=m.embedder, vae=m.vae, frames=5, progress=False)
+    cache = load_cache(tmp_path / "c")
+    assert cache["embeds"].shape == (3, 5, E)
+    assert cache["latents"].shape == (3, 5, 4, 16, 16)
+    item = sw.ClipDataset(3, frames=5, seed=4)[2]
+    assert cache["captions"][2] == item["caption"] and cache["kinds"][2] == item["kind"]
+    torch.testing.assert_close(cache["embeds"][2], m.embedder(item["frames"]), atol=2e-2, rtol=1e-2)  # fp16
+    assert torch.equal(cache["labels"]["hair"][2], item["labels"]["hair"])
+    with pytest.raises(FileExistsError, match="another folder"):
+        build_cache(tmp_path / "c", 4, seed=4, embedder=m.embedder, progress=False)
+    with pytest.raises(FileNotFoundError, match="python -m sdlite.motion cache"):
+        load_cache(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------- the video decoder: shapes and configs
+def test_decoder_shapes_and_per_frame_control(tiny_models):
+    dec = tiny_models.decoder
+    b, frames = 2, 6
+    z = torch.randn(b, frames, 4, 16, 16)
+    start, end = torch.randn(b, 4, 16, 16), torch.randn(b, 4, 16, 16)
+    text = torch.randn(b, 32, 32)
+    emb = torch.randn(b, frames, E)
+    ehs = dec.condition(text, emb, frames)
+    assert ehs.shape == (b * frames, 32 + 2, 32)
+    torch.testing.assert_close(ehs[frames + 3, :32], text[1])  # clip 1, frame 3: its clip's text ...
+    out = dec(z, 500, start, end, ehs)
+    assert out.shape == z.shape
+    # ... and its own frame tokens: changing frame 3's embedding changes frame 3's output
+    emb2 = emb.clone()
+    emb2[:, 3] += 1.0
+    out2 = dec(z, 500, start, end, dec.condition(text, emb2, frames))
+    assert (out2[:, 3] - out[:, 3]).abs().max() > 1e-5
+    # null tokens: the temporal-only decoder
+    assert dec.condition(text, None, frames).shape == ehs.shape
+    # the keyframes are a condition: changing the end latent changes every frame
+    out3 = dec(z, 500, start, end + 1.0, ehs)
+    assert ((out3 - out).abs().amax(dim=(2, 3, 4)) > 1e-5).all()
+
+
+def test_decoder_bad_input(tiny_models):
+    dec = tiny_models.decoder
+    with pytest.raises(ValueError, match="one image embedding per frame"):
+        dec.condition(torch.randn(1, 32, 32), torch.randn(1, 5, E), 4)
+    with pytest.raises(ValueError, match="matching text tower"):
+        dec.condition(torch.randn(1, 32, 16), None, 4)
+    ehs = dec.condition(torch.randn(1, 32, 32), None, 40)
+    with pytest.raises(ValueError, match="fewer frames"):
+        dec(torch.randn(1, 40, 4, 16, 16), 1, torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16), ehs)
+    with pytest.raises(ValueError, match="start/end latents"):
+        dec(torch.randn(1, 4, 4, 16, 16), 1, torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), ehs[:4])
+    with pytest.raises(ValueError, match="unknown decoder size"):
+        video_unet_config("huge")
+
+
+def test_real_scale_decoder_config_reloads_from_a_folder(tmp_path):
+    """SD1.5 + AnimateDiff's shape (4 levels, cross-attention at 3, width 768 at real scale), tiny widths."""
+    real = video_unet_config("sd15", cross_attention_dim=768, sample_size=64)
+    assert real["block_out_channels"] == (320, 640, 1280, 1280) and real["cross_attention_dim"] == 768
+    assert real["down_block_types"].count("CrossAttnDownBlockMotion") == 3 and real["in_channels"] == 12
+    dec = build_decoder("sd15-tiny", image_embed_dim=24, cross_attention_dim=64, sample_size=32, seed=0).eval()
+    dec.save_pretrained(tmp_path / "decoder")
+    again = VideoDecoder.storyworld(tmp_path / "decoder")
+    z = torch.randn(1, 4, 4, 32, 32)
+    ehs = dec.condition(torch.randn(1, 77, 64), torch.randn(1, 4, 24), 4)  # 77 tokens as SD1.5
+    with torch.no_grad():
+        out = dec(z, 10, z[:, 0], z[:, -1], ehs)
+        torch.testing.assert_close(again(z, 10, z[:, 0], z[:, -1], ehs), out, rtol=0, atol=0)
+    assert out.shape == z.shape
+
+
+def test_decoder_training_smoke_is_deterministic(tiny_models, tmp_path):
+    dec0 = build_decoder("tiny", image_embed_dim=E, cross_attention_dim=32, seed=7)
+    g = torch.Generator().manual_seed(0)
+    cache = {"latents": torch.randn(6, 4, 4, 16, 16, generator=g), "embeds": torch.randn(6, 4, E, generator=g)}
+    text, empty = torch.randn(6, 32, 32, generator=g), torch.zeros(1, 32, 32)
+    cfg = video.DecoderTrainConfig(steps=3, batch_size=2, log_every=1, seed=1)
+    import copy
+
+    d1, h1 = video.train_decoder(cache, text, empty, copy.deepcopy(dec0), tiny_models.scheduler, cfg,
+                                 out=tmp_path / "r1")
+    d2, h2 = video.train_decoder(cache, text, empty, copy.deepcopy(dec0), tiny_models.scheduler, cfg)
+    assert len(h1["loss"]) == 3 and all(np.isfinite(h1["loss"]))
+    assert h1["loss"] == h2["loss"]
+    for k, v in d1.state_dict().items():
+        torch.testing.assert_close(d2.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    assert not torch.equal(d1.frame_proj.weight, dec0.frame_proj.weight)  # it learned something
+    assert (tmp_path / "r1" / "checkpoint" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="--latents"):
+        video.train_decoder({"embeds": cache["embeds"]}, text, empty, dec0, tiny_models.scheduler, cfg)
+
+
+# ---------------------------------------------------------------- transitions and the CLI
+def _keyframes():
+    a, b, _ = sw.sample_clip_endpoints(np.random.default_rng(0), kind="walk across")
+    return sw.render(a), sw.render(b)
+
+
+def test_generate_transition_shapes_pins_and_seeds(tiny_models):
+    a, b = _keyframes()
+    v = video.generate_transition(a, b, frames=5, models=tiny_models, steps=2, seed=0)
+    assert v.shape == (5, 3, 64, 64) and v.min() >= -1 and v.max() <= 1
+    torch.testing.assert_close(v[0], sw.to_tensor(a))
+    torch.testing.assert_close(v[-1], sw.to_tensor(b))
+    again = video.generate_transition(a, b, frames=5, models=tiny_models, steps=2, seed=0)
+    torch.testing.assert_close(again, v, rtol=0, atol=0)
+    other = video.generate_transition(a, b, frames=5, models=tiny_models, steps=2, seed=1)
+    assert (other - v).abs().max() > 1e-4
+    for mode in ("no_predictor", "temporal_only"):
+        assert video.generate_transition(a, b, 4, tiny_models, mode=mode, steps=1).shape == (4, 3, 64, 64)
+    assert video.generate_transition(a, b, 4, tiny_models, steps=2, strength=0.5).shape == (4, 3, 64, 64)
+    with pytest.raises(ValueError, match="unknown mode"):
+        video.generate_transition(a, b, 4, tiny_models, mode="magic")
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        video.generate_transition(a, b, 1, tiny_models)
+    with pytest.raises(ValueError, match="uint8"):
+        video.generate_transition(a.astype(np.float32), b, 4, tiny_models)
+
+
+def test_story_video_chains_transitions(tiny_models):
+    frames = [sw.render(sw.sample_panel(np.random.default_rng(i))) for i in range(3)]
+    v = video.story_video(frames, tiny_models, frames=4, hold=2, steps=1)
+    assert v.shape == (3 * 2 + 2 * (4 - 2), 3, 64, 64)
+    torch.testing.assert_close(v[0], sw.to_tensor(frames[0]))
+    torch.testing.assert_close(v[2 + 2], sw.to_tensor(frames[1]))  # hold, 2 in-between frames, panel 2
+    torch.testing.assert_close(v[-1], sw.to_tensor(frames[2]))
+    with pytest.raises(ValueError, match="at least 2 panels"):
+        video.story_video(frames[:1], tiny_models)
+    with pytest.raises(ValueError, match="one per pair"):
+        video.story_video(frames, tiny_models, prompts=["a"])
+
+
+def test_cli_writes_a_video_and_never_overwrites(tiny_models, tmp_path, monkeypatch):
+    a, b = _keyframes()
+    Image.fromarray(a).save(tmp_path / "a.png")
+    Image.fromarray(b).save(tmp_path / "b.png")
+    monkeypatch.setattr(video, "load_video_models", lambda *args, **kw: tiny_models)
+    out = tmp_path / "clip.mp4"
+    argv = ["generate", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--frames", "6", "--steps", "1",
+            "--out", str(out)]
+    assert video.main(argv) == 0
+    assert out.stat().st_size > 500
+    import imageio_ffmpeg
+    import mediapy
+
+    mediapy.set_ffmpeg(imageio_ffmpeg.get_ffmpeg_exe())
+    frames = mediapy.read_video(str(out))
+    assert frames.shape == (6, 256, 256, 3)
+    stamp = out.stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="--force"):
+        video.main(argv)
+    assert out.stat().st_mtime_ns == stamp
+    assert video.main(argv + ["--force"]) == 0
+    gif, strip = tmp_path / "clip.gif", tmp_path / "strip.png"
+    assert video.main(argv[:-1] + [str(gif)]) == 0 and gif.stat().st_size > 500
+    assert video.main(argv[:-1] + [str(strip), "--scale", "1"]) == 0
+    assert Image.open(strip).size == (6 * 64, 64)
+    with pytest.raises(FileNotFoundError, match="PNG/JPEG"):
+        video.main(["generate", str(tmp_path / "nope.png"), str(tmp_path / "b.png"), "--out", str(tmp_path / "x.mp4")])
+    with pytest.raises(ValueError, match=".mp4, .gif or .png"):
+        video.main(argv[:-1] + [str(tmp_path / "clip.avi")])
+
+
+def test_sdlite_console_command_has_video(tiny_models, tmp_path, monkeypatch):
+    cli = pytest.importorskip("sdlite.cli")
+    if not any("video" in s for s in cli.SUBCOMMANDS):
+        pytest.skip("sdlite.cli does not register `video` yet")
+    a, b = _keyframes()
+    Image.fromarray(a).save(tmp_path / "a.png")
+    Image.fromarray(b).save(tmp_path / "b.png")
+    monkeypatch.setattr(video, "load_video_models", lambda *args, **kw: tiny_models)
+    out = tmp_path / "v.gif"
+    argv = ["video", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--frames", "4", "--steps", "1", "--out",
+            str(out)]
+    assert cli.main(argv) == 0 and out.is_file()
+    assert cli.main(argv) == 2  # exists: refused with a one-line error
