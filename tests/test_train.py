@@ -1,0 +1,121 @@
+"""sdlite.train: every loop runs a few steps on tiny models, resumes exactly, and exports a loadable pipeline."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sdlite import storyworld as sw
+from sdlite.models import StoryworldSizes, assemble_pipeline, build_clip, build_unet, build_vae, load_storyworld
+from sdlite.models import storyworld_tokenizers, text_encoders_from_clip
+from sdlite.train import (
+    TrainConfig, _random_crops, character_mask, default_config, encode_text, main, read_log, train_clip, train_unet,
+    train_vae,
+)
+
+TINY = StoryworldSizes.named("tiny")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (two threads spin-wait on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return storyworld_tokenizers()
+
+
+def _vae_cfg(steps):
+    return TrainConfig(steps=steps, batch_size=4, lr=1e-3, warmup=1, log_every=1, ckpt_every=1, crop=32)
+
+
+def test_vae_loop_logs_and_resumes_exactly(tmp_path):
+    train_vae(tmp_path / "a", TINY, _vae_cfg(2), progress=False)
+    log = read_log(tmp_path / "a" / "vae" / "log.csv")
+    assert list(log["step"]) == [1, 2] and np.isfinite(log["loss"]).all()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_vae(tmp_path / "a", TINY, _vae_cfg(3), progress=False)
+    resumed = train_vae(tmp_path / "a", TINY, _vae_cfg(3), resume=True, progress=False)
+    assert list(read_log(tmp_path / "a" / "vae" / "log.csv")["step"]) == [1, 2, 3]  # one new step, not three
+    straight = train_vae(tmp_path / "b", TINY, _vae_cfg(3), progress=False)
+    for (name, p), (_, q) in zip(resumed.named_parameters(), straight.named_parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+    cfg = json.loads((tmp_path / "a" / "vae" / "final" / "config.json").read_text())
+    assert cfg["scaling_factor"] > 0 and cfg["scaling_factor"] != 0.18215  # measured, not the SD default
+
+
+def test_clip_loop_learns_from_pairs(tmp_path, tokenizers):
+    cfg = TrainConfig(steps=2, batch_size=8, lr=1e-3, warmup=1, log_every=1, ckpt_every=1)
+    clip = train_clip(tmp_path, TINY, cfg, tokenizers[0], progress=False)
+    log = read_log(tmp_path / "clip" / "log.csv")
+    assert list(log["step"]) == [1, 2] and (log["accuracy"] >= 0).all() and np.isfinite(log["loss"]).all()
+    assert (tmp_path / "clip" / "final" / "config.json").is_file()
+    assert clip.logit_scale.item() <= np.log(100) + 1e-6
+
+
+def test_unet_loop_collage_pretraining_and_export(tmp_path, tokenizers):
+    train_vae(tmp_path, TINY, _vae_cfg(1), progress=False)
+    train_clip(tmp_path, TINY, TrainConfig(steps=1, batch_size=4, lr=1e-3, log_every=1), tokenizers[0],
+               progress=False)
+    cfg = TrainConfig(steps=2, batch_size=8, lr=1e-3, warmup=1, log_every=1, ckpt_every=1, k=2, probe_groups=2)
+    train_unet(tmp_path, TINY, cfg, tokenizers[0], progress=False, export=tmp_path / "pipe")
+    log = read_log(tmp_path / "unet" / "log.csv")
+    assert list(log["step"]) == [1, 2]
+    for col in ("group", "single", "probe_joint", "probe_plain"):
+        assert np.isfinite(log[col]).all() and (log[col] > 0).all(), col
+    # joint attention really changes the prediction (the probe differs from plain attention)
+    assert not np.allclose(log["probe_joint"], log["probe_plain"])
+    cfg.steps = 3
+    train_unet(tmp_path, TINY, cfg, tokenizers[0], resume=True, progress=False)
+    assert list(read_log(tmp_path / "unet" / "log.csv")["step"]) == [1, 2, 3]
+    pipe = load_storyworld(folder=tmp_path / "pipe")
+    img = pipe("a boy walking in the park", num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 64, 64, 3)
+    meta = json.loads((tmp_path / "pipe" / "training.json").read_text())
+    assert meta["parameters"]["unet"] > 0 and (tmp_path / "pipe" / "logs" / "unet.csv").is_file()
+
+
+def test_encode_text_matches_the_pipeline(tokenizers):
+    tok1, tok2 = tokenizers
+    clip = build_clip(TINY, tok1, seed=1)
+    pipe = assemble_pipeline(build_vae(TINY), clip, build_unet(TINY), tok1)
+    te1, te2 = text_encoders_from_clip(clip)
+    caps = ["a boy with red hair, walking in the park", "a woman, sitting at night"]
+    with torch.no_grad():
+        text, pooled = encode_text(te1, te2, tok1, tok2, caps)
+        ref, _, ref_pooled, _ = pipe.encode_prompt(caps, device="cpu", do_classifier_free_guidance=False)
+    assert text.shape == (2, tok1.model_max_length, 2 * TINY.text_hidden)
+    torch.testing.assert_close(text, ref)
+    torch.testing.assert_close(pooled, ref_pooled)
+
+
+def test_character_mask_covers_the_character_only():
+    rng = np.random.default_rng(0)
+    panel = sw.sample_panel(rng)
+    mask = character_mask(panel)
+    assert mask.shape == (16, 16) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert 0.03 < mask.mean() < 0.5
+    assert mask[0, 0] == 0 and mask[0, -1] == 0  # the sky corners are background
+    col = int(round(panel.x * 16))
+    assert mask[:, max(0, col - 2) : col + 2].sum() > 0  # something at the character's x position
+
+
+def test_random_crops_are_seeded():
+    x = torch.arange(2 * 3 * 64 * 64, dtype=torch.float32).view(2, 3, 64, 64)
+    a = _random_crops(x, 32, torch.Generator().manual_seed(0))
+    b = _random_crops(x, 32, torch.Generator().manual_seed(0))
+    assert a.shape == (2, 3, 32, 32) and torch.equal(a, b)
+
+
+def test_bad_input_errors_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="one of"):
+        default_config("gan")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError, match="--force"):
+        main(["storyworld", "--stage", "vae", "--out", str(tmp_path / "run"), "--export", str(tmp_path / "exists")])
