@@ -446,7 +446,9 @@ class ConsistentSelfAttnProcessor:
         out = attn.to_out[1](out)  # dropout
         if attn.residual_connection:
             out = out + residual
-        return out / attn.rescale_output_factor
+        if attn.rescale_output_factor != 1.0:  # (x / 1.0 == x: skip the pass over the output)
+            out = out / attn.rescale_output_factor
+        return out
 
     def _windows(self, attn, x, residual, groups, images, tokens, sampled_indices):
         """CSA among the images of each guidance half, window by window. x: (G*B, N, C) -> (G*B, N, C)."""
@@ -459,12 +461,10 @@ class ConsistentSelfAttnProcessor:
                                                    self.include_self_in_sample)
         _check_indices(sampled_indices, images, tokens, tile, stride)
         joint = self.rate == 1.0 and not self.include_self_in_sample  # keys = the whole window, once
-        heads = attn.heads
         C = x.shape[-1]
         xg = x.view(groups, images, tokens, C)  # (G, B, N, C)
         rg = residual.reshape(groups, images, tokens, -1)  # (G, B, N, C)
         own = torch.arange(tile * tokens).view(tile, tokens)  # (W, N): image i's own positions in its window
-        kv_len = sampled_indices.shape[2] + tokens  # k + N keys per image
 
         partition = stride >= tile and images % tile == 0  # disjoint tiles covering the batch exactly
         out = None  # (G, B, N, C), allocated at the first window (its dtype/width come from to_out)
@@ -479,35 +479,11 @@ class ConsistentSelfAttnProcessor:
                 image_ids = torch.tensor([s + i for s in starts[c0:c0 + nw] for i in range(tile)], device=x.device)
                 xw = xg.index_select(1, image_ids)  # (G, nw*W, N, C)
                 rw = rg.index_select(1, image_ids)
-            xw = xw.reshape(groups * nw, tile * tokens, C)  # (G*nw, W*N, C): each window's tokens end to end
-            query = attn.to_q(xw)  # (G*nw, W*N, inner)
-            key = attn.to_k(xw)
-            value = attn.to_v(xw)
-            inner = key.shape[-1]
-            head_dim = inner // heads
-            if joint:
-                # r = 1: every image sees all W*N tokens of its window = plain attention over the joined window
-                q = query.view(groups * nw, tile * tokens, heads, head_dim).transpose(1, 2)  # (G*nw, h, W*N, d)
-                k = key.view(groups * nw, tile * tokens, heads, head_dim).transpose(1, 2)
-                v = value.view(groups * nw, tile * tokens, heads, head_dim).transpose(1, 2)
-            else:
+            idx = None
+            if not joint:
                 idx = torch.cat([sampled_indices[c0:c0 + nw], own.expand(nw, tile, tokens)], dim=2)  # (nw, W, k+N)
-                idx = idx.reshape(nw, tile * kv_len).repeat(groups, 1).to(x.device)  # (G*nw, W*(k+N)), same
-                gather = idx[:, :, None].expand(-1, -1, inner)  # sample in both guidance halves
-                # sampled + own keys of every image of the window: (G*nw*W, k+N, inner) -> heads
-                k = torch.gather(key, 1, gather).view(groups * nw * tile, kv_len, heads, head_dim).transpose(1, 2)
-                v = torch.gather(value, 1, gather).view(groups * nw * tile, kv_len, heads, head_dim).transpose(1, 2)
-                q = query.view(groups * nw * tile, tokens, heads, head_dim).transpose(1, 2)  # (G*nw*W, h, N, d)
-            if attn.norm_q is not None:
-                q = attn.norm_q(q)
-            if attn.norm_k is not None:
-                k = attn.norm_k(k)
-            attended = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)  # (n, h, N', d)
-            n_img = groups * nw * tile
-            # (n, h, N', d) -> (n, N', h*d); for the joint case N' = W*N splits back into W images of N tokens
-            attended = attended.transpose(1, 2).reshape(n_img, tokens, inner).to(query.dtype)
-            y = self._finish(attn, attended, rw.reshape(n_img, tokens, -1))  # (n_img, N, C)
-            y = y.view(groups, nw * tile, tokens, -1)  # (G, nw*W, N, C)
+            # a helper call, so that one window's temporaries are freed before the next window starts
+            y = self._attend_windows(attn, xw, rw, tile, idx)  # (G, nw*W, N, C)
             if out is None:
                 make = torch.empty if partition else torch.zeros
                 out = make(groups, images, tokens, y.shape[-1], dtype=y.dtype, device=y.device)
@@ -515,12 +491,55 @@ class ConsistentSelfAttnProcessor:
                 out[:, starts[c0]:starts[c0] + nw * tile] = y
             else:
                 out.index_add_(1, image_ids, y)  # overlapping windows: summed here, averaged below
+            del xw, rw, y
         if not partition:
             count = torch.zeros(images, dtype=out.dtype, device=out.device)
             for s in starts:
                 count[s:s + tile] += 1
             out.div_(count.view(1, images, 1, 1))
         return out.view(groups * images, tokens, -1)
+
+    def _attend_windows(self, attn, xw, rw, tile, idx):
+        """Attention inside nw windows of W = ``tile`` images. xw, rw: (G, nw*W, N, C) inputs and residuals;
+        idx: (nw, W, k+N) key positions of every image in its window's W*N tokens, or None for r = 1 (the
+        whole window). Returns (G, nw*W, N, C)."""
+        groups, n_slots, tokens, C = xw.shape
+        heads = attn.heads
+        nw = n_slots // tile
+        xw = xw.reshape(groups * nw, tile * tokens, C)  # (G*nw, W*N, C): each window's tokens end to end
+        query = attn.to_q(xw)  # (G*nw, W*N, inner)
+        key = attn.to_k(xw)
+        value = attn.to_v(xw)
+        inner, dtype = key.shape[-1], query.dtype
+        head_dim = inner // heads
+        n_img = groups * n_slots
+        if idx is None:
+            # r = 1: every image sees all W*N tokens of its window = plain attention over the joined window
+            q = query.view(groups * nw, tile * tokens, heads, head_dim).transpose(1, 2)  # (G*nw, h, W*N, d)
+            k = key.view(groups * nw, tile * tokens, heads, head_dim).transpose(1, 2)
+            v = value.view(groups * nw, tile * tokens, heads, head_dim).transpose(1, 2)
+        else:
+            kv_len = idx.shape[2]
+            # positions in the G*nw windows' tokens laid end to end; the same sample in both guidance halves
+            offsets = torch.arange(groups * nw).view(groups * nw, 1) * (tile * tokens)  # (G*nw, 1)
+            rows = (idx.reshape(nw, tile * kv_len).repeat(groups, 1) + offsets).reshape(-1).to(xw.device)
+            # sampled + own keys of every image of the window: (G*nw*W*(k+N), inner) -> (G*nw*W, h, k+N, d)
+            k = key.reshape(-1, inner).index_select(0, rows).view(n_img, kv_len, heads, head_dim).transpose(1, 2)
+            del key
+            v = value.reshape(-1, inner).index_select(0, rows).view(n_img, kv_len, heads, head_dim).transpose(1, 2)
+            del value, rows
+            q = query.view(n_img, tokens, heads, head_dim).transpose(1, 2)  # (G*nw*W, h, N, d)
+        del query  # q, k, v are views of (or copies from) the projections
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)  # (n, h, N', d)
+        del q, k, v
+        # (n, h, N', d) -> (n, N', h*d); for the joint case N' = W*N splits back into W images of N tokens
+        attended = attended.transpose(1, 2).reshape(n_img, tokens, inner).to(dtype)
+        y = self._finish(attn, attended, rw.reshape(n_img, tokens, -1))  # (n_img, N, C)
+        return y.view(groups, n_slots, tokens, -1)
 
     def _write_bank(self, x, groups, images, tokens):
         """Store a sample at rate r of the batch's tokens (same positions in both halves): (G, k, C)."""
