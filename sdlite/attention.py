@@ -337,9 +337,10 @@ class ConsistentSelfAttnProcessor:
     sampled extra keys/values -> SDPA -> output projection -> residual / rescale.
 
     Args:
-        rate: sampling rate r in [0, 1]. 0 is plain self-attention (the original processor is called).
+        rate: sampling rate r in [0, 1]. 0 is plain self-attention: the original processor is called, as for a
+            batch of a single image (per guidance half), which has nobody to share tokens with.
         tile: window size W; ``None`` = one window over the whole batch (per guidance half).
-        stride: window stride (1 = the paper's sliding window, W = disjoint tiles); default W.
+        stride: window stride: 1 (the default) = the paper's sliding window, W = disjoint tiles.
         include_self_in_sample: sample from all window images, the image itself included (paper's pseudo-code).
         window_batch: windows computed in one batched call; 1 keeps peak memory flat in the story length
             (the paper's loop), ``None`` computes all windows at once (fastest for small inputs, training).
@@ -397,7 +398,11 @@ class ConsistentSelfAttnProcessor:
         if encoder_hidden_states is not None:
             raise ValueError(f"ConsistentSelfAttnProcessor on layer {self.name!r} got encoder_hidden_states: "
                              "it is for self-attention (attn1) layers only; leave cross-attention (attn2) alone")
-        nothing_to_sample = self.rate == 0.0 and state.mode in ("batch", "write")
+        if state.mode != "off" and state.guidance_halves and hidden_states.shape[0] % 2:
+            raise ValueError(f"guidance_halves=True needs an even batch [uncond; cond], got {hidden_states.shape[0]} "
+                             "images: set handle.guidance_halves = False when running without classifier-free guidance")
+        nothing_to_sample = state.mode in ("batch", "write") and sampled_indices is None and self._sample_size(
+            hidden_states) == 0  # r = 0 or a single image: the original processor, exactly
         if state.mode == "off" or (nothing_to_sample and state.mode != "write"):
             return self.original(attn, hidden_states, attention_mask=attention_mask, temb=temb, **kwargs)
         if attention_mask is not None:
@@ -418,9 +423,6 @@ class ConsistentSelfAttnProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         batch, tokens, channels = hidden_states.shape  # (B, N, C), B = G * images
         groups = 2 if state.guidance_halves else 1
-        if batch % groups:
-            raise ValueError(f"guidance_halves=True needs an even batch [uncond; cond], got {batch} images: "
-                             "set handle.guidance_halves = False when running without classifier-free guidance")
         images = batch // groups
         residual_3d = residual.view(batch, residual.shape[1], -1).transpose(1, 2) if input_ndim == 4 else residual
 
@@ -440,6 +442,14 @@ class ConsistentSelfAttnProcessor:
         return out
 
     # -- helpers -------------------------------------------------------------------------------------
+    def _sample_size(self, hidden_states: torch.Tensor) -> int:
+        """k, the tokens each image samples from its window in this call (0: nothing to share)."""
+        groups = 2 if self.state.guidance_halves else 1
+        images = hidden_states.shape[0] // groups
+        tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else math.prod(hidden_states.shape[2:])
+        tile = images if self.tile is None else min(self.tile, images)  # (tile > images is refused later)
+        return num_sampled_tokens(max(tile, 1), tokens, self.rate, self.include_self_in_sample)
+
     def _finish(self, attn, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """(n, N, inner) attention output -> out projection -> residual / rescale -> (n, N, C)."""
         out = attn.to_out[0](out)  # (n, N, C) linear proj
@@ -453,7 +463,7 @@ class ConsistentSelfAttnProcessor:
     def _windows(self, attn, x, residual, groups, images, tokens, sampled_indices):
         """CSA among the images of each guidance half, window by window. x: (G*B, N, C) -> (G*B, N, C)."""
         tile = images if self.tile is None else self.tile
-        stride = (tile if self.stride is None else self.stride) if self.tile is not None else 1
+        stride = 1 if self.stride is None else self.stride
         _check_tile_stride(tile, stride, images)
         starts = window_starts(images, tile, stride)
         if sampled_indices is None:
@@ -464,7 +474,8 @@ class ConsistentSelfAttnProcessor:
         C = x.shape[-1]
         xg = x.view(groups, images, tokens, C)  # (G, B, N, C)
         rg = residual.reshape(groups, images, tokens, -1)  # (G, B, N, C)
-        own = torch.arange(tile * tokens).view(tile, tokens)  # (W, N): image i's own positions in its window
+        own = torch.arange(tile * tokens, device=sampled_indices.device).view(tile, tokens)  # (W, N): image i's
+        # own positions in its window
 
         partition = stride >= tile and images % tile == 0  # disjoint tiles covering the batch exactly
         out = None  # (G, B, N, C), allocated at the first window (its dtype/width come from to_out)

@@ -32,6 +32,12 @@ from sdlite.tiny import tiny_sd15_unet, tiny_sdxl_unet, tiny_unet_inputs
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def sdxl_unet():
+    """One tiny SDXL-style UNet shared by the tests that install and remove CSA (always via `with`)."""
+    return tiny_sdxl_unet(seed=0)
+
+
 # ---------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------
@@ -276,7 +282,8 @@ def test_batch_of_one_image_is_exactly_the_stock_processor():
         assert torch.equal(ConsistentSelfAttnProcessor(0.5)(attn, x), AttnProcessor2_0()(attn, x))
         pair = features(B=2, N=10, C=16)  # one image per guidance half
         csa = ConsistentSelfAttnProcessor(0.5, state=CSAState(guidance_halves=True))(attn, pair)
-        torch.testing.assert_close(csa, AttnProcessor2_0()(attn, pair), **TOL)
+        assert torch.equal(csa, AttnProcessor2_0()(attn, pair))
+        assert torch.equal(ConsistentSelfAttnProcessor(0.5, 4)(attn, x), AttnProcessor2_0()(attn, x))
 
 
 def test_rate_one_whole_batch_is_joint_attention_multihead():
@@ -406,28 +413,26 @@ def test_install_then_remove_is_bit_identical(make):
     assert all(unet.attn_processors[k] is p for k, p in before_procs.items())
 
 
-def test_layer_selection_and_cross_attention_untouched():
-    unet = tiny_sdxl_unet()
+def test_layer_selection_and_cross_attention_untouched(sdxl_unet):
+    unet = sdxl_unet
     names = self_attention_layer_names(unet)
     assert all(n.endswith("attn1") for n in names) and len(names) == 8
-    up = install_consistent_attention(unet, layers="up")
-    procs = unet.attn_processors
-    assert set(up.layer_names) == {n for n in names if n.startswith("up_blocks.")} and len(up.layer_names) == 4
-    assert all(isinstance(procs[n + ".processor"], ConsistentSelfAttnProcessor) for n in up.layer_names)
-    assert not any(isinstance(p, ConsistentSelfAttnProcessor) for k, p in procs.items() if ".attn2." in k)
-    up.remove()
-    mid = install_consistent_attention(unet, layers=lambda n: n.startswith("mid_block"))
-    assert len(mid.layer_names) == 2
-    mid.remove()
+    with install_consistent_attention(unet, layers="up") as up:
+        procs = unet.attn_processors
+        assert set(up.layer_names) == {n for n in names if n.startswith("up_blocks.")} and len(up.layer_names) == 4
+        assert all(isinstance(procs[n + ".processor"], ConsistentSelfAttnProcessor) for n in up.layer_names)
+        assert not any(isinstance(p, ConsistentSelfAttnProcessor) for k, p in procs.items() if ".attn2." in k)
+    with install_consistent_attention(unet, layers=lambda n: n.startswith("mid_block")) as mid:
+        assert len(mid.layer_names) == 2
     with install_consistent_attention(unet, layers="all") as everything:
         assert len(everything.layer_names) == len(names)
     assert not any(isinstance(p, ConsistentSelfAttnProcessor) for p in unet.attn_processors.values())
 
 
-def test_up_only_leaves_down_and_mid_outputs_alone():
+def test_up_only_leaves_down_and_mid_outputs_alone(sdxl_unet):
     """With layers='up', the down/mid self-attention layers still run the stock processor: a hook on a
     down-block attn1 sees the same output with and without CSA."""
-    unet = tiny_sdxl_unet()
+    unet = sdxl_unet
     inputs = tiny_unet_inputs(unet, batch=4)
     seen = []
     layer = unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn1")
@@ -440,20 +445,18 @@ def test_up_only_leaves_down_and_mid_outputs_alone():
     assert torch.equal(seen[0], seen[1])
 
 
-def test_handle_state_is_per_handle():
-    a, b = tiny_sdxl_unet(seed=0), tiny_sdxl_unet(seed=0)
-    ha = install_consistent_attention(a, seed=1)
-    hb = install_consistent_attention(b, seed=1)
-    ha.set_step(5)
-    assert hb.state.step is None and ha.state is not hb.state
-    ha.remove(), hb.remove()
+def test_handle_state_is_per_handle(sdxl_unet):
+    with install_consistent_attention(sdxl_unet, seed=1) as ha, \
+            install_consistent_attention(tiny_sd15_unet(seed=0), layers="all", seed=1) as hb:
+        ha.set_step(5)
+        assert hb.state.step is None and ha.state is not hb.state and ha.bank is not hb.bank
 
 
 # ---------------------------------------------------------------------------------------------------
 # steps: first steps without CSA and the random-skip schedule
 # ---------------------------------------------------------------------------------------------------
-def test_first_steps_without_csa_and_skip_schedule():
-    unet = tiny_sdxl_unet()
+def test_first_steps_without_csa_and_skip_schedule(sdxl_unet):
+    unet = sdxl_unet
     inputs = tiny_unet_inputs(unet, batch=4)
     with torch.no_grad():
         stock = unet(**inputs).sample
@@ -481,8 +484,8 @@ def test_official_skip_schedule_frequencies():
     assert abs(early - 0.3) < 0.03 and abs(late - 0.1) < 0.02
 
 
-def test_same_seed_same_output():
-    unet = tiny_sdxl_unet()
+def test_same_seed_same_output(sdxl_unet):
+    unet = sdxl_unet
     inputs = tiny_unet_inputs(unet, batch=4)
     outs = []
     for seed in (3, 3, 4):
@@ -547,8 +550,8 @@ def test_bank_two_characters_guidance_halves_steps_and_clear():
         assert state.bank.nbytes() == 0 and len(state.bank) == 0
 
 
-def test_bank_through_the_handle_on_a_unet():
-    unet = tiny_sdxl_unet()
+def test_bank_through_the_handle_on_a_unet(sdxl_unet):
+    unet = sdxl_unet
     refs = tiny_unet_inputs(unet, batch=4, seed=1)  # 2 reference panels x [uncond; cond]
     later = tiny_unet_inputs(unet, batch=2, seed=2)  # 1 later panel x [uncond; cond]
     with torch.no_grad(), install_consistent_attention(unet, rate=0.5, tile=None, guidance_halves=True) as h:
@@ -638,8 +641,8 @@ def test_bad_bank_use():
         bank.write("dave", 0, "L", torch.zeros(2, 3))
 
 
-def test_bad_install():
-    unet = tiny_sdxl_unet()
+def test_bad_install(sdxl_unet):
+    unet = sdxl_unet
     with pytest.raises(TypeError, match="needs a diffusers UNet2DConditionModel"):
         install_consistent_attention(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="layers must be one of"):
@@ -648,15 +651,14 @@ def test_bad_install():
         install_consistent_attention(unet, layers=lambda n: False)
     with pytest.raises(ValueError, match="first_steps_without_csa must be"):
         install_consistent_attention(unet, first_steps_without_csa=-1)
-    h = install_consistent_attention(unet)
-    with pytest.raises(ValueError, match="already installed"):
-        install_consistent_attention(unet)
-    with pytest.raises(ValueError, match="step must be an int >= 0"):
-        h.set_step(-1)
-    with pytest.raises(ValueError, match="read needs one or more character names"):
-        h.read()
-    with pytest.raises(ValueError, match="write needs one character name"):
-        h.write("")
-    h.remove()
+    with install_consistent_attention(unet) as h:
+        with pytest.raises(ValueError, match="already installed"):
+            install_consistent_attention(unet)
+        with pytest.raises(ValueError, match="step must be an int >= 0"):
+            h.set_step(-1)
+        with pytest.raises(ValueError, match="read needs one or more character names"):
+            h.read()
+        with pytest.raises(ValueError, match="write needs one character name"):
+            h.write("")
     with pytest.raises(ValueError, match="SkipSchedule.early_prob"):
         SkipSchedule(early_prob=2.0)
