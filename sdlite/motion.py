@@ -43,7 +43,7 @@ from .paths import check_writable, data_dir
 # of 12, so the attention's inner width is 12 x 64 = 768, projected back to 1024), on ViT-H-14 embeddings (1024).
 PAPER_SIZE = dict(embed_dim=1024, hidden_size=1024, num_layers=8, num_heads=12, head_dim=64)
 # What storyworld ships: the storyworld CLIP's projection width is 128.
-STORYWORLD_SIZE = dict(embed_dim=128, hidden_size=256, num_layers=4, num_heads=4, head_dim=64)
+STORYWORLD_SIZE = dict(embed_dim=128, hidden_size=128, num_layers=4, num_heads=4, head_dim=32)
 MOTION_SUBDIR = "motion"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel normalisation (real CLIP towers)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -178,8 +178,8 @@ class SemanticMotionPredictor(ModelMixin, ConfigMixin):
     """
 
     @register_to_config
-    def __init__(self, embed_dim: int = 128, hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4,
-                 head_dim: int = 64, pin_endpoints: bool = True):
+    def __init__(self, embed_dim: int = 128, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
+                 head_dim: int = 32, pin_endpoints: bool = True):
         super().__init__()
         for name, v in dict(embed_dim=embed_dim, hidden_size=hidden_size, num_layers=num_layers,
                             num_heads=num_heads, head_dim=head_dim).items():
@@ -489,9 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "cache":
         vae = None
         if args.latents:
-            from .models import load_storyworld
+            from .video import load_storyworld_vae
 
-            vae = load_storyworld().vae.eval()
+            vae = load_storyworld_vae()
         build_cache(args.out, args.clips, args.seed, ImageEmbedder.storyworld(), vae, args.frames, args.max_chunks)
         return 0
     if args.command == "train":
