@@ -25,9 +25,7 @@ true in-between frames (`python -m sdlite.video evaluate`, writes results/motion
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import os
 import sys
 import time
@@ -90,12 +88,16 @@ class VideoDecoder(ModelMixin, ConfigMixin):
     """`UNetMotionModel` + the projection of per-frame image embeddings to cross-attention tokens.
 
     forward(noisy (B, L, C, h, w), timestep, start (B, C, h, w), end (B, C, h, w), encoder_hidden_states
-    (B * L, T + n, D) from `condition`) -> predicted noise (B, L, C, h, w).
+    (B * L, T + n, D) from `condition`) -> (B, L, C, h, w): the clean latents (`prediction_type="sample"`, the
+    storyworld default: a small model learns the conditional mean fastest) or the noise ("epsilon", as SD).
     """
 
     @register_to_config
-    def __init__(self, unet_config: dict | None = None, image_embed_dim: int = 128, frame_tokens: int = 2):
+    def __init__(self, unet_config: dict | None = None, image_embed_dim: int = 128, frame_tokens: int = 2,
+                 prediction_type: str = "sample"):
         super().__init__()
+        if prediction_type not in ("sample", "epsilon"):
+            raise ValueError(f"prediction_type={prediction_type!r}: use 'sample' (the clean latents) or 'epsilon'")
         unet_config = dict(unet_config or video_unet_config())
         self.unet = UNetMotionModel(**unet_config)
         d = self.unet.config.cross_attention_dim
@@ -157,13 +159,15 @@ class VideoDecoder(ModelMixin, ConfigMixin):
 
 
 def build_decoder(size: str = "base", image_embed_dim: int = 128, cross_attention_dim: int = 128,
-                  sample_size: int = 16, frame_tokens: int = 2, seed: int = 0) -> VideoDecoder:
+                  sample_size: int = 16, frame_tokens: int = 2, seed: int = 0,
+                  prediction_type: str = "sample") -> VideoDecoder:
     """A randomly initialised decoder (seeded, without touching the global RNG)."""
     seed = _check_seed(seed)
     cfg = video_unet_config(size, cross_attention_dim=cross_attention_dim, sample_size=sample_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return VideoDecoder(cfg, image_embed_dim=image_embed_dim, frame_tokens=frame_tokens)
+        return VideoDecoder(cfg, image_embed_dim=image_embed_dim, frame_tokens=frame_tokens,
+                            prediction_type=prediction_type)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -259,7 +263,7 @@ def sample_latents(decoder: VideoDecoder, scheduler, start: torch.Tensor, end: t
         raise ValueError(f"strength={strength} must be in (0, 1]: 1 starts from pure noise")
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
-    sched = copy.deepcopy(scheduler)
+    sched = type(scheduler).from_config(scheduler.config, prediction_type=decoder.config.prediction_type)
     sched.set_timesteps(steps)
     timesteps = sched.timesteps
     b = start.shape[0]
@@ -449,7 +453,7 @@ class DecoderTrainConfig:
 def train_decoder(cache: dict, text: torch.Tensor, empty_text: torch.Tensor, decoder: VideoDecoder, scheduler,
                   cfg: DecoderTrainConfig, out: str | os.PathLike | None = None, resume: bool = False,
                   progress: bool = False, stop_at: int | None = None) -> tuple[VideoDecoder, dict]:
-    """Epsilon-prediction training on cached clips: `cache` from `sdlite.motion.load_cache` (needs "latents"
+    """Denoising training (the decoder's `prediction_type`) on cached clips: `cache` from `sdlite.motion.load_cache` (needs "latents"
     (N, L, C, h, w) and "embeds" (N, L, E)), `text` the encoded captions (N, T, D), `empty_text` the "" encoding
     (1, T, D). Conditions on the true frame embeddings (noised), replaced by the null tokens with `null_prob`.
     Everything random in step s comes from a generator seeded with (seed, s): resuming continues exactly; `stop_at`
@@ -505,8 +509,11 @@ def train_decoder(cache: dict, text: torch.Tensor, empty_text: torch.Tensor, dec
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
         pred = model(noisy, t.to(acc.device), z[:, 0], z[:, -1], ehs)  # (B, L, C, h, w)
         snr = alphas[t] / (1 - alphas[t])
-        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR weighting (epsilon prediction)
-        per_clip = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3, 4))  # (B,)
+        if unwrapped.config.prediction_type == "epsilon":
+            target, weight = noise, torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR weighting
+        else:
+            target, weight = z, torch.ones_like(snr)  # clean latents: plain MSE at every noise level
+        per_clip = (pred.float() - target).pow(2).mean(dim=(1, 2, 3, 4))  # (B,)
         loss = (weight.to(per_clip.device) * per_clip).mean()
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)

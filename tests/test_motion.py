@@ -347,6 +347,11 @@ def test_decoder_training_smoke_is_deterministic(tiny_models, tmp_path):
         torch.testing.assert_close(d2.state_dict()[k], v, rtol=0, atol=0, msg=k)
     assert not torch.equal(d1.frame_proj.weight, dec0.frame_proj.weight)  # it learned something
     assert (tmp_path / "r1" / "checkpoint" / "model.safetensors").is_file()
+    eps = build_decoder("tiny", image_embed_dim=E, cross_attention_dim=32, seed=7, prediction_type="epsilon")
+    d3, h3 = video.train_decoder(cache, text, empty, eps, tiny_models.scheduler, cfg)
+    assert h3["loss"] != h1["loss"] and all(np.isfinite(h3["loss"]))
+    with pytest.raises(ValueError, match="prediction_type"):
+        build_decoder("tiny", prediction_type="v")
     with pytest.raises(ValueError, match="--latents"):
         video.train_decoder({"embeds": cache["embeds"]}, text, empty, dec0, tiny_models.scheduler, cfg)
 
