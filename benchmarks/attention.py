@@ -107,6 +107,8 @@ def layer_job(cfg: dict) -> list[dict]:
 
     from sdlite.attention import ConsistentSelfAttnProcessor, CSAState
 
+    if cfg.get("threads"):  # e.g. 1: small layers on a shared machine time cleanly without thread hand-offs
+        torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)
     N, C, heads = SHAPES[cfg["shape"]] if isinstance(cfg["shape"], str) else cfg["shape"]  # name or [N, C, h]
     B = cfg["images"]
