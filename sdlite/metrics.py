@@ -32,8 +32,8 @@ __all__ = [
 
 
 def pair_agreement(labels) -> float:
-    """Fraction of unordered pairs (i < j) with labels[i] == labels[j]. 1.0 for fewer than 2 labels."""
-    labels = [int(v) for v in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
+    """Fraction of unordered pairs (i < j) with labels[i] == labels[j] (indices or values); 1.0 for < 2 labels."""
+    labels = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
     pairs = list(combinations(labels, 2))
     if not pairs:
         return 1.0

@@ -21,6 +21,7 @@ def test_pair_agreement_counts_pairs():
     assert pair_agreement([0, 0, 1]) == pytest.approx(1 / 3)  # pairs (0,1),(0,2),(1,2): one agrees
     assert pair_agreement(torch.tensor([2, 2, 5, 5])) == pytest.approx(2 / 6)
     assert pair_agreement([7]) == 1.0
+    assert pair_agreement(["red", "red", "blue"]) == pytest.approx(1 / 3)
 
 
 def test_identity_agreement_per_attribute_and_mean():
