@@ -147,8 +147,13 @@ def load_pipeline(model: str | Path = "storyworld", device: str | torch.device =
             raise ValueError(f"--model {model!r} is neither 'storyworld', an existing folder, nor a hub id like "
                              "'stabilityai/stable-diffusion-xl-base-1.0'")
         try:
-            pipe = StableDiffusionXLPipeline.from_pretrained(str(model), dtype=dtype, use_safetensors=True,
-                                                             variant="fp16" if dtype == torch.float16 else None)
+            try:  # the fp16 weight files when asking for fp16 (half the download), else the default ones
+                pipe = StableDiffusionXLPipeline.from_pretrained(str(model), dtype=dtype, use_safetensors=True,
+                                                                 variant="fp16" if dtype == torch.float16 else None)
+            except (OSError, ValueError):
+                if dtype != torch.float16:
+                    raise
+                pipe = StableDiffusionXLPipeline.from_pretrained(str(model), dtype=dtype, use_safetensors=True)
         except OSError as err:
             raise FileNotFoundError(
                 f"could not load {model!r} ({err.__class__.__name__}): without a network the weights must be in the "

@@ -204,3 +204,8 @@ def test_load_pipeline_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="torch sees no GPU"):
             load_pipeline("storyworld", "cuda")
+
+
+def test_hub_id_without_network_says_how_to_get_the_weights():
+    with pytest.raises(FileNotFoundError, match="Hugging Face cache.*--model PATH"):
+        load_pipeline("sdlite-tests/no-such-sdxl", "cpu")
