@@ -463,6 +463,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--latents", action="store_true", help="also store the storyworld VAE latents (video decoder)")
     c.add_argument("--max-chunks", type=int, default=None, help=f"stop after this many parts of {CACHE_CHUNK} clips")
     c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--storyworld", default=None, help="folder with vae/ and clip/ (default data/storyworld)")
     t = sub.add_parser("train", help="train the predictor on a cache")
     t.add_argument("--cache", required=True, nargs="+", help="one or more cache folders (train data)")
     t.add_argument("--val-cache", default=None, help="held-out cache folder (the ratio is logged)")
@@ -491,8 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.latents:
             from .video import load_storyworld_vae
 
-            vae = load_storyworld_vae()
-        build_cache(args.out, args.clips, args.seed, ImageEmbedder.storyworld(), vae, args.frames, args.max_chunks)
+            vae = load_storyworld_vae(args.storyworld)
+        build_cache(args.out, args.clips, args.seed, ImageEmbedder.storyworld(args.storyworld), vae, args.frames,
+                    args.max_chunks)
         return 0
     if args.command == "train":
         if args.export:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin, UNetMotionModel
 from diffusers.configuration_utils import register_to_config
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .motion import (
@@ -205,7 +205,8 @@ def load_storyworld_vae(folder: str | os.PathLike | None = None):
 
 
 def load_video_models(device: str | torch.device = "cpu", storyworld_folder: str | os.PathLike | None = None,
-                      motion_folder: str | os.PathLike | None = None, decoder: bool = True) -> VideoModels:
+                      motion_folder: str | os.PathLike | None = None, decoder: bool = True,
+                      predictor: bool = True) -> VideoModels:
     """The shipped storyworld parts: VAE + CLIP (data/storyworld), predictor + decoder (data/motion)."""
     from .models import build_scheduler, load_storyworld_clip, storyworld_dir
 
@@ -215,7 +216,7 @@ def load_video_models(device: str | torch.device = "cpu", storyworld_folder: str
     mf = Path(motion_folder) if motion_folder is not None else motion_dir()
     return VideoModels(
         vae=vae.to(device), embedder=ImageEmbedder(clip), text_model=clip.text_model, tokenizer=tok,
-        predictor=SemanticMotionPredictor.storyworld(mf / "predictor").to(device),
+        predictor=SemanticMotionPredictor.storyworld(mf / "predictor").to(device) if predictor else None,
         decoder=VideoDecoder.storyworld(mf / "decoder").to(device) if decoder else None,
         scheduler=build_scheduler(),
     )
@@ -742,6 +743,7 @@ def _module_parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-at", type=int, default=None, help="stop after this step (checkpointed; --resume later)")
     t.add_argument("--force", action="store_true")
     t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--storyworld", default=None, help="folder with vae/ and clip/ (default data/storyworld)")
     e = sub.add_parser("evaluate", help="Table 2 in storyworld: write results/motion.json")
     e.add_argument("--clips", type=int, default=100)
     e.add_argument("--seed", type=int, default=EVAL_SEED)
@@ -752,6 +754,8 @@ def _module_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="results/motion.json")
     e.add_argument("--force", action="store_true")
     e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--storyworld", default=None, help="folder with vae/ and clip/ (default data/storyworld)")
+    e.add_argument("--motion", default=None, help="folder with predictor/ and decoder/ (default data/motion)")
     add_video_parser(sub, "generate")  # the same as `sdlite video`
     return ap
 
@@ -766,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         if args.export:
             check_writable(Path(args.export) / "config.json", args.force)
-        models = load_video_models(decoder=False)
+        models = load_video_models(storyworld_folder=args.storyworld, decoder=False, predictor=False)
         caches = [load_cache(c) for c in args.cache]
         cache = {"latents": torch.cat([c["latents"] for c in caches]), "embeds": torch.cat([c["embeds"] for c in caches])}
         captions = [cap for c in caches for cap in c["captions"]]
@@ -782,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
             decoder.save_pretrained(args.export)
             info = {"command": command, "train_clips": len(captions), "config": cfg.__dict__,
                     "parameters": sum(p.numel() for p in decoder.parameters()),
-                    "final_loss": hist["loss"][-1], "mean_loss_last_100": float(np.mean(hist["loss"][-4:])),
+                    "final_loss": hist["loss"][-1], "mean_logged_loss_last_4": float(np.mean(hist["loss"][-4:])),
                     "train_seconds": round(hist["seconds"][-1], 1)}
             (Path(args.export) / "training.json").write_text(json.dumps(info, indent=1) + "\n")
             print(json.dumps(info, indent=1))
@@ -791,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(args.out, args.force)
         from .recognizer import load_recognizer
 
-        models = load_video_models()
+        models = load_video_models(storyworld_folder=args.storyworld, motion_folder=args.motion)
         if args.decoder:
             models.decoder = VideoDecoder.storyworld(args.decoder)
         rec = load_recognizer()
