@@ -1,7 +1,7 @@
 """Benchmark: consistent self-attention (CSA) vs the stock diffusers processor, time and peak memory.
 
     python benchmarks/attention.py            # writes benchmarks/attention.json, prints a markdown table
-    python benchmarks/attention.py --quick    # smaller grid (a smoke test, ~1 min)
+    python benchmarks/attention.py --quick    # smaller grid, a smoke test (~1-2 min); writes to the temp dir
 
 Part 1, one self-attention layer at real SDXL shapes with random weights and inputs:
   A: 1024 tokens x 1280 channels x 20 heads (SDXL's 1/32 grid at 1024 px), B: 4096 tokens x 640 channels x
@@ -236,6 +236,7 @@ def summarize(rows: list[dict]) -> dict:
 
             coef = np.polyfit(xs, ys, 2)
             out["peak_memory_ratio_64_vs_4_untiled"] = float(np.polyval(coef, 64) / ys[0])
+            out["untiled_64_working_gib_extrapolated"] = float(np.polyval(coef, 64) / 2**30)
             out["peak_memory_ratio_64_vs_4_untiled_how"] = (
                 "EXTRAPOLATED (not measured): quadratic through the measured working memory at 4, 8, 12 images, "
                 f"shape {a}; 64 images untiled would need ~{np.polyval(coef, 64) / 2**30:.0f} GiB")
@@ -255,6 +256,7 @@ def summarize(rows: list[dict]) -> dict:
             ratios[shape] = {"time_ratio": time_ratio, "cpu_time_ratio": c["cpu_s"] / s["cpu_s"],
                              "flop_ratio": flop_ratio,
                              "time_over_flop_ratio": time_ratio / flop_ratio,
+                             "cpu_time_over_flop_ratio": c["cpu_s"] / s["cpu_s"] / flop_ratio,
                              "key_ratio": 1 + (TILE - 1) * RATE,
                              "time_over_key_ratio": time_ratio / (1 + (TILE - 1) * RATE),
                              "memory_ratio_csa_over_stock": c["working_bytes"] / s["working_bytes"]}
@@ -292,15 +294,76 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+BEGIN, END = "<!-- attention.py results: begin (generated) -->", "<!-- attention.py results: end -->"
+
+
+def results_section(result: dict) -> str:
+    """The generated part of benchmarks/RESULTS.md: machine, command, date, table, goals."""
+    m, g = result["machine"], result["goals"]
+    per = result["per_shape_4_images"]
+
+    def mark(ok: bool) -> str:
+        return "**met**" if ok else "**NOT met**"
+
+    lines = [BEGIN,
+             f"Measured {result['date_utc']} with `{result['command']}` ({result['total_seconds']:.0f} s in all) on "
+             f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), Python {m['python']}; "
+             f"load average at start {m['load_average_at_start'][0]:.1f} (the machine was shared: wall times are noisy, "
+             "so the CPU-time ratios are shown too).", "",
+             markdown(result["rows"]), "",
+             "| goal | measured | verdict |", "|---|---|---|",
+             f"| tiled (W=4, r=0.5): working memory at 64 images within 1.25x of 4 images | "
+             f"{result['peak_memory_ratio_64_vs_4_tiled']:.3f}x (8 vs 4: {result['peak_memory_ratio_8_vs_4_tiled_measured']:.3f}x)"
+             f" | {mark(g['tiled_memory_64_vs_4_within_1.25x'])} |",
+             f"| untiled (one window): working memory grows | 12 vs 4 images: "
+             f"{result['peak_memory_ratio_12_vs_4_untiled_measured']:.2f}x measured; 64 vs 4: "
+             f"{result['peak_memory_ratio_64_vs_4_untiled']:.0f}x extrapolated (quadratic fit, not run: it would need "
+             f"~{result.get('untiled_64_working_gib_extrapolated', float('nan')):.0f} GiB) | "
+             f"{mark(g['untiled_memory_grows'])} |",
+             f"| disjoint tiles W=4, r=0.5: time ratio / FLOP ratio <= 1.3 (worst shape, wall clock) | "
+             f"{result['time_over_flop_ratio']:.2f} | {mark(g['time_within_1.3x_of_flop_ratio'])} |", "",
+             "| shape (4 images) | CSA/stock time (wall) | (CPU time) | FLOP ratio | wall / FLOP | CPU / FLOP | "
+             "keys ratio 1+(W-1)r | CSA/stock working memory |", "|---|---|---|---|---|---|---|---|"]
+    for shape, r in per.items():
+        lines.append(f"| {shape} | {r['time_ratio']:.2f} | {r['cpu_time_ratio']:.2f} | {r['flop_ratio']:.2f} | "
+                     f"{r['time_over_flop_ratio']:.2f} | {r['cpu_time_ratio'] / r['flop_ratio']:.2f} | "
+                     f"{r['key_ratio']:.1f} | {r['memory_ratio_csa_over_stock']:.2f} |")
+    if "unet_step" in result:
+        lines += ["", "| tiny UNet step (8 images, W=4, r=0.5) | time (s) | vs no CSA (wall) | (CPU time) | "
+                  "working memory (MiB) |", "|---|---|---|---|---|"]
+        for layers, r in result["unet_step"].items():
+            lines.append(f"| CSA on {layers} | {r['time_s']:.3f} | {r['time_ratio_vs_none']:.2f} | "
+                         f"{r['cpu_time_ratio_vs_none']:.2f} | {r['working_mib']:.1f} |")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def update_results_md(path: Path, section: str) -> None:
+    """Replace the generated block of RESULTS.md (or append it); other sections are left alone."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n## Consistent self-attention (`benchmarks/attention.py`)\n\n" + section + "\n"
+    path.write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small grid, for a smoke test")
-    parser.add_argument("--out", default=str(HERE / "attention.json"))
+    parser.add_argument("--out", default=None,
+                        help="JSON to write (default benchmarks/attention.json; with --quick a file in the temp dir)")
+    parser.add_argument("--results-md", default=str(HERE / "RESULTS.md"),
+                        help="file whose generated attention block is updated (full runs only; '' to skip)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
         return
+    if args.out is None:
+        import tempfile
+
+        args.out = str(Path(tempfile.gettempdir()) / "attention_quick.json") if args.quick else str(HERE / "attention.json")
     start = time.perf_counter()
     info = machine()
     rows = []
@@ -322,6 +385,9 @@ def main() -> None:
         "rows": rows,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.results_md and not args.quick:
+        update_results_md(Path(args.results_md), results_section(result))
+        print(f"updated {args.results_md}")
     print(markdown(rows))
     print(json.dumps({k: v for k, v in summary.items()}, indent=2))
     print(f"total {total:.0f} s, wrote {args.out}")
