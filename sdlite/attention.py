@@ -29,7 +29,7 @@ pseudo-code, where some of the image's own tokens then appear twice among the ke
 randomness): full joint attention over the window.
 
 Windows. ``tile=W`` images per window, starting every ``stride`` images: stride 1 is the paper's sliding
-window, stride W gives disjoint tiles. If the last start does not reach the end of the batch, one more
+window (the reference's default), stride W gives disjoint tiles (the processor's default, ``stride=None``). If the last start does not reach the end of the batch, one more
 window ending at the last image is added, so every image is covered and every window has W images.
 """
 
@@ -340,7 +340,9 @@ class ConsistentSelfAttnProcessor:
         rate: sampling rate r in [0, 1]. 0 is plain self-attention: the original processor is called, as for a
             batch of a single image (per guidance half), which has nobody to share tokens with.
         tile: window size W; ``None`` = one window over the whole batch (per guidance half).
-        stride: window stride: 1 (the default) = the paper's sliding window, W = disjoint tiles.
+        stride: window step. ``None`` (the default) = W: disjoint tiles, each image computed once; 1 = the
+            paper's sliding window (each image in W windows, W times the work). The reference function's
+            default is the paper's stride 1.
         include_self_in_sample: sample from all window images, the image itself included (paper's pseudo-code).
         window_batch: windows computed in one batched call; 1 keeps peak memory flat in the story length
             (the paper's loop), ``None`` computes all windows at once (fastest for small inputs, training).
@@ -463,7 +465,7 @@ class ConsistentSelfAttnProcessor:
     def _windows(self, attn, x, residual, groups, images, tokens, sampled_indices):
         """CSA among the images of each guidance half, window by window. x: (G*B, N, C) -> (G*B, N, C)."""
         tile = images if self.tile is None else self.tile
-        stride = 1 if self.stride is None else self.stride
+        stride = tile if self.stride is None else self.stride  # default: disjoint tiles
         _check_tile_stride(tile, stride, images)
         starts = window_starts(images, tile, stride)
         if sampled_indices is None:
@@ -666,6 +668,17 @@ class ConsistentAttentionHandle:
             raise ValueError(f"step must be an int >= 0 (the denoising step index) or None, got {step!r}")
         self.state.step = step
 
+    def set_tiles(self, tile: int | None, stride: int | None = None) -> None:
+        """Change the window size (``None``: one window over the batch) and stride (``None``: = tile, disjoint
+        tiles; 1: the paper's sliding window) of every installed layer,
+        e.g. per batch of a story. Checked here; a tile larger than a later batch is refused at that call."""
+        if tile is not None:
+            _check_tile_stride(tile, stride, tile)
+        elif stride is not None:
+            raise ValueError("stride needs a tile size: pass tile=W as well (or neither for one window)")
+        for proc in self.processors.values():
+            proc.tile, proc.stride = tile, stride
+
     def reseed(self, seed: int) -> None:
         self.state.generator.manual_seed(seed)
 
@@ -731,6 +744,8 @@ def install_consistent_attention(
     """Put :class:`ConsistentSelfAttnProcessor` on chosen self-attention layers of a ``UNet2DConditionModel``.
 
     Args:
+        rate, tile, stride: sampling rate r; window size W (``None``: one window over the batch); window step
+            (``None``: = W, disjoint tiles; 1: the paper's sliding window).
         layers: "up" (as the official code: self-attention of the up-blocks), "all", "down", "mid", or a
             predicate on the layer name (e.g. ``lambda name: "up_blocks.1" in name``). Cross-attention
             (``attn2``) is never touched.

@@ -445,6 +445,18 @@ def test_up_only_leaves_down_and_mid_outputs_alone(sdxl_unet):
     assert torch.equal(seen[0], seen[1])
 
 
+def test_set_tiles_changes_every_layer(sdxl_unet):
+    with install_consistent_attention(sdxl_unet, rate=0.5, tile=4, layers="all") as h:
+        h.set_tiles(2, 2)
+        assert all((p.tile, p.stride) == (2, 2) for p in h.processors.values())
+        h.set_tiles(None)
+        assert all(p.tile is None and p.stride is None for p in h.processors.values())
+        with pytest.raises(ValueError, match="would leave images outside every window"):
+            h.set_tiles(2, 3)
+        with pytest.raises(ValueError, match="stride needs a tile size"):
+            h.set_tiles(None, 2)
+
+
 def test_handle_state_is_per_handle(sdxl_unet):
     with install_consistent_attention(sdxl_unet, seed=1) as ha, \
             install_consistent_attention(tiny_sd15_unet(seed=0), layers="all", seed=1) as hb:
