@@ -123,8 +123,8 @@ class StoryworldSizes:
     vision_layers: int = 3
     clip_heads: int = 4
     projection_dim: int = 128
-    unet_channels: tuple[int, ...] = (48, 96, 96)
-    unet_heads: tuple[int, ...] = (2, 3, 3)  # head width 24, 32, 32
+    unet_channels: tuple[int, ...] = (32, 64, 64)
+    unet_heads: tuple[int, ...] = (1, 2, 2)  # head width 32
     unet_groups: int = 16
     time_embed_dim: int = 8  # per added time id (SDXL: 256)
 

@@ -50,6 +50,9 @@ from .models import (
 )
 
 STAGES = ("vae", "clip", "unet")
+# What `make train-storyworld` runs: every shipped checkpoint from scratch (about 3 h on a 2-core CPU).
+RECIPE_COMMAND = ("python -m sdlite.train storyworld --stage all --out runs/storyworld --export data/storyworld "
+                  "--force --threads 1 --max-minutes 62 --export-every 500")
 
 
 @dataclass
@@ -83,9 +86,9 @@ def default_config(stage: str) -> TrainConfig:
     if stage == "vae":
         return TrainConfig(steps=1000, batch_size=32, lr=1e-3, ckpt_every=200, crop=32)
     if stage == "clip":
-        return TrainConfig(steps=500, batch_size=96, lr=5e-4, ckpt_every=100)
+        return TrainConfig(steps=200, batch_size=96, lr=5e-4, ckpt_every=100)
     if stage == "unet":
-        return TrainConfig(steps=4000, batch_size=32, lr=4e-4, warmup=200, log_every=50, ckpt_every=200)
+        return TrainConfig(steps=6000, batch_size=16, lr=5e-4, warmup=200, log_every=50, ckpt_every=200)
     raise ValueError(f"unknown stage {stage!r}: use one of {STAGES}")
 
 
@@ -570,7 +573,7 @@ def _export(out: Path, unet_state: dict, sizes, tokenizer, folder, vae=None, cli
         if (out / stage / "log.csv").exists():
             shutil.copy(out / stage / "log.csv", tmp / "logs" / f"{stage}.csv")
     meta = {"command": " ".join(["python -m sdlite.train", *sys.argv[1:]]) if sys.argv else "",
-            "note": note, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "recipe": RECIPE_COMMAND, "note": note, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "sizes": dataclasses.asdict(sizes),
             "parameters": {"vae": count_parameters(vae), "clip": count_parameters(clip),
                            "unet": count_parameters(unet)},
@@ -586,12 +589,96 @@ def _export(out: Path, unet_state: dict, sizes, tokenizer, folder, vae=None, cli
 
 
 # ----------------------------------------------------------------------------------------------------
+# Quick checks of a trained pipeline (prompt following, CSA on / off), scored by the recognizer
+# ----------------------------------------------------------------------------------------------------
+def _generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
+    """uint8 (B, 64, 64, 3): one image per prompt, image i from torch.Generator().manual_seed(seeds[i])."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    out = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+               output_type="np").images
+    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def prompt_following(pipe, recognizer, n: int = 120, steps: int = 25, guidance: float = 5.0, seed: int = 0,
+                     batch: int = 8) -> dict[str, float]:
+    """Accuracy of every label on images generated from prompts that state every attribute."""
+    rng = np.random.default_rng([seed, 31])
+    panels = [sw.sample_panel(rng) for _ in range(n)]
+    hits = {name: [] for name in sw.ATTRIBUTES}
+    for i in range(0, n, batch):
+        chunk = panels[i : i + batch]
+        imgs = _generate(pipe, [sw.caption(p) for p in chunk], [seed * 100003 + i + j for j in range(len(chunk))],
+                         steps, guidance)
+        pred = recognizer.predict(imgs)
+        for j, p in enumerate(chunk):
+            for name, v in sw.labels(p).items():
+                hits[name].append(int(pred[name][j]) == v)
+    return {name: float(np.mean(h)) for name, h in hits.items()}
+
+
+def _story_panels(rng: np.random.Generator, k: int) -> list:
+    ch = sw.sample_character(rng)
+    scenes = [sw.SCENES[j] for j in rng.permutation(len(sw.SCENES))[:k]]
+    return [sw.sample_panel(rng, ch, scene=s) for s in scenes]
+
+
+@torch.no_grad()
+def csa_check(pipe, recognizer, stories: int = 32, k: int = 4, steps: int = 25, guidance: float = 5.0,
+              seed: int = 0, settings: dict | None = None) -> dict[str, dict[str, float]]:
+    """Identity agreement and scene accuracy of k-panel stories whose prompts leave the identity unsaid.
+
+    `settings`: name -> None (plain attention) or kwargs of `install_consistent_attention` (guidance halves
+    on, tile k); names ending in "shared" use one seed for all panels, the others independent noise.
+    Identity agreement = fraction of panel pairs whose predicted attribute agrees, per identity attribute.
+    """
+    from .attention import install_consistent_attention
+
+    settings = settings or {"none": None, "csa": dict(rate=0.5, layers="all")}
+    rng = np.random.default_rng([seed, 41])
+    story_panels = [_story_panels(rng, k) for _ in range(stories)]
+    results = {}
+    for name, kwargs in settings.items():
+        handle = None
+        if kwargs is not None:
+            handle = install_consistent_attention(pipe.unet, tile=k, stride=k, guidance_halves=True,
+                                                  seed=seed, **kwargs)
+        agree = {a: [] for a in sw.IDENTITY_ATTRIBUTES}
+        scene = []
+        try:
+            for s, panels in enumerate(story_panels):
+                prompts = [sw.caption(p, drop=sw.IDENTITY_ATTRIBUTES) for p in panels]
+                seeds = [seed * 7919 + s * k] * k if name.endswith("shared") else [seed * 7919 + s * k + j
+                                                                                      for j in range(k)]
+                pred = recognizer.predict(_generate(pipe, prompts, seeds, steps, guidance))
+                for a in sw.IDENTITY_ATTRIBUTES:
+                    v = pred[a].tolist()
+                    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+                    agree[a].append(np.mean([v[i] == v[j] for i, j in pairs]))
+                truth = [sw.labels(p)["scene"] for p in panels]
+                scene += [int(pred["scene"][j]) == truth[j] for j in range(k)]
+        finally:
+            if handle is not None:
+                handle.remove()
+        row = {f"agree_{a}": float(np.mean(v)) for a, v in agree.items()}
+        row["identity_agreement"] = float(np.mean([row[f"agree_{a}"] for a in sw.IDENTITY_ATTRIBUTES]))
+        row["scene_accuracy"] = float(np.mean(scene))
+        results[name] = row
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m sdlite.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("world", choices=["storyworld"], help="the world to train (only storyworld)")
-    ap.add_argument("--stage", choices=[*STAGES, "all", "export"], default="all")
+    ap.add_argument("--stage", choices=[*STAGES, "all", "export", "check"], default="all",
+                    help="check: score the pipeline in --export (default data/storyworld) with the recognizer")
+    ap.add_argument("--prompts", type=int, default=120, help="check: prompts for prompt following")
+    ap.add_argument("--stories", type=int, default=32, help="check: 4-panel stories for the CSA check")
+    ap.add_argument("--guidance", type=float, default=5.0, help="check: classifier-free guidance scale")
+    ap.add_argument("--recognizer", default=None, help="check: recognizer file (default: the shipped one)")
     ap.add_argument("--out", required=True, help="run folder (checkpoints, logs), e.g. runs/storyworld")
     ap.add_argument("--export", default=None, help="pipeline folder to write at the end, e.g. data/storyworld")
     ap.add_argument("--force", action="store_true", help="allow --export to replace an existing folder")
@@ -613,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.stage == "check":
+        return _check_main(args)
     if args.export and Path(args.export).exists() and not args.force:
         raise FileExistsError(f"{args.export} exists: pass --force to replace it (or choose another --export)")
     out = Path(args.out)
@@ -637,6 +726,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "export" and args.export:
         state = load_file(str(out / "unet" / "final" / "diffusion_pytorch_model.safetensors"))
         _export(out, state, sizes, tokenizer, args.export, note="exported")
+    return 0
+
+
+def _check_main(args) -> int:
+    from .models import load_storyworld
+    from .recognizer import load_recognizer
+
+    pipe = load_storyworld(folder=args.export)
+    rec = load_recognizer(args.recognizer)
+    t0 = time.time()
+    res = {"prompt_following": prompt_following(pipe, rec, n=args.prompts, guidance=args.guidance, seed=args.seed)}
+    print(json.dumps(res, indent=1), flush=True)
+    settings = {"none": None, "csa": dict(rate=0.5, layers="all"), "csa_up": dict(rate=0.5, layers="up"),
+                "none_shared": None, "csa_shared": dict(rate=0.5, layers="all")}
+    res["csa"] = csa_check(pipe, rec, stories=args.stories, guidance=args.guidance, seed=args.seed,
+                           settings=settings)
+    res["command"] = "python -m sdlite.train " + " ".join(sys.argv[1:])
+    res["seconds"] = time.time() - t0
+    print(json.dumps(res, indent=1))
+    path = Path(args.out) / "check.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1))
     return 0
 
 

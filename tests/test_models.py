@@ -78,7 +78,8 @@ def test_unknown_word_becomes_unknown_tokens(tokenizers):
 
 # ---------------------------------------------------------------- configs
 def test_sizes_by_name():
-    assert StoryworldSizes.named("base").unet_channels == (64, 128, 128)
+    base, tiny = StoryworldSizes.named("base"), StoryworldSizes.named("tiny")
+    assert base.unet_channels == (32, 64, 64) and tiny.unet_channels < base.unet_channels
     with pytest.raises(ValueError, match="'base'"):
         StoryworldSizes.named("huge")
 
