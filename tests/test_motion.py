@@ -440,3 +440,45 @@ def test_sdlite_console_command_has_video(tiny_models, tmp_path, monkeypatch):
             str(out)]
     assert cli.main(argv) == 0 and out.is_file()
     assert cli.main(argv) == 2  # exists: refused with a one-line error
+
+
+# ---------------------------------------------------------------- metrics and the evaluation
+def test_metrics_on_known_cases():
+    x = torch.zeros(2, 3, 8, 8)
+    torch.testing.assert_close(video.psnr(x, x + 0.2), torch.full((2,), 20.0))  # mse (0.1)^2 on [0, 1]
+    img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.testing.assert_close(video.ssim(img, img), torch.ones(1))
+    noisy = (img + 0.3 * torch.randn(img.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    assert 0 < video.ssim(img, noisy).item() < 0.9
+    labels = {k: torch.zeros(2, 4, dtype=torch.long) for k in video.IDENTITY_LABELS}
+    labels["hair"][0, 1] = 3  # clip 0: one frame with other hair
+    labels["hat"][0, 1] = 2  # the same frame: still one frame off
+    torch.testing.assert_close(video.identity_agreement(labels), torch.tensor([0.75, 1.0]))
+    e = torch.randn(1, 5, 8)
+    sims = video.clip_similarities(e.expand(2, 5, 8).clone())
+    assert sims["first"].shape == (2,) and sims["frames"].shape == (2,)
+    torch.testing.assert_close(video.clip_similarities(e[:, :1].expand(1, 5, 8))["first"], torch.ones(1))
+    still = torch.zeros(1, 4, 3, 8, 8)
+    assert video.motion_amount(still).item() == 0
+    moving = torch.stack([torch.full((3, 8, 8), v) for v in (-1.0, 1.0, -1.0, 1.0)])[None]
+    assert video.motion_amount(moving).item() == pytest.approx(1.0)
+
+
+def test_evaluate_and_summary_have_the_checked_names(tiny_models):
+    from sdlite.recognizer import Recognizer
+
+    rec = Recognizer("a").eval()
+    res = video.evaluate(tiny_models, n_clips=3, seed=5, frames=4, steps=1, batch_size=2, recognizer=rec)
+    assert set(res["per_method"]) == set(video.METHODS)
+    for m, row in res["per_method"].items():
+        assert {"psnr", "ssim", "embed_mse", "identity_agreement", "first_fidelity_psnr", "motion",
+                "clipsim_first", "clipsim_frames"} <= set(row), m
+        assert all(np.isfinite(v) for v in row.values())
+    assert sum(res["kind_counts"].values()) == 3
+    out = video.summarize(res, "test", n_clips=3)
+    assert set(out["psnr"]) >= {"latent_interpolation", "no_predictor", "temporal_only", "full"}
+    assert out["n_clips"] == 3 and 0 <= out["identity_agreement_full"] <= 1
+    assert out["predictor_error_ratio_vs_linear"] == pytest.approx(res["predictor"]["ratio"])
+    assert set(out["bars"]) == {"predictor_error_ratio_le_0.7", "full_beats_a_b_c_in_psnr",
+                                "identity_agreement_full_ge_0.9"}
+    json.dumps(out)  # serialisable
