@@ -96,18 +96,18 @@ def _key(csa: CSAConfig, layers_default: str, which: str) -> tuple:
 def run_consistency_eval(pipe, recognizer, clip=None, clip_tokenizer=None, *, n_stories: int = 50,
                          settings: list[str] | None = None, seed_policies: tuple[str, ...] = SEED_POLICY_NAMES,
                          steps: int | None = None, seed: int = 0, long_panels: int = 8, progress: bool = True,
-                         log=print) -> list[dict]:
+                         log=print, shared_settings: list[str] | None = None) -> list[dict]:
     """Generate and score every story under every setting; one row per (setting, seed_policy).
 
     Settings that are the same computation (e.g. rate_0.5, tile_all and layers_all on storyworld) are run once
-    and reported under each name.
+    and reported under each name. ``shared_settings`` limits the "shared" seed policy to those settings (None: all).
     """
     from tqdm.auto import tqdm
 
     from .pipeline import model_defaults
 
     names = list(SETTINGS) if settings is None else list(settings)
-    unknown = [s for s in names if s not in SETTINGS]
+    unknown = [s for s in names + list(shared_settings or []) if s not in SETTINGS]
     if unknown:
         raise ValueError(f"unknown settings {unknown}: choose from {list(SETTINGS)}")
     stories = {"short": make_eval_stories(n_stories, seed), "long": make_eval_stories(n_stories, seed + 1,
@@ -115,10 +115,15 @@ def run_consistency_eval(pipe, recognizer, clip=None, clip_tokenizer=None, *, n_
     layers_default = model_defaults(pipe)["layers"]
     done: dict[tuple, dict] = {}
     rows = []
-    total = len(names) * len(seed_policies) * n_stories
+    def names_for(policy):
+        if policy == "shared" and shared_settings is not None:
+            return [n for n in names if n in shared_settings]
+        return names
+
+    total = sum(len(names_for(p)) for p in seed_policies) * n_stories
     bar = tqdm(total=total, desc="consistency eval", unit="story", disable=not progress)
     for policy in seed_policies:
-        for name in names:
+        for name in names_for(policy):
             csa, which = SETTINGS[name]
             key = (policy, _key(csa, layers_default, which))
             if key not in done:
@@ -193,6 +198,8 @@ def add_consistency_parser(subparsers) -> None:
     p.add_argument("--stories", type=int, default=50, help="stories per setting (default 50)")
     p.add_argument("--settings", default=None, help=f"comma-separated subset of {','.join(SETTINGS)}")
     p.add_argument("--seed-policies", default="per_panel,shared", help="per_panel,shared (default both)")
+    p.add_argument("--shared-settings", default=None,
+                   help="run the shared-seed policy only for these settings (comma-separated; default: all)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recognizer", default=None, help="recognizer file (default: data/recognizer.safetensors)")
@@ -220,7 +227,8 @@ def _run(args) -> int:
     settings = args.settings.split(",") if args.settings else None
     t0 = time.perf_counter()
     rows = run_consistency_eval(pipe, recognizer, clip, clip_tok, n_stories=args.stories, settings=settings,
-                                seed_policies=tuple(args.seed_policies.split(",")), steps=args.steps, seed=args.seed)
+                                seed_policies=tuple(args.seed_policies.split(",")), steps=args.steps, seed=args.seed,
+                                shared_settings=args.shared_settings.split(",") if args.shared_settings else None)
     command = "python -m sdlite.eval consistency " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("func", "force") and v is not None)
     for r in rows:

@@ -237,7 +237,7 @@ def _id_pixels(images, size: int, device, dtype) -> torch.Tensor:
     out = []
     for im in images:
         im = im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8))
-        x = torch.from_numpy(np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))).float() / 255
+        x = torch.from_numpy(np.array(im.convert("RGB").resize((size, size), Image.BICUBIC))).float() / 255
         out.append((x.permute(2, 0, 1) - mean) / std)
     return torch.stack(out).to(device=device, dtype=dtype)
 

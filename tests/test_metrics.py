@@ -151,3 +151,25 @@ def test_check_bars_arithmetic():
 def test_eval_dispatcher_has_consistency():
     help_text = eval_parser().format_help()
     assert "consistency" in help_text
+
+
+def test_consistency_command_writes_json_and_table_and_never_overwrites(tmp_path, capsys):
+    from sdlite.eval import main as eval_main
+    from sdlite.recognizer import Recognizer, save_recognizer
+    from sdlite.tiny import tiny_storyworld_pipeline
+
+    folder = tmp_path / "sw"
+    tiny_storyworld_pipeline(folder)
+    torch.manual_seed(0)
+    rec = save_recognizer(Recognizer().eval(), tmp_path / "rec.safetensors")
+    out = tmp_path / "c.json"
+    args = ["consistency", "--model", str(folder), "--recognizer", str(rec), "--stories", "1", "--steps", "1",
+            "--settings", "no_csa,default", "--shared-settings", "no_csa", "--out", str(out)]
+    assert eval_main(args) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["setting"], r["seed_policy"]) for r in rows] == [
+        ("no_csa", "per_panel"), ("default", "per_panel"), ("no_csa", "shared")]
+    assert all("clip_i" in r and "clip_t" in r and r["command"].startswith("python -m sdlite.eval consistency")
+               for r in rows)
+    assert "Bar 1" in out.with_suffix(".md").read_text()
+    assert eval_main(args) == 2 and "already exists" in capsys.readouterr().err
