@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -444,7 +445,7 @@ class DecoderTrainConfig:
     weight_decay: float = 0.01
     null_prob: float = 0.2  # drop the frame embeddings (the temporal-only mode)
     text_drop_prob: float = 0.3  # drop the prompt ("" encoding)
-    embed_noise: float = 0.1  # Gaussian noise on the true embeddings, in units of their std (robustness)
+    embed_noise: float = 0.2  # Gaussian noise on the true embeddings, in units of their std (~ the predictor's error)
     min_snr_gamma: float = 5.0
     seed: int = 0
     log_every: int = 25
@@ -507,7 +508,8 @@ def train_decoder(cache: dict, text: torch.Tensor, empty_text: torch.Tensor, dec
         ehs = torch.cat([txt.unsqueeze(1).expand(-1, frames, -1, -1), tokens], 2).reshape(
             cfg.batch_size * frames, -1, d)  # (B*L, T+n, D)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+            warm = min(1.0, (step + 1) / max(1, cfg.warmup))
+            group["lr"] = cfg.lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * step / cfg.steps)))  # cosine to 10%
         pred = model(noisy, t.to(acc.device), z[:, 0], z[:, -1], ehs)  # (B, L, C, h, w)
         snr = alphas[t] / (1 - alphas[t])
         if unwrapped.config.prediction_type == "epsilon":
