@@ -368,10 +368,9 @@ def generate_story(
             if handle is not None:
                 handle.set_step(0)
                 handle.reseed(seed * 1_000_003 + b)
-                for p in handle.processors.values():  # the tile cannot be larger than this batch
-                    n = len(ids)
-                    p.tile = None if csa.tile is None or csa.tile >= n else csa.tile
-                    p.stride = None if p.tile is None else (min(csa.stride, p.tile) if csa.stride else None)
+                # the window cannot be larger than this batch: a tile >= the batch is one window over it
+                tile = None if csa.tile is None or csa.tile >= len(ids) else csa.tile
+                handle.set_tiles(tile, None if tile is None or csa.stride is None else min(csa.stride, tile))
                 if batch.mode == "write":
                     ctx = handle.write(batch.characters[0])
                 elif batch.mode == "read":

@@ -3,10 +3,20 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from sdlite.cli import build_parser, main
 from sdlite.tiny import tiny_storyworld_pipeline
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread avoids hand-offs between threads on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
