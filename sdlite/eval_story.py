@@ -95,8 +95,9 @@ def _key(csa: CSAConfig, layers_default: str, which: str) -> tuple:
 
 def run_consistency_eval(pipe, recognizer, clip=None, clip_tokenizer=None, *, n_stories: int = 50,
                          settings: list[str] | None = None, seed_policies: tuple[str, ...] = SEED_POLICY_NAMES,
-                         steps: int | None = None, seed: int = 0, long_panels: int = 8, progress: bool = True,
-                         log=print, shared_settings: list[str] | None = None) -> list[dict]:
+                         steps: int | None = None, seed: int = 0, short_panels: tuple[int, int] = (4, 6),
+                         long_panels: int = 8, progress: bool = True, log=print,
+                         shared_settings: list[str] | None = None) -> list[dict]:
     """Generate and score every story under every setting; one row per (setting, seed_policy).
 
     Settings that are the same computation (e.g. rate_0.5, tile_all and layers_all on storyworld) are run once
@@ -110,7 +111,7 @@ def run_consistency_eval(pipe, recognizer, clip=None, clip_tokenizer=None, *, n_
     unknown = [s for s in names + list(shared_settings or []) if s not in SETTINGS]
     if unknown:
         raise ValueError(f"unknown settings {unknown}: choose from {list(SETTINGS)}")
-    stories = {"short": make_eval_stories(n_stories, seed), "long": make_eval_stories(n_stories, seed + 1,
+    stories = {"short": make_eval_stories(n_stories, seed, short_panels), "long": make_eval_stories(n_stories, seed + 1,
                                                                                       (long_panels, long_panels))}
     layers_default = model_defaults(pipe)["layers"]
     done: dict[tuple, dict] = {}
@@ -142,8 +143,10 @@ def run_consistency_eval(pipe, recognizer, clip=None, clip_tokenizer=None, *, n_
             result = done[key]
             row = {"setting": name, "seed_policy": policy, **{k: round(v, 4) if isinstance(v, float) else v
                                                               for k, v in result.items()},
-                   "n_stories": n_stories, "stories": f"{which}: make_eval_stories({n_stories}, seed="
-                                                      f"{seed if which == 'short' else seed + 1})",
+                   "n_stories": n_stories,
+                   "stories": f"make_eval_stories({n_stories}, seed={seed}, panels={tuple(short_panels)})"
+                   if which == "short" else f"make_eval_stories({n_stories}, seed={seed + 1}, panels="
+                                            f"({long_panels}, {long_panels}))",
                    "csa": {**asdict(csa), "layers": (csa.layers or layers_default) if csa.enabled else None,
                            "skip_schedule": str(csa.skip_schedule)},
                    "steps": steps or model_defaults(pipe)["steps"]}

@@ -109,7 +109,7 @@ def is_storyworld(pipe) -> bool:
 def model_defaults(pipe) -> dict:
     """Defaults that depend on the model: steps, guidance, CSA layers (size: the pipeline's own default)."""
     if is_storyworld(pipe):
-        return {"steps": 20, "guidance_scale": 4.0, "layers": "all"}
+        return {"steps": 20, "guidance_scale": 5.0, "layers": "all"}
     return {"steps": 35, "guidance_scale": 5.0, "layers": "up"}
 
 

@@ -367,7 +367,7 @@ def add_story_parser(subparsers) -> None:
                         "stabilityai/stable-diffusion-xl-base-1.0 (fp16 on CUDA)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps ...")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 20 storyworld, 35 SDXL)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 4 storyworld, 5 SDXL)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 5)")
     p.add_argument("--seed", type=int, default=0, help="seed: panel i uses seed + i (default 0)")
     p.add_argument("--shared-seed", action="store_true", help="the same noise seed for every panel (official demo)")
     p.add_argument("--rate", type=float, default=0.5, help="CSA sampling rate in [0, 1] (default 0.5)")

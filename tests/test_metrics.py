@@ -127,9 +127,10 @@ def test_consistency_eval_rows_and_bars_on_a_tiny_pipeline():
     torch.manual_seed(0)
     rec = Recognizer().eval()
     rows = run_consistency_eval(pipe, rec, n_stories=1, settings=["no_csa", "default", "rate_0.5", "tile_all"],
-                                steps=2, progress=False, log=None)
+                                short_panels=(4, 4), steps=2, progress=False, log=None)
     assert [(r["setting"], r["seed_policy"]) for r in rows][:2] == [("no_csa", "per_panel"), ("default", "per_panel")]
-    assert len(rows) == 8
+    assert len(rows) == 8 and all(r["n_panels"] == 4 for r in rows)  # short_panels=(4, 4): four panels
+    assert rows[0]["stories"] == "make_eval_stories(1, seed=0, panels=(4, 4))"
     for r in rows:
         for key in ("setting", "seed_policy", "identity_agreement", "scene_accuracy", "action_accuracy", "n_stories"):
             assert key in r
