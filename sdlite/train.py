@@ -617,6 +617,19 @@ def prompt_following(pipe, recognizer, n: int = 120, steps: int = 25, guidance: 
     return {name: float(np.mean(h)) for name, h in hits.items()}
 
 
+@torch.no_grad()
+def vae_check(vae, recognizer, n: int = 128, seed: int = 0) -> dict:
+    """Mean |x - D(E(x))| on held-out renders, and the recognizer's accuracy on the renders vs reconstructions."""
+    data = sw.ImageDataset(n, seed=seed + 4242)
+    x = torch.stack([data[i]["pixel_values"] for i in range(n)])
+    rec = torch.cat([vae.decode(vae.encode(x[i : i + 32]).latent_dist.mean).sample for i in range(0, n, 32)])
+    truth = {k: torch.tensor([data[i]["labels"][k] for i in range(n)]) for k in sw.ATTRIBUTES}
+    p_orig, p_rec = recognizer.predict(sw.to_uint8(x)), recognizer.predict(sw.to_uint8(rec))
+    return {"l1": float((rec.clamp(-1, 1) - x).abs().mean()),
+            "accuracy_renders": {k: float((p_orig[k] == truth[k]).float().mean()) for k in truth},
+            "accuracy_reconstructions": {k: float((p_rec[k] == truth[k]).float().mean()) for k in truth}}
+
+
 def _story_panels(rng: np.random.Generator, k: int) -> list:
     ch = sw.sample_character(rng)
     scenes = [sw.SCENES[j] for j in rng.permutation(len(sw.SCENES))[:k]]
@@ -736,7 +749,9 @@ def _check_main(args) -> int:
     pipe = load_storyworld(folder=args.export)
     rec = load_recognizer(args.recognizer)
     t0 = time.time()
-    res = {"prompt_following": prompt_following(pipe, rec, n=args.prompts, guidance=args.guidance, seed=args.seed)}
+    res = {"vae": vae_check(pipe.vae, rec, seed=args.seed)}
+    print(json.dumps(res, indent=1), flush=True)
+    res["prompt_following"] = prompt_following(pipe, rec, n=args.prompts, guidance=args.guidance, seed=args.seed)
     print(json.dumps(res, indent=1), flush=True)
     settings = {"none": None, "csa": dict(rate=0.5, layers="all"), "csa_up": dict(rate=0.5, layers="up"),
                 "none_shared": None, "csa_shared": dict(rate=0.5, layers="all")}

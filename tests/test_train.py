@@ -119,3 +119,24 @@ def test_bad_input_errors_name_the_fix(tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="--force"):
         main(["storyworld", "--stage", "vae", "--out", str(tmp_path / "run"), "--export", str(tmp_path / "exists")])
+
+
+def test_quick_checks_run_and_report_fractions(tokenizers):
+    from sdlite.recognizer import Recognizer
+    from sdlite.train import csa_check, prompt_following, vae_check
+
+    torch.manual_seed(0)
+    rec = Recognizer("a").eval()
+    tok = tokenizers[0]
+    pipe = assemble_pipeline(build_vae(TINY), build_clip(TINY, tok), build_unet(TINY), tok)
+    pipe.set_progress_bar_config(disable=True)
+    pf = prompt_following(pipe, rec, n=2, steps=2, batch=2)
+    assert set(pf) == set(sw.ATTRIBUTES) and all(0 <= v <= 1 for v in pf.values())
+    res = csa_check(pipe, rec, stories=1, steps=2, settings={"none": None, "csa": dict(rate=0.5, layers="all")})
+    for row in res.values():
+        assert 0 <= row["identity_agreement"] <= 1 and 0 <= row["scene_accuracy"] <= 1
+        # agreement over the 6 pairs of 4 panels comes in sixths
+        assert abs(row["agree_hair"] * 6 - round(row["agree_hair"] * 6)) < 1e-9
+    assert not any("Consistent" in type(p).__name__ for p in pipe.unet.attn_processors.values())  # removed
+    v = vae_check(pipe.vae, rec, n=4)
+    assert v["l1"] > 0 and set(v["accuracy_reconstructions"]) == set(sw.ATTRIBUTES)
