@@ -454,12 +454,14 @@ class DecoderTrainConfig:
 
 def train_decoder(cache: dict, text: torch.Tensor, empty_text: torch.Tensor, decoder: VideoDecoder, scheduler,
                   cfg: DecoderTrainConfig, out: str | os.PathLike | None = None, resume: bool = False,
-                  progress: bool = False, stop_at: int | None = None) -> tuple[VideoDecoder, dict]:
+                  progress: bool = False, stop_at: int | None = None,
+                  max_minutes: float | None = None) -> tuple[VideoDecoder, dict]:
     """Denoising training (the decoder's `prediction_type`) on cached clips: `cache` from `sdlite.motion.load_cache` (needs "latents"
     (N, L, C, h, w) and "embeds" (N, L, E)), `text` the encoded captions (N, T, D), `empty_text` the "" encoding
     (1, T, D). Conditions on the true frame embeddings (noised), replaced by the null tokens with `null_prob`.
     Everything random in step s comes from a generator seeded with (seed, s): resuming continues exactly; `stop_at`
-    ends the run after that step (with a checkpoint), to split a long run into short jobs."""
+    ends the run after that step (with a checkpoint), to split a long run into short jobs; `max_minutes` ends it
+    (with a checkpoint) once this session has trained that long, wherever the schedule is."""
     from accelerate import Accelerator
 
     if "latents" not in cache:
@@ -488,7 +490,15 @@ def train_decoder(cache: dict, text: torch.Tensor, empty_text: torch.Tensor, dec
     t0 = time.time() - (hist["seconds"][-1] if hist["seconds"] else 0.0)
     model.train()
     end_step = cfg.steps if stop_at is None else min(cfg.steps, int(stop_at))
+    session_start = time.time()
     for step in range(start_step, end_step):
+        if max_minutes is not None and time.time() - session_start > 60 * max_minutes:
+            end_step = step  # out of time: checkpoint what we have
+            if ckpt is not None:
+                from .motion import _save_checkpoint
+
+                _save_checkpoint(ckpt, step, acc.unwrap_model(model), opt, hist)
+            break
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0]))
         idx = torch.randint(n, (cfg.batch_size,), generator=g)
         z = lat[idx].to(acc.device)  # (B, L, C, h, w)
@@ -538,6 +548,7 @@ def train_decoder(cache: dict, text: torch.Tensor, empty_text: torch.Tensor, dec
             from .motion import _save_checkpoint
 
             _save_checkpoint(ckpt, step + 1, acc.unwrap_model(model), opt, hist)
+    hist["last_step"] = end_step
     return acc.unwrap_model(model).eval(), hist
 
 
@@ -743,6 +754,7 @@ def _module_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true")
     t.add_argument("--stop-at", type=int, default=None, help="stop after this step (checkpointed; --resume later)")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed, exported) after this long")
     t.add_argument("--force", action="store_true")
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--storyworld", default=None, help="folder with vae/ and clip/ (default data/storyworld)")
@@ -783,10 +795,12 @@ def main(argv: list[str] | None = None) -> int:
                                 seed=args.seed)
         cfg = DecoderTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
         decoder, hist = train_decoder(cache, text, empty, decoder, models.scheduler, cfg, args.out, args.resume,
-                                      progress=True, stop_at=args.stop_at)
-        if args.export and hist["step"][-1] == args.steps:
+                                      progress=True, stop_at=args.stop_at, max_minutes=args.max_minutes)
+        finished = hist["last_step"] == args.steps
+        if args.export and (finished or args.max_minutes is not None):
             decoder.save_pretrained(args.export)
             info = {"command": command, "train_clips": len(captions), "config": cfg.__dict__,
+                    "trained_steps": hist["last_step"], "finished_schedule": finished,
                     "parameters": sum(p.numel() for p in decoder.parameters()),
                     "final_loss": hist["loss"][-1], "mean_logged_loss_last_4": float(np.mean(hist["loss"][-4:])),
                     "train_seconds": round(hist["seconds"][-1], 1)}

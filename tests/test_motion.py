@@ -346,7 +346,11 @@ def test_decoder_training_smoke_is_deterministic(tiny_models, tmp_path):
     for k, v in d1.state_dict().items():
         torch.testing.assert_close(d2.state_dict()[k], v, rtol=0, atol=0, msg=k)
     assert not torch.equal(d1.frame_proj.weight, dec0.frame_proj.weight)  # it learned something
-    assert (tmp_path / "r1" / "checkpoint" / "model.safetensors").is_file()
+    assert (tmp_path / "r1" / "checkpoint" / "model.safetensors").is_file() and h1["last_step"] == 3
+    _, h0 = video.train_decoder(cache, text, empty, copy.deepcopy(dec0), tiny_models.scheduler, cfg,
+                                out=tmp_path / "r0", max_minutes=1e-9)  # out of time at once: checkpoint, stop
+    assert h0["last_step"] == 0
+    assert json.loads((tmp_path / "r0" / "checkpoint" / "state.json").read_text())["step"] == 0
     eps = build_decoder("tiny", image_embed_dim=E, cross_attention_dim=32, seed=7, prediction_type="epsilon")
     d3, h3 = video.train_decoder(cache, text, empty, eps, tiny_models.scheduler, cfg)
     assert h3["loss"] != h1["loss"] and all(np.isfinite(h3["loss"]))
