@@ -148,6 +148,8 @@ def run_consistency_eval(pipe, recognizer, clip=None, clip_tokenizer=None, *, n_
                    if which == "short" else f"make_eval_stories({n_stories}, seed={seed + 1}, panels="
                                             f"({long_panels}, {long_panels}))",
                    "csa": {**asdict(csa), "layers": (csa.layers or layers_default) if csa.enabled else None,
+                           "first_steps_without_csa": model_defaults(pipe)["first_steps_without_csa"]
+                           if csa.first_steps_without_csa is None else csa.first_steps_without_csa,
                            "skip_schedule": str(csa.skip_schedule)},
                    "steps": steps or model_defaults(pipe)["steps"]}
             rows.append(row)
@@ -233,7 +235,7 @@ def _run(args) -> int:
                                 seed_policies=tuple(args.seed_policies.split(",")), steps=args.steps, seed=args.seed,
                                 shared_settings=args.shared_settings.split(",") if args.shared_settings else None)
     command = "python -m sdlite.eval consistency " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("func", "force") and v is not None)
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("func", "force", "evaluation") and v is not None)
     for r in rows:
         r["command"] = command
     out.write_text(json.dumps(rows, indent=1) + "\n")

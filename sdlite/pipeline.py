@@ -60,7 +60,8 @@ class CSAConfig:
     id_length: reference panels per character, generated together and written to the bank (None: all its solo
         panels: the whole story of one character in one CSA batch, where tiles matter).
     read_batch: panels per batch in the read phase.
-    first_steps_without_csa: plain attention for steps 0..n-1 (official: 1).
+    first_steps_without_csa: plain attention for steps 0..n-1; None = the model's default (official SDXL: 1;
+        storyworld: 0, as its 20 steps set the composition early and it was trained with joint attention).
     skip_schedule: random plain-attention layer calls (official: 0.3 before step 20, 0.1 after); None: never.
     enabled: False = no CSA at all (plain SDXL, same batches and seeds: the baseline).
     """
@@ -71,13 +72,16 @@ class CSAConfig:
     layers: str | None = None
     id_length: int | None = 4
     read_batch: int = 4
-    first_steps_without_csa: int = 1
+    first_steps_without_csa: int | None = None
     skip_schedule: SkipSchedule | None = None
     enabled: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not 0 <= self.rate <= 1:
             raise ValueError(f"rate must be in [0, 1], got {self.rate!r}: e.g. rate=0.5")
+        f = self.first_steps_without_csa
+        if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 0):
+            raise ValueError(f"first_steps_without_csa must be an int >= 0 or None (model default), got {f!r}")
         for name in ("tile", "id_length"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -109,8 +113,8 @@ def is_storyworld(pipe) -> bool:
 def model_defaults(pipe) -> dict:
     """Defaults that depend on the model: steps, guidance, CSA layers (size: the pipeline's own default)."""
     if is_storyworld(pipe):
-        return {"steps": 20, "guidance_scale": 5.0, "layers": "all"}
-    return {"steps": 35, "guidance_scale": 5.0, "layers": "up"}
+        return {"steps": 20, "guidance_scale": 5.0, "layers": "all", "first_steps_without_csa": 0}
+    return {"steps": 35, "guidance_scale": 5.0, "layers": "up", "first_steps_without_csa": 1}
 
 
 def load_pipeline(model: str | Path = "storyworld", device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -268,8 +272,10 @@ def _fused_embeds(pipe, story: Story, panel_ids, id_encoder, id_images, device, 
         h1 = pipe.text_encoder(e1.input_ids[None].to(device), output_hidden_states=True).hidden_states[-2]
         h2 = pipe.text_encoder_2(e2.input_ids[None].to(device), output_hidden_states=True).hidden_states[-2]
         embeds = torch.cat([h1, h2], dim=-1)  # (1, L, D1 + D2)
-        pix = _id_pixels(imgs, id_encoder.config.vision["image_size"], device, embeds.dtype)[None]  # (1, n, 3, S, S)
-        rows.append(id_encoder(pix, embeds, e1.class_tokens_mask[None].to(device))[0].to(text_embeds.dtype))
+        enc_dtype = next(id_encoder.parameters()).dtype  # e.g. an fp32 encoder next to an fp16 SDXL
+        pix = _id_pixels(imgs, id_encoder.config.vision["image_size"], device, enc_dtype)[None]  # (1, n, 3, S, S)
+        fused = id_encoder(pix, embeds.to(enc_dtype), e1.class_tokens_mask[None].to(device))  # (1, L, D)
+        rows.append(fused[0].to(text_embeds.dtype))
     return torch.stack(rows) if any_id else None
 
 
@@ -317,6 +323,8 @@ def generate_story(
     if not isinstance(story, Story):
         raise TypeError(f"story must be a parsed Story, got {type(story).__name__}: use sdlite.story.parse_story(text)")
     layers = csa.layers or defaults["layers"]
+    first_plain = defaults["first_steps_without_csa"] if csa.first_steps_without_csa is None else \
+        csa.first_steps_without_csa
     steps = defaults["steps"] if steps is None else steps
     guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -340,7 +348,7 @@ def generate_story(
     if csa.enabled:
         handle = install_consistent_attention(
             pipe.unet, rate=csa.rate, tile=None, layers=layers, guidance_halves=do_cfg,
-            first_steps_without_csa=csa.first_steps_without_csa, skip_schedule=csa.skip_schedule, seed=seed)
+            first_steps_without_csa=first_plain, skip_schedule=csa.skip_schedule, seed=seed)
     images: list[Image.Image | None] = [None] * len(story)
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
@@ -393,7 +401,7 @@ def generate_story(
         if handle is not None:
             handle.bank.clear()
             handle.remove()
-    settings = {"csa": dataclasses.asdict(csa) | {"layers": layers}, "steps": steps, "guidance_scale": guidance_scale,
+    settings = {"csa": dataclasses.asdict(csa) | {"layers": layers, "first_steps_without_csa": first_plain}, "steps": steps, "guidance_scale": guidance_scale,
                 "height": height, "width": width, "seed": seed, "seed_policy": seed_policy,
                 "style": story.style.name, "id_images": sorted(id_images) if id_images else []}
     return StoryResult(images, story, seeds, plan, settings, bank_nbytes)

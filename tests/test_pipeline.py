@@ -82,6 +82,7 @@ def test_storyworld_story_shapes_determinism_and_clean_uninstall(sw_pipe):
     after = sw_pipe.unet.attn_processors
     assert all(after[k] is before[k] for k in before)  # the exact processor objects are back
     assert a.settings["csa"]["layers"] == "all" and is_storyworld(sw_pipe)
+    assert a.settings["csa"]["first_steps_without_csa"] == 0  # storyworld: CSA from the first step
     assert a.bank_nbytes > 0
 
 
@@ -177,6 +178,8 @@ def test_bad_settings():
         CSAConfig(stride=2)
     with pytest.raises(ValueError, match="layers must be"):
         CSAConfig(layers="middle")
+    with pytest.raises(ValueError, match="first_steps_without_csa must be"):
+        CSAConfig(first_steps_without_csa=-1)
     with pytest.raises(ValueError, match="read_batch must be"):
         CSAConfig(read_batch=0)
 
@@ -204,6 +207,7 @@ def test_real_sdxl_path_from_a_saved_folder(sdxl_folder):
     assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
     up = [k for k in before if k.startswith("up_blocks") and "attn1" in k]
     assert up and r.settings["csa"]["layers"] == "up"
+    assert r.settings["csa"]["first_steps_without_csa"] == 1  # SDXL: as the official code
     again = generate_story(pipe, story, steps=STEPS, height=64, width=64, progress=False)
     np.testing.assert_array_equal(r.arrays(), again.arrays())
 
