@@ -8,8 +8,11 @@ noise, blockiness).
 
 Two independent scorers ship, so labels of generated images can be cross-checked:
 - "a" (`data/recognizer.safetensors`): convolutions, then a flattened 4x4 map (it knows *where* things are);
-- "b" (`data/recognizer_b.safetensors`): another architecture (reads a 32x32 average-pooled copy, global
-  average + max pooling: position-free), trained from another seed on other renders.
+- "b" (`data/recognizer_b.safetensors`): a *colour reader* (`ColourReader`): no convolutions, it counts
+  palette colours in a 16x8 grid of image cells (where hair, shirt, trousers and hat sit) and reads the
+  labels with linear heads fitted in closed form (ridge regression) on other renders (another seed).
+  It is reliable for shirt, trousers and scene, weaker for the small or shape-defined labels (hair, hat,
+  class word, action): see data/recognizer_b.json. Use it to cross-check shirt/trousers/scene labels.
 """
 
 from __future__ import annotations
@@ -40,6 +43,50 @@ def _block(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
 
+# The large background colours of the storyworld scenes (sky, ground, landmarks), as `storyworld` draws them.
+_SCENE_KEY_RGB = [(95, 170, 255), (70, 175, 60), (25, 110, 35), (120, 200, 255), (20, 110, 205),
+                  (240, 212, 140), (205, 215, 230), (110, 110, 120), (75, 75, 80), (250, 225, 120),
+                  (165, 180, 205), (250, 252, 255), (8, 12, 45), (25, 55, 40), (245, 245, 205),
+                  (236, 206, 160), (150, 95, 50)]
+
+
+def _palette() -> torch.Tensor:
+    """Every colour a character is drawn with (identity colours, skin, shoes, hats) and the scenes' key
+    colours, in [-1, 1]: (P, 3)."""
+    rgb = []
+    for table in (sw._HAIR_RGB, sw._SHIRT_RGB, sw._TROUSERS_RGB, sw._HAT_RGB):
+        rgb.extend(table.values())
+    rgb += [sw._SKIN, sw._SHOES]
+    rgb += _SCENE_KEY_RGB
+    unique = sorted(set(rgb))
+    return torch.tensor(unique, dtype=torch.float32) / 127.5 - 1.0
+
+
+class ColourReader(nn.Module):
+    """The second scorer's eyes: no convolutions, only colour counting where the body parts are.
+
+    Each pixel of a 32x32 (2x average-pooled) copy is softly assigned to the nearest palette colours (or to
+    "none of them"); the assignments are averaged over a 16 (rows) x 8 (columns) grid of cells.
+    (B, 3, 64, 64) -> (B, (P + 1) * 16 * 8). The heads on top are linear, fitted in closed form (ridge).
+    """
+
+    def __init__(self, bands: tuple[int, int] = (16, 8), temperature: float = 0.03):
+        super().__init__()
+        self.register_buffer("palette", _palette())                      # (P, 3)
+        self.bands, self.temperature = bands, temperature
+        self.out_features = (self.palette.shape[0] + 1) * bands[0] * bands[1]
+
+    def histograms(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.avg_pool2d(x, 2)                                                      # (B, 3, 32, 32)
+        d2 = ((x[:, None] - self.palette[None, :, :, None, None]) ** 2).sum(2)     # (B, P, 32, 32)
+        none = torch.full_like(d2[:, :1], 0.06)                                    # "background" distance
+        w = torch.softmax(-torch.cat([d2, none], 1) / self.temperature, dim=1)      # (B, P+1, 32, 32)
+        return F.adaptive_avg_pool2d(w, self.bands)                                # (B, P+1, 16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.histograms(x).flatten(1)                                       # (B, out_features)
+
+
 class Recognizer(nn.Module):
     """CNN with one linear head per entry of `storyworld.ATTRIBUTES`.
 
@@ -61,23 +108,15 @@ class Recognizer(nn.Module):
                 _block(48, 64), nn.MaxPool2d(2),         # (B, 64, 4, 4)
             )
             feat = 64 * 4 * 4
-        else:  # reads a 2x average-pooled (32x32) image: cheap to train, and sees the picture differently
-            self.features = nn.Sequential(
-                nn.AvgPool2d(2),                         # (B, 3, 32, 32)
-                _block(3, 16), nn.MaxPool2d(2),          # (B, 16, 16, 16)
-                _block(16, 32), nn.MaxPool2d(2),         # (B, 32, 8, 8)
-                _block(32, 64),                          # (B, 64, 8, 8)
-            )
-            feat = 64 * 2
+        else:
+            self.features = ColourReader()
+            feat = self.features.out_features
         self.dropout = nn.Dropout(0.1)
         self.heads = nn.ModuleDict({name: nn.Linear(feat, len(vals)) for name, vals in sw.ATTRIBUTES.items()})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.features(x)
-        if self.arch == "a":
-            h = h.flatten(1)                                           # (B, 1024)
-        else:
-            h = torch.cat([h.mean((2, 3)), h.amax((2, 3))], dim=1)   # (B, 128)
+        h = h.flatten(1)                                               # (B, feat)
         h = self.dropout(h)
         return {name: head(h) for name, head in self.heads.items()}
 
@@ -254,6 +293,44 @@ def train_recognizer(steps: int = 1500, seed: int = 0, arch: str = "a", batch_si
     return model, history
 
 
+@torch.no_grad()
+def fit_colour_reader(seed: int = 1, n_train: int = 12000, ridge: float = 1.0, threads: int | None = 2,
+                      log: Callable[[str], None] | None = print) -> tuple[Recognizer, dict]:
+    """The second scorer (arch "b"): colour histograms + linear heads fitted in closed form.
+
+    Features of `n_train` augmented renders (seed 1000 + `seed`); one-hot targets of every label;
+    W = (X^T X + ridge I)^-1 X^T Y. Returns (model in eval mode, {"seconds": [...]}).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = Recognizer("b").eval()
+    gen = torch.Generator().manual_seed(seed)
+    images, labels = render_set(n_train, seed=1000 + seed)
+    feats = []
+    for i in range(0, n_train, 500):
+        feats.append(model.features(augment(as_batch(images[i:i + 500]), gen)))
+    x = torch.cat(feats)                                                # (N, F)
+    x = torch.cat([x, torch.ones(len(x), 1)], 1)                        # (N, F + 1): bias column
+    y = torch.cat([F.one_hot(labels[n], len(v)).float() for n, v in sw.ATTRIBUTES.items()], 1)  # (N, 34)
+    if x.shape[0] >= x.shape[1]:  # primal: (X^T X + ridge I) W = X^T Y
+        gram = x.T @ x                                                  # (F + 1, F + 1)
+        w = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0]), x.T @ y)  # (F + 1, 34)
+    else:  # dual (fewer samples than features), the same W: X^T (X X^T + ridge I)^-1 Y
+        gram = x @ x.T                                                  # (N, N)
+        w = x.T @ torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0]), y)
+    j = 0
+    for name, values in sw.ATTRIBUTES.items():
+        head = model.heads[name]
+        head.weight.copy_(w[:-1, j:j + len(values)].T)
+        head.bias.copy_(w[-1, j:j + len(values)])
+        j += len(values)
+    seconds = time.perf_counter() - t0
+    if log:
+        log(f"fitted the colour reader on {n_train} augmented renders in {seconds:.0f}s")
+    return model, {"step": [], "loss": [], "seconds": [seconds]}
+
+
 def save_recognizer(model: Recognizer, path, metadata: dict | None = None, force: bool = False) -> Path:
     """Write the weights (float16: half the size, same predictions) and the architecture to safetensors."""
     path = check_writable(path, force)
@@ -307,14 +384,19 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     out = Path(args.out) if args.out else data_dir() / DEFAULT_FILES[args.arch]
     check_writable(out, args.force)
-    model, history = train_recognizer(args.steps, args.seed, args.arch, n_train=args.n_train)
+    if args.arch == "b":
+        model, history = fit_colour_reader(args.seed, n_train=args.n_train)
+    else:
+        model, history = train_recognizer(args.steps, args.seed, args.arch, n_train=args.n_train)
     test_images, test_labels = render_set(args.n_test, seed=999_000 + args.seed)
     clean = accuracy(model, test_images, test_labels)
     gen = torch.Generator().manual_seed(12345)
     degraded = accuracy(model, augment(as_batch(test_images), gen), test_labels)
     info = {
         "command": "python -m sdlite.recognizer " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
-        "arch": args.arch, "seed": args.seed, "steps": args.steps, "n_train": args.n_train,
+        "arch": args.arch, "seed": args.seed, "n_train": args.n_train,
+        "training": (f"{args.steps} AdamW steps, batch 48, augmented" if args.arch == "a"
+                     else "closed-form ridge (lambda 1.0) on colour histograms of augmented renders"),
         "train_data": f"storyworld.render_set({args.n_train}, seed={1000 + args.seed})",
         "test_data": f"storyworld.render_set({args.n_test}, seed={999_000 + args.seed}) (held out)",
         "heldout_accuracy": clean, "heldout_accuracy_min": min(clean.values()),
