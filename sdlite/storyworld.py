@@ -232,7 +232,9 @@ class _Canvas:
 
     def _paint(self, i0, i1, j0, j1, d, rgb, alpha=1.0):
         # d: signed distance in pixels (negative inside); coverage ramps over one pixel at the edge.
-        a = np.clip(0.5 - d, 0.0, 1.0)[..., None] * alpha  # (h, w, 1)
+        a = np.minimum(np.maximum(0.5 - d, 0.0), 1.0)[..., None]  # (h, w, 1)
+        if alpha != 1.0:
+            a = a * alpha
         region = self.img[i0:i1, j0:j1]
         region += a * (np.asarray(rgb, np.float32) - region)
 
