@@ -103,9 +103,9 @@ def layout_boxes(n: int, layout: str = "grid", panel_size: int = 256, columns: i
         if layout == "grid":
             size = panel_size
             x0 = (page_w - (count * size + (count - 1) * gap)) // 2  # centre a short last row
-        else:
-            size = (page_w - (count + 1) * gap) // count
-            x0 = gap
+        else:  # the row's panels share the page width; a lone panel is capped at 1.25x and centred
+            size = min((page_w - (count + 1) * gap) // count, int(1.25 * panel_size))
+            x0 = (page_w - (count * size + (count - 1) * gap)) // 2
         for j in range(count):
             boxes.append(PanelBox(k, x0 + j * (size + gap), y, size, size, cap_h))
             k += 1
