@@ -34,6 +34,9 @@ from .paths import check_writable, data_dir
 
 ARCHS = ("a", "b")
 DEFAULT_FILES = {"a": "recognizer.safetensors", "b": "recognizer_b.safetensors"}
+# A third scorer: the CNN "a" trained from another seed on other renders (1000 steps), the independent
+# cross-check for hair / hat / class word: load_recognizer(data_dir() / SEED1_FILE).
+SEED1_FILE = "recognizer_a_seed1.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -298,6 +298,18 @@ def test_shipped_recognizers_are_small_and_accurate(arch, heldout):
             assert a >= 0.6, (arch, name, a)  # well above chance (<= 0.33), not a reliable scorer
 
 
+def test_seed1_cnn_scorer_is_independent_and_accurate(heldout):
+    a = rec.load_recognizer(arch="a")
+    a1 = rec.load_recognizer(data_dir() / rec.SEED1_FILE)
+    assert a1.arch == "a"
+    assert not torch.equal(a1.heads["hair"].weight, a.heads["hair"].weight)
+    images, labels = heldout
+    acc = rec.accuracy(a1, images, labels)
+    assert min(acc.values()) >= 0.92, acc
+    pa, p1 = a.predict(images), a1.predict(images)
+    assert (pa["hair"] == p1["hair"]).float().mean() > 0.93
+
+
 def test_predict_accepts_uint8_and_float_and_the_two_scorers_agree(heldout):
     images, labels = heldout
     a, b = rec.load_recognizer(arch="a"), rec.load_recognizer(arch="b")
