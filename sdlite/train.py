@@ -694,6 +694,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--stories", type=int, default=32, help="check: 4-panel stories for the CSA check")
     ap.add_argument("--guidance", type=float, default=5.0, help="check: classifier-free guidance scale")
     ap.add_argument("--recognizer", default=None, help="check: recognizer file (default: the shipped one)")
+    ap.add_argument("--rates", default=None, help="check: only sweep these CSA rates, e.g. 0.3,0.7,1.0")
     ap.add_argument("--out", required=True, help="run folder (checkpoints, logs), e.g. runs/storyworld")
     ap.add_argument("--export", default=None, help="pipeline folder to write at the end, e.g. data/storyworld")
     ap.add_argument("--force", action="store_true", help="allow --export to replace an existing folder")
@@ -751,6 +752,16 @@ def _check_main(args) -> int:
     pipe = load_storyworld(folder=args.export)
     rec = load_recognizer(args.recognizer)
     t0 = time.time()
+    if args.rates:  # a sweep of CSA sampling rates only (all self-attention layers, disjoint tiles of 4)
+        rates = [float(r) for r in args.rates.split(",")]
+        settings = {f"csa_rate{r:g}": dict(rate=r, layers="all") for r in rates}
+        res = {"csa": csa_check(pipe, rec, stories=args.stories, guidance=args.guidance, seed=args.seed,
+                                settings=settings, verbose=True),
+               "command": "python -m sdlite.train " + " ".join(sys.argv[1:]), "seconds": time.time() - t0}
+        path = Path(args.out) / "check_rates.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=1))
+        return 0
     res = {"vae": vae_check(pipe.vae, rec, seed=args.seed)}
     print(json.dumps(res, indent=1), flush=True)
     res["prompt_following"] = prompt_following(pipe, rec, n=args.prompts, guidance=args.guidance, seed=args.seed)
