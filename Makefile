@@ -1,6 +1,9 @@
 # sdlite: the commands the README uses.
 #   make test   create .venv if missing, install sdlite with its dev extras, run unit tests + every notebook (nbval)
 #   make lab    open JupyterLab on notebooks/
+#   make demo   the main job: the bundled example story -> a comic page (CPU, storyworld, about a minute)
+#   make train-storyworld  rebuild every shipped checkpoint in data/ from scratch (2-core CPU, about 3 h)
+#   make eval / make benchmarks   the committed results/ and benchmarks/ figures
 PYTHON ?= python3
 VENV ?= .venv
 # Extra flags for `python -m venv`, e.g. VENV_FLAGS=--system-site-packages to reuse a torch you already have.
@@ -14,7 +17,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install test unit notebooks lab demo clean-venv execute-notebook
+.PHONY: install test unit notebooks lab demo clean-venv execute-notebook train-storyworld eval benchmarks
 
 $(PY):
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -46,3 +49,23 @@ clean-venv:
 # Execute one notebook in place from a fresh kernel: make execute-notebook NB=notebooks/01_tokenization.ipynb
 execute-notebook: install
 	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 $(NB)
+
+# The main job: writes out/demo/page.png and the single panels (the demo's own folder, so --force is safe).
+demo: install
+	$(VENV)/bin/sdlite story --out out/demo/page.png --force
+
+# Every shipped checkpoint, from scratch (each command records itself next to the weights it writes).
+train-storyworld: install
+	$(PY) -m sdlite.recognizer --arch a --steps 1500 --force
+	$(PY) -m sdlite.recognizer --arch b --seed 1 --force
+	$(PY) -m sdlite.recognizer --arch a --seed 1 --steps 1000 --out data/recognizer_a_seed1.safetensors --force
+	$(PY) -m sdlite.train storyworld --stage all --out runs/storyworld --export data/storyworld --force --threads 1
+
+# The committed evaluation tables (long: run on an otherwise idle machine).
+eval: install
+	$(PY) -m sdlite.eval storyworld --out results/storyworld.json
+	$(PY) -m sdlite.eval consistency --out results/consistency.json
+
+benchmarks: install
+	$(PY) benchmarks/attention.py
+	$(PY) benchmarks/story_memory.py --panels 8 32 --size 128

@@ -98,7 +98,7 @@ def story4_seconds(pipe, steps: int = 25, repeats: int = 3) -> float:
 
 
 def evaluate_storyworld(out: str | Path | None = "results/storyworld.json", quick: bool = False,
-                        n_stories: int = 64, steps: int = 25) -> dict:
+                        n_stories: int = 64, steps: int = 25, threads: int = 1, log=print) -> dict:
     """Run every measurement and write the json (`quick`: tiny sizes, for tests and smoke runs)."""
     from .eval_story import run_consistency_eval
     from .models import load_storyworld
@@ -106,7 +106,8 @@ def evaluate_storyworld(out: str | Path | None = "results/storyworld.json", quic
     from .recognizer import load_recognizer
     from .train import prompt_following, vae_check
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # The storyworld models are tiny: one thread is fastest (two threads spin-wait on a busy 2-core machine).
+    torch.set_num_threads(threads)
     t_start = time.perf_counter()
     pipe = load_storyworld("cpu")
     pipe.set_progress_bar_config(disable=True)
@@ -116,14 +117,25 @@ def evaluate_storyworld(out: str | Path | None = "results/storyworld.json", quic
     steps = 4 if quick else steps
 
     guidance = model_defaults(pipe)["guidance_scale"]
+
+    def stage(name):
+        if log:
+            log(f"[{time.perf_counter() - t_start:7.1f} s] {name}")
+
+    stage("recognizer on held-out renders")
     rec = recognizer_accuracy(recognizer, n=200 if quick else 1000)
+    stage("VAE reconstructions")
     vae = vae_check(pipe.vae, recognizer, n=48 if quick else 512, seed=EVAL_SEED)
     vae_drop = {k: vae["accuracy_renders"][k] - vae["accuracy_reconstructions"][k] for k in vae["accuracy_renders"]}
+    stage(f"prompt following ({n_img} prompts, {steps} steps)")
     follow = prompt_following(pipe, recognizer, n=n_img, steps=steps, guidance=guidance, seed=EVAL_SEED)
+    stage(f"free choice ({n_img} prompts)")
     choice = free_choice(pipe, recognizer, n=n_img, steps=steps, guidance=guidance)
+    stage(f"consistency: {n_stories} four-panel stories x (no_csa, default) x (per_panel, shared)")
     rows = run_consistency_eval(pipe, recognizer, n_stories=n_stories, settings=["no_csa", "default"],
                                 seed_policies=("per_panel", "shared"), steps=steps, seed=EVAL_SEED,
-                                short_panels=(4, 4), progress=False, log=None)
+                                short_panels=(4, 4), progress=False, log=log)
+    stage("speed")
     by = {(r["setting"], r["seed_policy"]): r for r in rows}
     base, csa = by[("no_csa", "per_panel")], by[("default", "per_panel")]
     result = {
@@ -173,14 +185,16 @@ def add_storyworld_parser(subparsers) -> None:
     p.add_argument("--out", default="results/storyworld.json", help="where the json goes (overwritten)")
     p.add_argument("--stories", type=int, default=64, help="four-panel stories for the CSA bar (>= 64)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (the bars use 25)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not the bars")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    if args.stories < 1 or args.steps < 1:
-        raise ValueError("--stories and --steps must be >= 1")
-    result = evaluate_storyworld(args.out, quick=args.quick, n_stories=args.stories, steps=args.steps)
+    if args.stories < 1 or args.steps < 1 or args.threads < 1:
+        raise ValueError("--stories, --steps and --threads must be >= 1")
+    result = evaluate_storyworld(args.out, quick=args.quick, n_stories=args.stories, steps=args.steps,
+                                 threads=args.threads)
     print(format_table(result))
     print(f"wrote {args.out} in {result['seconds']} s")
     return 0
