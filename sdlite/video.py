@@ -764,6 +764,7 @@ def _module_parser() -> argparse.ArgumentParser:
     e.add_argument("--frames", type=int, default=16)
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--strength", type=float, default=1.0)
+    e.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     e.add_argument("--decoder", default=None, help="decoder folder (default data/motion/decoder)")
     e.add_argument("--out", default="results/motion.json")
     e.add_argument("--force", action="store_true")
@@ -815,9 +816,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.decoder:
             models.decoder = VideoDecoder.storyworld(args.decoder)
         rec = load_recognizer()
+        methods = tuple(args.methods.split(","))
+        unknown = set(methods) - set(METHODS)
+        if unknown:
+            raise ValueError(f"unknown methods {sorted(unknown)}: choose from {METHODS}")
         res = evaluate(models, args.clips, args.seed, args.frames, args.steps, args.strength, recognizer=rec,
-                       progress=True)
+                       methods=methods, progress=True)
         res = summarize(res, command, n_clips=args.clips, seed=args.seed, steps=args.steps, strength=args.strength)
+        mf = Path(args.motion) if args.motion else motion_dir()
+        for part, folder in (("predictor", mf / "predictor"), ("decoder", Path(args.decoder or mf / "decoder"))):
+            if (folder / "training.json").is_file():
+                res[f"{part}_training"] = json.loads((folder / "training.json").read_text())
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
         print(json.dumps({k: res[k] for k in ("predictor_error_ratio_vs_linear", "psnr", "bars")}, indent=1))
         return 0
