@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install test unit notebooks lab demo clean-venv execute-notebook train-storyworld eval benchmarks
+.PHONY: install test unit notebooks lab demo clean-venv execute-notebook train-storyworld train-motion eval benchmarks
 
 $(PY):
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -61,10 +61,18 @@ train-storyworld: install
 	$(PY) -m sdlite.recognizer --arch a --seed 1 --steps 1000 --out data/recognizer_a_seed1.safetensors --force
 	$(PY) -m sdlite.train storyworld --stage all --out runs/storyworld --export data/storyworld --force --threads 1
 
+# The motion predictor and the video decoder (data/motion/), on top of data/storyworld/ (about 1 h on 2 cores).
+train-motion: install
+	$(PY) -m sdlite.motion cache --clips 3000 --seed 1 --out runs/motion/train --latents
+	$(PY) -m sdlite.motion cache --clips 200 --seed 2 --out runs/motion/val
+	$(PY) -m sdlite.motion train --cache runs/motion/train --val-cache runs/motion/val --out runs/motion/predictor --export data/motion/predictor --steps 3000 --batch-size 64 --lr 1e-3 --threads 1
+	$(PY) -m sdlite.video train --cache runs/motion/train --out runs/video --export data/motion/decoder --size base --steps 1500 --batch-size 4 --threads 1
+
 # The committed evaluation tables (long: run on an otherwise idle machine).
 eval: install
 	$(PY) -m sdlite.eval storyworld --out results/storyworld.json
 	$(PY) -m sdlite.eval consistency --out results/consistency.json
+	$(PY) -m sdlite.video evaluate --clips 100 --steps 8 --methods latent_interpolation,no_predictor,temporal_only,full --threads 1 --out results/motion.json --force
 
 benchmarks: install
 	$(PY) benchmarks/attention.py
