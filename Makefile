@@ -65,8 +65,8 @@ train-storyworld: install
 train-motion: install
 	$(PY) -m sdlite.motion cache --clips 3000 --seed 1 --out runs/motion/train --latents
 	$(PY) -m sdlite.motion cache --clips 200 --seed 2 --out runs/motion/val
-	$(PY) -m sdlite.motion train --cache runs/motion/train --val-cache runs/motion/val --out runs/motion/predictor --export data/motion/predictor --steps 3000 --batch-size 64 --lr 1e-3 --threads 1
-	$(PY) -m sdlite.video train --cache runs/motion/train --out runs/video --export data/motion/decoder --size base --steps 1500 --batch-size 4 --threads 1
+	$(PY) -m sdlite.motion train --cache runs/motion/train --val-cache runs/motion/val --out runs/motion/predictor --export data/motion/predictor --steps 3000 --batch-size 64 --lr 1e-3 --threads 1 --force
+	$(PY) -m sdlite.video train --cache runs/motion/train --out runs/video --export data/motion/decoder --size base --steps 1500 --batch-size 4 --threads 1 --force
 
 # The committed evaluation tables (long: run on an otherwise idle machine).
 eval: install
