@@ -15,6 +15,7 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 SUBCOMMANDS: tuple[str, ...] = (
     "sdlite.story:add_story_parser",
+    "sdlite.video:add_video_parser",
 )
 
 

@@ -383,6 +383,9 @@ def add_story_parser(subparsers) -> None:
     p.add_argument("--columns", type=int, default=2, help="panels per row in the grid layout (default 2)")
     p.add_argument("--panel-size", type=int, default=256, help="panel size on the page in px (default 256)")
     p.add_argument("--title", default=None, help="a title above the panels")
+    p.add_argument("--video", default=None,
+                   help="also write the whole story as one video (.mp4/.gif): panels as keyframes joined by "
+                        "transitions of the semantic motion predictor + video decoder (sdlite.video)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_story_command)
@@ -401,7 +404,12 @@ def run_story_command(args) -> int:
         raise ValueError(f"--out {out}: the page is a PNG, use a path ending in .png")
     panel_dir = out.with_name(out.stem + "_panels")
     panel_paths = [panel_dir / f"panel_{i + 1:02d}.png" for i in range(len(story))]
-    for target in [out, *panel_paths]:  # fail before the (slow) generation, never half-way
+    video_path = Path(args.video) if getattr(args, "video", None) else None
+    if video_path is not None and video_path.suffix.lower() not in (".mp4", ".gif"):
+        raise ValueError(f"--video {video_path}: use a path ending in .mp4 or .gif")
+    if video_path is not None and len(story) < 2:
+        raise ValueError("--video needs a story of at least 2 panels (one transition)")
+    for target in [out, *panel_paths, *([video_path] if video_path else [])]:  # fail before the slow part
         check_writable(target, args.force)
     csa = CSAConfig(rate=args.rate, tile=args.tile, layers=args.layers, id_length=args.id_length,
                     enabled=not args.no_csa)
@@ -416,4 +424,9 @@ def run_story_command(args) -> int:
         image.save(target, format="PNG")
     print(f"page: {out}")
     print(f"panels: {panel_dir}/ ({len(panel_paths)} files: {panel_paths[0].name} .. {panel_paths[-1].name})")
+    if video_path is not None:
+        from .video import story_video, write_video
+
+        video = story_video(result.images, seed=args.seed)
+        print(f"video: {write_video(video_path, video, force=args.force)}")
     return 0

@@ -32,14 +32,6 @@ from sdlite.tiny import tiny_sd15_unet, tiny_sdxl_unet, tiny_unet_inputs
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are small: one thread avoids hand-offs between threads on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def sdxl_unet():

@@ -3,20 +3,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 from sdlite.cli import build_parser, main
 from sdlite.tiny import tiny_storyworld_pipeline
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids hand-offs between threads on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +74,21 @@ def test_story_file_no_csa_and_errors(model_folder, tmp_path, capsys):
 def test_no_subcommand_prints_help(capsys):
     assert main([]) == 2
     assert "story" in capsys.readouterr().out
+
+
+def test_story_video_option_checks_before_generating(model_folder, tmp_path, capsys):
+    base = ["story", "--model", str(model_folder), "--steps", "1", "--quiet", "--out", str(tmp_path / "p.png")]
+    assert main(base + ["--video", str(tmp_path / "story.avi")]) == 2
+    assert "ending in .mp4 or .gif" in capsys.readouterr().err
+    existing = tmp_path / "story.mp4"
+    existing.write_bytes(b"user data")
+    assert main(base + ["--video", str(existing)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert existing.read_bytes() == b"user data" and not (tmp_path / "p.png").exists()  # nothing generated
+
+
+def test_video_subcommand_is_registered():
+    parser = build_parser()
+    assert "video" in parser.format_help()
+    args = parser.parse_args(["video", "a.png", "b.png", "--out", "c.mp4"])
+    assert args.frames == 16 and args.func.__name__ == "run_video"

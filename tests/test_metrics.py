@@ -15,14 +15,6 @@ from sdlite.metrics import (
 from sdlite.story import parse_story
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids hand-offs between threads on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_pair_agreement_counts_pairs():
     assert pair_agreement([1, 1, 1, 1]) == 1.0

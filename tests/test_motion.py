@@ -19,14 +19,6 @@ from sdlite.video import VideoDecoder, VideoModels, build_decoder, video_unet_co
 E = 32  # tiny CLIP projection width
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster than two on a shared 2-core machine (no OpenMP spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tiny_clip():

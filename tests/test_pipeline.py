@@ -12,14 +12,6 @@ from sdlite.story import parse_story
 from sdlite.tiny import tiny_sdxl_pipeline, tiny_storyworld_pipeline
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids hand-offs between threads on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 STEPS = 2
 FOUR = "[Lily] a girl\n" + "\n".join(f"[Lily] {a} in the park" for a in ("standing", "walking", "jumping", "waving"))
