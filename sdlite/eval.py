@@ -3,49 +3,30 @@
     python -m sdlite.eval consistency --stories 50      the consistency table (sdlite.eval_story)
     python -m sdlite.eval storyworld ...                the storyworld model evaluation (its own module)
 
-Same registry as sdlite/cli.py: each entry is "module:function", where ``add_<name>_parser(subparsers)`` adds a
-subparser and sets ``func``. An entry whose module is not there yet is skipped.
+The same registry as the ``sdlite`` command (:mod:`sdlite.cli`): each entry is "module:function", where
+``add_<name>_parser(subparsers)`` adds a subparser and sets ``func``.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+
+from .cli import build_registry_parser, run_registry_parser
 
 __all__ = ["EVALUATIONS", "build_parser", "main"]
 
 EVALUATIONS: tuple[str, ...] = (
     "sdlite.eval_story:add_consistency_parser",
-    "sdlite.eval_storyworld:add_storyworld_parser",  # engineer C: the storyworld model evaluation
+    "sdlite.eval_storyworld:add_storyworld_parser",
 )
 
 
 def build_parser(entries: tuple[str, ...] = EVALUATIONS) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sdlite.eval", description="sdlite evaluations")
-    sub = parser.add_subparsers(dest="evaluation", metavar="EVALUATION")
-    for entry in entries:
-        module, _, function = entry.partition(":")
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:  # a real import error inside an existing module: show it
-                raise
-            continue
-        getattr(mod, function)(sub)
-    return parser
+    return build_registry_parser("python -m sdlite.eval", "sdlite evaluations", "evaluation", entries)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "func", None) is None:
-        parser.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"python -m sdlite.eval {args.evaluation}: error: {err}", file=sys.stderr)
-        return 2
+    return run_registry_parser(build_parser(), "evaluation", argv)
 
 
 if __name__ == "__main__":
