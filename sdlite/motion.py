@@ -54,6 +54,15 @@ def motion_dir() -> Path:
     return data_dir() / MOTION_SUBDIR
 
 
+def load_shipped(cls, folder: str | os.PathLike | None, name: str, what: str, train_command: str):
+    """`cls.from_pretrained` of `folder` (default `data/motion/<name>`), in eval mode, with a clear error if absent."""
+    folder = Path(folder) if folder is not None else motion_dir() / name
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no {what}: train it with `{train_command}` "
+                                "or restore data/motion from git")
+    return cls.from_pretrained(folder).eval()
+
+
 def _check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an int, got {seed!r}")
@@ -218,11 +227,7 @@ class SemanticMotionPredictor(ModelMixin, ConfigMixin):
     @classmethod
     def storyworld(cls, folder: str | os.PathLike | None = None) -> SemanticMotionPredictor:
         """The shipped storyworld predictor, `data/motion/predictor`."""
-        folder = Path(folder) if folder is not None else motion_dir() / "predictor"
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder} holds no predictor: train it with `python -m sdlite.motion train` "
-                                    "or restore data/motion from git")
-        return cls.from_pretrained(folder).eval()
+        return load_shipped(cls, folder, "predictor", "predictor", "python -m sdlite.motion train")
 
 
 def predict_frame_embeddings(embedder: ImageEmbedder, predictor: SemanticMotionPredictor | None,

@@ -42,7 +42,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .motion import (
-    ImageEmbedder, SemanticMotionPredictor, _check_frames, _check_seed, linear_interpolation, load_cache, motion_dir,
+    ImageEmbedder, SemanticMotionPredictor, _check_frames, _check_seed, linear_interpolation, load_cache, load_shipped,
+    motion_dir,
 )
 from .paths import check_writable
 
@@ -152,11 +153,7 @@ class VideoDecoder(ModelMixin, ConfigMixin):
     @classmethod
     def storyworld(cls, folder: str | os.PathLike | None = None) -> VideoDecoder:
         """The shipped storyworld decoder, `data/motion/decoder`."""
-        folder = Path(folder) if folder is not None else motion_dir() / "decoder"
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder} holds no video decoder: train it with `python -m sdlite.video train` "
-                                    "or restore data/motion from git")
-        return cls.from_pretrained(folder).eval()
+        return load_shipped(cls, folder, "decoder", "video decoder", "python -m sdlite.video train")
 
 
 def build_decoder(size: str = "base", image_embed_dim: int = 128, cross_attention_dim: int = 128,
