@@ -49,7 +49,7 @@ from .models import (
     build_unet, build_vae, count_parameters, save_pipeline, storyworld_tokenizers, text_encoders_from_clip,
 )
 
-STAGES = ("vae", "clip", "unet")
+STAGES = ("vae", "clip", "unet", "decoder")
 # What `make train-storyworld` runs: every shipped checkpoint from scratch (about 3 h on a 2-core CPU).
 RECIPE_COMMAND = ("python -m sdlite.train storyworld --stage all --out runs/storyworld --export data/storyworld "
                   "--force --threads 1")
@@ -68,13 +68,13 @@ class TrainConfig:
     seed: int = 0
     weight_decay: float = 0.01
     crop: int = 0  # vae only: train on random crops of this size (0 = whole images)
+    character_weight: float = 2.0  # unet, decoder: loss weight 1 + w on the character's pixels
     # unet only
     k: int = 4  # panels per group (collage)
     group_fraction: float = 0.5  # share of the batch's images that come in groups
     group_rates: tuple[float, ...] = (1.0, 0.5)  # joint-attention sampling rate, cycled over steps
     attention_layers: str = "all"  # which self-attention layers are joint during group steps
     caption_dropout: float = 0.1  # unconditional (zeroed text) training, for classifier-free guidance
-    character_weight: float = 2.0  # loss weight 1 + w on the character's pixels
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
     export_every: int = 0  # unet: export the pipeline every N steps (0 = only at the end)
@@ -89,6 +89,8 @@ def default_config(stage: str) -> TrainConfig:
         return TrainConfig(steps=200, batch_size=96, lr=5e-4, ckpt_every=100)
     if stage == "unet":
         return TrainConfig(steps=3643, batch_size=16, lr=5e-4, warmup=200, log_every=50, ckpt_every=200)
+    if stage == "decoder":
+        return TrainConfig(steps=1500, batch_size=16, lr=3e-4, warmup=50, ckpt_every=250, character_weight=4.0)
     raise ValueError(f"unknown stage {stage!r}: use one of {STAGES}")
 
 
@@ -559,7 +561,9 @@ def _export(out: Path, unet_state: dict, sizes, tokenizer, folder, vae=None, cli
     from transformers import CLIPModel
 
     out = Path(out)
-    vae = vae if vae is not None else AutoencoderKL.from_pretrained(out / "vae" / "final")
+    if vae is None:  # the stage-4 VAE (tuned decoder) when it exists, else stage 1's
+        vae = AutoencoderKL.from_pretrained(out / ("decoder" if (out / "decoder" / "final").is_dir() else "vae")
+                                            / "final")
     clip = clip if clip is not None else CLIPModel.from_pretrained(out / "clip" / "final")
     unet = build_unet(sizes)
     unet.load_state_dict(unet_state)
@@ -586,6 +590,72 @@ def _export(out: Path, unet_state: dict, sizes, tokenizer, folder, vae=None, cli
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 4: the VAE decoder, fine-tuned on the character (encoder frozen)
+# ----------------------------------------------------------------------------------------------------
+def train_decoder(out: str | os.PathLike, cfg: TrainConfig, resume: bool = False, progress: bool = True):
+    """Fine-tune the VAE's decoder only, with the loss weighted 1 + w on the character's pixels.
+
+    The stage-1 VAE, trained on crops where sky and grass fill most pixels, blurs the small parts that carry
+    identity (hair under a hat, the face that tells a boy from a man). Freezing the encoder keeps the latent
+    space (and `scaling_factor`) the UNet was trained in, so this stage can run before or after the UNet,
+    exactly as SD's "ft-MSE" VAE fine-tuned only its decoder. Needs `<out>/vae/final`; writes
+    `<out>/decoder/final` (a whole `AutoencoderKL`: frozen encoder + tuned decoder), which `_export` prefers.
+    """
+    from diffusers import AutoencoderKL
+
+    out = Path(out)
+    stage_dir = out / "decoder"
+    acc = _accelerator()
+    vae = AutoencoderKL.from_pretrained(out / "vae" / "final")
+    vae.requires_grad_(False)
+    tuned = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in tuned:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(tuned, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, _ = _start(stage_dir, resume, vae, opt)
+    vae, opt = acc.prepare(vae, opt)
+    raw = acc.unwrap_model(vae)
+    log = CsvLog(stage_dir / "log.csv", ["step", "loss", "l1", "l1_character", "lr", "seconds"])
+    data = sw.ImageDataset(cfg.steps * cfg.batch_size, seed=cfg.seed + 21)
+    per_proc = cfg.batch_size // acc.num_processes
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.steps), desc="decoder", disable=not (progress and acc.is_main_process),
+               initial=start, total=cfg.steps)
+    for step in bar:
+        first = step * cfg.batch_size + acc.process_index * per_proc
+        idx = range(first, first + per_proc)
+        x = _stack([data[i] for i in idx], "pixel_values").to(acc.device)  # (B,3,64,64)
+        mask = torch.stack([character_mask(data.panel(i)[0], latent_size=IMAGE_SIZE) for i in idx])  # (B,64,64)
+        weight = (1.0 + cfg.character_weight * mask)[:, None].to(acc.device)  # (B,1,64,64)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        gen = _step_generator(cfg.seed, step)
+        with torch.no_grad():  # the frozen encoder: a sample of the posterior, as the UNet's latents are
+            post = raw.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(x.device)  # (B,4,16,16)
+        rec = raw.decode(z).sample
+        err = rec - x
+        l1 = (weight * err.abs()).mean() / weight.mean()
+        loss = l1 + (weight * err.pow(2)).mean() / weight.mean()
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            l1c = float((err.detach().abs().mean(1, keepdim=True) * mask[:, None]).sum() / (mask.sum() + 1e-8))
+            log.write(dict(step=step + 1, loss=loss.item(), l1=float(err.detach().abs().mean()), l1_character=l1c,
+                           lr=_lr_at(step, cfg), seconds=time.time() - t0))
+        if (step + 1) % cfg.ckpt_every == 0 and acc.is_main_process:
+            _save_checkpoint(stage_dir / "checkpoint", step + 1, raw, opt)
+    vae = raw.eval().requires_grad_(False)
+    if acc.is_main_process:
+        _save_checkpoint(stage_dir / "checkpoint", cfg.steps, vae, opt)
+        vae.save_pretrained(stage_dir / "final")  # same config, same scaling_factor as stage 1
+    return vae
+
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -736,13 +806,33 @@ def main(argv: list[str] | None = None) -> int:
             train_vae(out, sizes, cfg, args.resume, progress=not args.quiet)
         elif stage == "clip":
             train_clip(out, sizes, cfg, tokenizer, args.resume, progress=not args.quiet)
-        else:
+        elif stage == "unet":
             train_unet(out, sizes, cfg, tokenizer, args.resume, progress=not args.quiet, export=args.export,
                        max_minutes=args.max_minutes)
-    if args.stage == "export" and args.export:
-        state = load_file(str(out / "unet" / "final" / "diffusion_pytorch_model.safetensors"))
-        _export(out, state, sizes, tokenizer, args.export, note="exported")
+        else:
+            train_decoder(out, cfg, args.resume, progress=not args.quiet)
+    if args.stage in ("export", "decoder", "all") and args.export:
+        state, step = latest_unet_weights(out)
+        _export(out, state, sizes, tokenizer, args.export, note=f"step {step}")
     return 0
+
+
+def latest_unet_weights(out: str | os.PathLike) -> tuple[dict, int]:
+    """The UNet's EMA weights and step: from `<out>/unet/final`, or from the last checkpoint when it is newer
+    (a run stopped by hand between checkpoints can still be exported)."""
+    stage = Path(out) / "unet"
+    final = stage / "final" / "diffusion_pytorch_model.safetensors"
+    ckpt = stage / "checkpoint"
+
+    def step_of(path: Path) -> int:
+        return json.loads(path.read_text())["step"] if path.is_file() else -1
+
+    final_step, ckpt_step = step_of(stage / "final" / "state.json"), step_of(ckpt / "state.json")
+    if ckpt_step > final_step and (ckpt / "ema.safetensors").is_file():
+        return load_file(str(ckpt / "ema.safetensors")), ckpt_step
+    if final.is_file():
+        return load_file(str(final)), final_step
+    raise FileNotFoundError(f"{final} is missing: train the UNet first (--stage unet), then export")
 
 
 def _check_main(args) -> int:

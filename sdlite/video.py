@@ -15,6 +15,12 @@ With no embeddings (`mode="temporal_only"`) learned null tokens stand in for the
 "latent-space only" decoder the paper argues against (only the temporal modules can plan the motion). Training
 drops the embeddings at random (`null_prob`), so one trained decoder serves both modes.
 
+The diffusion runs on *the residual of the frame latents to the latent cross-fade of the keyframes*
+(`interpolation_residual`; the UNet's output convolution starts at zero, so an untrained decoder predicts residual
+0, i.e. the cross-fade, baseline (a)). Training only has to learn what the cross-fade gets wrong: where the
+character really is at frame i, which the semantic embeddings say. The first decoder shipped ran the diffusion on
+the latents themselves: it had to rebuild every frame from noise and came out below the cross-fade.
+
 `generate_transition(start, end, frames=16)` makes one transition; `story_video(panels)` chains the transitions
 between consecutive story panels into one video; `evaluate` computes the paper's Table 2 in storyworld against the
 true in-between frames (`python -m sdlite.video evaluate`, writes results/motion.json).
@@ -96,12 +102,18 @@ class VideoDecoder(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, unet_config: dict | None = None, image_embed_dim: int = 128, frame_tokens: int = 2,
-                 prediction_type: str = "sample"):
+                 prediction_type: str = "sample", interpolation_residual: bool = False):
         super().__init__()
         if prediction_type not in ("sample", "epsilon"):
             raise ValueError(f"prediction_type={prediction_type!r}: use 'sample' (the clean latents) or 'epsilon'")
+        if interpolation_residual and prediction_type != "sample":
+            raise ValueError("interpolation_residual predicts clean latents as cross-fade + correction: it needs "
+                             "prediction_type='sample'")
         unet_config = dict(unet_config or video_unet_config())
         self.unet = UNetMotionModel(**unet_config)
+        if interpolation_residual:  # start exactly at the latent cross-fade; training learns only the correction
+            nn.init.zeros_(self.unet.conv_out.weight)
+            nn.init.zeros_(self.unet.conv_out.bias)
         d = self.unet.config.cross_attention_dim
         self.frame_proj = nn.Linear(image_embed_dim, frame_tokens * d)
         self.frame_norm = nn.LayerNorm(d)
@@ -150,6 +162,19 @@ class VideoDecoder(ModelMixin, ConfigMixin):
         out = self.unet(x.to(self.dtype), timestep, encoder_hidden_states).sample  # (B, C, L, h, w)
         return out.permute(0, 2, 1, 3, 4)  # (B, L, C, h, w)
 
+    def to_diffusion_space(self, latents: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+        """Frame latents (B, L, C, h, w) -> what the diffusion runs on: the latents themselves, or with
+        `interpolation_residual` their difference from the keyframes' cross-fade (0 at the first and last frame)."""
+        if not self.config.interpolation_residual:
+            return latents
+        return latents - linear_interpolation(start, end, latents.shape[1]).to(latents.dtype)
+
+    def from_diffusion_space(self, x: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_diffusion_space`: (B, L, C, h, w) -> frame latents."""
+        if not self.config.interpolation_residual:
+            return x
+        return x + linear_interpolation(start, end, x.shape[1]).to(x.dtype)
+
     @classmethod
     def storyworld(cls, folder: str | os.PathLike | None = None) -> VideoDecoder:
         """The shipped storyworld decoder, `data/motion/decoder`."""
@@ -158,14 +183,17 @@ class VideoDecoder(ModelMixin, ConfigMixin):
 
 def build_decoder(size: str = "base", image_embed_dim: int = 128, cross_attention_dim: int = 128,
                   sample_size: int = 16, frame_tokens: int = 2, seed: int = 0,
-                  prediction_type: str = "sample") -> VideoDecoder:
-    """A randomly initialised decoder (seeded, without touching the global RNG)."""
+                  prediction_type: str = "sample", interpolation_residual: bool | None = None) -> VideoDecoder:
+    """A randomly initialised decoder (seeded, without touching the global RNG). `interpolation_residual`
+    (default: on for prediction_type="sample") makes it predict the correction to the latent cross-fade."""
     seed = _check_seed(seed)
     cfg = video_unet_config(size, cross_attention_dim=cross_attention_dim, sample_size=sample_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return VideoDecoder(cfg, image_embed_dim=image_embed_dim, frame_tokens=frame_tokens,
-                            prediction_type=prediction_type)
+                            prediction_type=prediction_type,
+                            interpolation_residual=prediction_type == "sample" if interpolation_residual is None
+                            else interpolation_residual)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,11 +279,15 @@ def decode_latents(vae, latents: torch.Tensor, batch_size: int = 64) -> torch.Te
 @torch.no_grad()
 def sample_latents(decoder: VideoDecoder, scheduler, start: torch.Tensor, end: torch.Tensor, text: torch.Tensor,
                    frame_embeds: torch.Tensor | None, frames: int = 16, steps: int = 20,
-                   generator: torch.Generator | None = None, strength: float = 1.0) -> torch.Tensor:
+                   generator: torch.Generator | None = None, strength: float = 1.0,
+                   pin: bool = True) -> torch.Tensor:
     """DDIM sampling of (B, L, C, h, w) frame latents between keyframe latents start/end (B, C, h, w).
 
     `strength` < 1 starts from the latent linear interpolation noised to that level (SDEdit), instead of pure
-    noise: the decoder then only has to fix what the cross-fade gets wrong.
+    noise: the decoder then only has to fix what the cross-fade gets wrong. With `pin`, the first and last
+    frames are the keyframes at every step (replaced by the keyframe latents noised to the current level, the
+    "replacement" trick of diffusion inpainting), so the in-between frames are denoised next to the true ends
+    and the returned first/last latents are exactly `start` / `end`.
     """
     frames = _check_frames(frames)
     if not 0.0 < strength <= 1.0:
@@ -268,16 +300,24 @@ def sample_latents(decoder: VideoDecoder, scheduler, start: torch.Tensor, end: t
     b = start.shape[0]
     ehs = decoder.condition(text, frame_embeds, frames)  # (B*L, T+n, D)
     noise = torch.randn((b, frames, *start.shape[1:]), generator=generator).to(start.device)  # (B, L, C, h, w)
+    lerp = linear_interpolation(start, end, frames)  # (B, L, C, h, w): the cross-fade, exact at both ends
+    ends = decoder.to_diffusion_space(lerp, start, end)[:, [0, -1]]  # the keyframes in diffusion space
     if strength < 1.0:
         keep = max(1, int(round(steps * strength)))
         timesteps = timesteps[len(timesteps) - keep :]
-        x = sched.add_noise(linear_interpolation(start, end, frames), noise, timesteps[:1])
+        x = sched.add_noise(decoder.to_diffusion_space(lerp, start, end), noise, timesteps[:1])
     else:
         x = noise * sched.init_noise_sigma
     for t in timesteps:
+        if pin:  # the keyframes, noised to level t, in place of frames 0 and L-1
+            x[:, [0, -1]] = sched.add_noise(ends, noise[:, [0, -1]], t.view(1)).to(x.dtype)
         eps = decoder(sched.scale_model_input(x, t), t, start, end, ehs).float()
-        x = sched.step(eps, t, x).prev_sample
-    return x
+        step = sched.step(eps, t, x)
+        # the last step returns the model's clean estimate (DDIM would leave sqrt(1 - alpha_bar_0) of noise)
+        x = step.pred_original_sample if t == timesteps[-1] else step.prev_sample
+    if pin:
+        x[:, [0, -1]] = ends.to(x.dtype)
+    return decoder.from_diffusion_space(x, start, end)
 
 
 def _as_image_tensor(image) -> torch.Tensor:
@@ -315,10 +355,12 @@ def image_size(models: VideoModels) -> int:
 @torch.no_grad()
 def transition_latents(models: VideoModels, start: torch.Tensor, end: torch.Tensor, frames: int = 16,
                        prompts: list[str] | None = None, mode: str = "full", steps: int = 20, seed: int = 0,
-                       strength: float = 1.0, frame_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                       strength: float = 1.0, frame_embeds: torch.Tensor | None = None,
+                       pin: bool = True) -> torch.Tensor:
     """Batched transitions: keyframes (B, 3, H, W) -> frame latents (B, L, C, h, w). `mode`: "full" (predicted
     embeddings), "no_predictor" (linearly interpolated embeddings), "temporal_only" (no embeddings) or
-    "true_embeddings" (the caller passes `frame_embeds`, e.g. the true ones: an upper bound)."""
+    "true_embeddings" (the caller passes `frame_embeds`, e.g. the true ones: an upper bound). `pin`: keep the
+    first/last latents on the keyframes while sampling (see `sample_latents`)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use one of {MODES}")
     if models.decoder is None:
@@ -347,7 +389,8 @@ def transition_latents(models: VideoModels, start: torch.Tensor, end: torch.Tens
             embeds = linear_interpolation(e0, e1, frames)
     text = encode_prompts(models, prompts)
     g = torch.Generator().manual_seed(seed)
-    return sample_latents(models.decoder, models.scheduler, z0, z1, text, embeds, frames, steps, g, strength)
+    return sample_latents(models.decoder, models.scheduler, z0, z1, text, embeds, frames, steps, g, strength,
+                          pin)
 
 
 @torch.no_grad()
@@ -507,8 +550,10 @@ def train_decoder(cache: dict, text: torch.Tensor, empty_text: torch.Tensor, dec
         noise = torch.randn(z.shape, generator=g).to(acc.device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g)
         null = torch.rand(cfg.batch_size, generator=g) < cfg.null_prob
-        noisy = scheduler.add_noise(z, noise, t.view(-1).to(acc.device))  # (B, L, C, h, w)
         unwrapped = acc.unwrap_model(model)
+        z0, z1 = z[:, 0], z[:, -1]  # the keyframe latents (B, C, h, w): the decoder's condition
+        z = unwrapped.to_diffusion_space(z, z0, z1)  # the latents, or their residual to the cross-fade
+        noisy = scheduler.add_noise(z, noise, t.view(-1).to(acc.device))  # (B, L, C, h, w)
         tokens = unwrapped.frame_tokens(e, cfg.batch_size, frames)  # (B, L, n, D)
         tokens = torch.where(null.view(-1, 1, 1, 1).to(acc.device), unwrapped.null_tokens.expand_as(tokens), tokens)
         d = txt.shape[-1]
@@ -517,7 +562,7 @@ def train_decoder(cache: dict, text: torch.Tensor, empty_text: torch.Tensor, dec
         for group in opt.param_groups:
             warm = min(1.0, (step + 1) / max(1, cfg.warmup))
             group["lr"] = cfg.lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * step / cfg.steps)))  # cosine to 10%
-        pred = model(noisy, t.to(acc.device), z[:, 0], z[:, -1], ehs)  # (B, L, C, h, w)
+        pred = model(noisy, t.to(acc.device), z0, z1, ehs)  # (B, L, C, h, w)
         snr = alphas[t] / (1 - alphas[t])
         if unwrapped.config.prediction_type == "epsilon":
             target, weight = noise, torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR weighting
@@ -643,7 +688,7 @@ METHODS = ("latent_interpolation", "no_predictor", "temporal_only", "full", "tru
 @torch.no_grad()
 def evaluate(models: VideoModels, n_clips: int = 100, seed: int = EVAL_SEED, frames: int = 16, steps: int = 20,
              strength: float = 1.0, batch_size: int = 10, recognizer=None, methods=METHODS,
-             progress: bool = False) -> dict:
+             progress: bool = False, pin: bool = True) -> dict:
     """Compare the methods on `n_clips` held-out clips `ClipDataset(n_clips, frames, seed)` against their true
     frames. Returns {"per_method": {method: {metric: mean}}, "per_kind_psnr": {method: {kind: mean}},
     "truth": {metric: mean of the true clips}, "predictor": errors of the predicted embeddings}."""
@@ -680,7 +725,7 @@ def evaluate(models: VideoModels, n_clips: int = 100, seed: int = EVAL_SEED, fra
                 video = latent_interpolation_video(models, x[:, 0], x[:, -1], frames)
             else:
                 z = transition_latents(models, x[:, 0], x[:, -1], frames, prompts, m, steps, seed + first,
-                                       strength, frame_embeds=true_e if m == "true_embeddings" else None)
+                                       strength, frame_embeds=true_e if m == "true_embeddings" else None, pin=pin)
                 video = decode_latents(models.vae, z)
             for k, v in video_metrics(video, x, models.embedder, true_e, recognizer).items():
                 per[m].setdefault(k, []).append(v.cpu())
@@ -761,6 +806,7 @@ def _module_parser() -> argparse.ArgumentParser:
     e.add_argument("--frames", type=int, default=16)
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--strength", type=float, default=1.0)
+    e.add_argument("--no-pin", action="store_true", help="do not hold the first/last latents on the keyframes")
     e.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     e.add_argument("--decoder", default=None, help="decoder folder (default data/motion/decoder)")
     e.add_argument("--out", default="results/motion.json")
@@ -818,8 +864,9 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ValueError(f"unknown methods {sorted(unknown)}: choose from {METHODS}")
         res = evaluate(models, args.clips, args.seed, args.frames, args.steps, args.strength, recognizer=rec,
-                       methods=methods, progress=True)
-        res = summarize(res, command, n_clips=args.clips, seed=args.seed, steps=args.steps, strength=args.strength)
+                       methods=methods, progress=True, pin=not args.no_pin)
+        res = summarize(res, command, n_clips=args.clips, seed=args.seed, steps=args.steps, strength=args.strength,
+                        pin=not args.no_pin)
         mf = Path(args.motion) if args.motion else motion_dir()
         for part, folder in (("predictor", mf / "predictor"), ("decoder", Path(args.decoder or mf / "decoder"))):
             if (folder / "training.json").is_file():

@@ -34,8 +34,17 @@ def tiny_models(tiny_clip):
     torch.manual_seed(0)
     pred = SemanticMotionPredictor(embed_dim=E, hidden_size=32, num_layers=1, num_heads=2, head_dim=16).eval()
     dec = build_decoder("tiny", image_embed_dim=E, cross_attention_dim=clip.config.text_config.hidden_size, seed=3)
+    _randomize_conv_out(dec)  # as if trained: an untrained residual decoder outputs exactly 0
     return VideoModels(vae=vae, embedder=ImageEmbedder(clip), text_model=clip.text_model, tokenizer=tok,
                        predictor=pred, decoder=dec.eval(), scheduler=build_scheduler())
+
+
+def _randomize_conv_out(dec, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in dec.unet.conv_out.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return dec
 
 
 def _randomize_output(pred, seed=0):
@@ -291,6 +300,37 @@ def test_decoder_shapes_and_per_frame_control(tiny_models):
     assert ((out3 - out).abs().amax(dim=(2, 3, 4)) > 1e-5).all()
 
 
+def test_untrained_residual_decoder_gives_the_latent_cross_fade(tiny_models):
+    """Diffusion on the residual to the cross-fade, output convolution at zero: sampling returns the cross-fade."""
+    dec = build_decoder("tiny", image_embed_dim=E, cross_attention_dim=32, seed=5).eval()
+    assert dec.config.interpolation_residual and dec.unet.conv_out.weight.abs().max() == 0
+    g = torch.Generator().manual_seed(0)
+    start, end = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
+    text = torch.randn(2, 32, 32, generator=g)
+    lerp = linear_interpolation(start, end, 6)
+    with torch.no_grad():
+        z = video.sample_latents(dec, tiny_models.scheduler, start, end, text, None, frames=6, steps=3,
+                                 generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(z, lerp)
+    # to / from the diffusion space are inverses, and the residual is 0 at both keyframes
+    x = torch.randn(2, 6, 4, 16, 16, generator=g)
+    r = dec.to_diffusion_space(x, x[:, 0], x[:, -1])
+    assert r[:, [0, -1]].abs().max() < 1e-6
+    torch.testing.assert_close(dec.from_diffusion_space(r, x[:, 0], x[:, -1]), x)
+    # a trained-like decoder moves the in-between frames but, pinned, keeps the keyframes exactly
+    with torch.no_grad():
+        z2 = video.sample_latents(tiny_models.decoder, tiny_models.scheduler, start, end, text, None, frames=6,
+                                  steps=3, generator=torch.Generator().manual_seed(1))
+        z3 = video.sample_latents(tiny_models.decoder, tiny_models.scheduler, start, end, text, None, frames=6,
+                                  steps=3, generator=torch.Generator().manual_seed(1), pin=False)
+    torch.testing.assert_close(z2[:, 0], start)
+    torch.testing.assert_close(z2[:, -1], end)
+    assert (z2[:, 1:-1] - lerp[:, 1:-1]).abs().max() > 1e-4
+    assert (z3[:, 0] - start).abs().max() > 1e-4  # unpinned, the first frame drifts
+    with pytest.raises(ValueError, match="prediction_type='sample'"):
+        build_decoder("tiny", prediction_type="epsilon", interpolation_residual=True)
+
+
 def test_decoder_bad_input(tiny_models):
     dec = tiny_models.decoder
     with pytest.raises(ValueError, match="one image embedding per frame"):
@@ -311,7 +351,8 @@ def test_real_scale_decoder_config_reloads_from_a_folder(tmp_path):
     real = video_unet_config("sd15", cross_attention_dim=768, sample_size=64)
     assert real["block_out_channels"] == (320, 640, 1280, 1280) and real["cross_attention_dim"] == 768
     assert real["down_block_types"].count("CrossAttnDownBlockMotion") == 3 and real["in_channels"] == 12
-    dec = build_decoder("sd15-tiny", image_embed_dim=24, cross_attention_dim=64, sample_size=32, seed=0).eval()
+    dec = _randomize_conv_out(build_decoder("sd15-tiny", image_embed_dim=24, cross_attention_dim=64, sample_size=32,
+                                            seed=0)).eval()
     dec.save_pretrained(tmp_path / "decoder")
     again = VideoDecoder.storyworld(tmp_path / "decoder")
     z = torch.randn(1, 4, 4, 32, 32)
@@ -323,7 +364,7 @@ def test_real_scale_decoder_config_reloads_from_a_folder(tmp_path):
 
 
 def test_decoder_training_smoke_is_deterministic(tiny_models, tmp_path):
-    dec0 = build_decoder("tiny", image_embed_dim=E, cross_attention_dim=32, seed=7)
+    dec0 = build_decoder("tiny", image_embed_dim=E, cross_attention_dim=32, seed=7)  # residual, conv_out at 0
     g = torch.Generator().manual_seed(0)
     cache = {"latents": torch.randn(6, 4, 4, 16, 16, generator=g), "embeds": torch.randn(6, 4, E, generator=g)}
     text, empty = torch.randn(6, 32, 32, generator=g), torch.zeros(1, 32, 32)

@@ -9,8 +9,8 @@ from sdlite import storyworld as sw
 from sdlite.models import StoryworldSizes, assemble_pipeline, build_clip, build_unet, build_vae, load_storyworld
 from sdlite.models import storyworld_tokenizers, text_encoders_from_clip
 from sdlite.train import (
-    TrainConfig, _random_crops, character_mask, default_config, encode_text, main, read_log, train_clip, train_unet,
-    train_vae,
+    TrainConfig, _random_crops, character_mask, default_config, encode_text, main, read_log, train_clip, train_decoder,
+    train_unet, train_vae,
 )
 
 TINY = StoryworldSizes.named("tiny")
@@ -71,6 +71,52 @@ def test_unet_loop_collage_pretraining_and_export(tmp_path, tokenizers):
     assert img.shape == (1, 64, 64, 3)
     meta = json.loads((tmp_path / "pipe" / "training.json").read_text())
     assert meta["parameters"]["unet"] > 0 and (tmp_path / "pipe" / "logs" / "unet.csv").is_file()
+
+
+def test_decoder_stage_tunes_only_the_decoder_and_export_uses_it(tmp_path, tokenizers):
+    from diffusers import AutoencoderKL
+
+    train_vae(tmp_path, TINY, _vae_cfg(1), progress=False)
+    before = AutoencoderKL.from_pretrained(tmp_path / "vae" / "final")
+    cfg = TrainConfig(steps=2, batch_size=2, lr=1e-2, warmup=1, log_every=1, ckpt_every=1, character_weight=4.0)
+    tuned = train_decoder(tmp_path, cfg, progress=False)
+    log = read_log(tmp_path / "decoder" / "log.csv")
+    assert list(log["step"]) == [1, 2] and np.isfinite(log["l1_character"]).all()
+    a, b = before.state_dict(), tuned.state_dict()
+    enc = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    dec = [k for k in a if k.startswith(("decoder.", "post_quant_conv."))]
+    assert enc and dec
+    for k in enc:  # the latent space the UNet learned stays exactly the same
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    assert any(not torch.equal(a[k], b[k]) for k in dec)
+    assert tuned.config.scaling_factor == before.config.scaling_factor
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_decoder(tmp_path, cfg, progress=False)
+    # the exported pipeline carries the tuned decoder
+    train_clip(tmp_path, TINY, TrainConfig(steps=1, batch_size=4, lr=1e-3, log_every=1), tokenizers[0],
+               progress=False)
+    train_unet(tmp_path, TINY, TrainConfig(steps=1, batch_size=8, lr=1e-3, warmup=1, log_every=1, k=2,
+                                           probe_groups=2), tokenizers[0], progress=False)
+    main(["storyworld", "--stage", "export", "--size", "tiny", "--out", str(tmp_path), "--export",
+          str(tmp_path / "pipe")])
+    pipe = load_storyworld(folder=tmp_path / "pipe")
+    for k in dec[:3]:
+        torch.testing.assert_close(pipe.vae.state_dict()[k], b[k].half().float(), msg=k)
+    # a run stopped by hand after a checkpoint: export takes the checkpoint's EMA weights when they are newer
+    from safetensors.torch import load_file, save_file
+
+    from sdlite.train import latest_unet_weights
+
+    state, step = latest_unet_weights(tmp_path)
+    assert step == 1 and set(state) == set(pipe.unet.state_dict())
+    ckpt = tmp_path / "unet" / "checkpoint"
+    newer = {k: v + 1.0 for k, v in load_file(str(ckpt / "ema.safetensors")).items()}
+    save_file(newer, str(ckpt / "ema.safetensors"))
+    (ckpt / "state.json").write_text(json.dumps({"step": 7}))
+    state, step = latest_unet_weights(tmp_path)
+    assert step == 7 and all(torch.equal(state[k], newer[k]) for k in newer)
+    with pytest.raises(FileNotFoundError, match="--stage unet"):
+        latest_unet_weights(tmp_path / "nothing")
 
 
 def test_encode_text_matches_the_pipeline(tokenizers):
