@@ -8,8 +8,8 @@ hair, clothes and hat itself, so only CSA can make the panels agree. Every story
 
     no_csa                   plain SDXL sampling (the baseline)
     default                  the default CSAConfig (what `sdlite story` does): references written, rest read
-    rate_0.3/0.5/0.7         the whole story in one CSA batch at that sampling rate
-    tile_2/4/all             the same at rate 0.5 with windows of 2, 4 or all panels
+    rate_0.3/0.5/0.7/1.0     the whole story in one CSA batch at that sampling rate
+    tile_2/4/all             the same at the model's default rate with windows of 2, 4 or all panels
     layers_up/all            CSA in the up-blocks' self-attention only (official) vs every self-attention layer
     bank8_no_csa / bank8     8-panel stories: no CSA vs 4 references written + 4 panels read from the bank
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +104,8 @@ def generate_stories_batched(pipe, stories: list[EvalStory], csa: CSAConfig, *, 
         tile = n if csa.tile is None or csa.tile >= n else csa.tile
         first = defaults["first_steps_without_csa"] if csa.first_steps_without_csa is None else \
             csa.first_steps_without_csa
-        handle = install_consistent_attention(pipe.unet, rate=csa.rate, tile=tile, layers=csa.layers or
+        rate = defaults["rate"] if csa.rate is None else csa.rate
+        handle = install_consistent_attention(pipe.unet, rate=rate, tile=tile, layers=csa.layers or
                                               defaults["layers"], guidance_halves=guidance > 1,
                                               first_steps_without_csa=first, skip_schedule=csa.skip_schedule,
                                               seed=seeds[0])
@@ -132,6 +133,7 @@ SETTINGS: dict[str, tuple[CSAConfig, str]] = {
     "rate_0.3": (CSAConfig(rate=0.3, id_length=None), "short"),
     "rate_0.5": (CSAConfig(rate=0.5, id_length=None), "short"),
     "rate_0.7": (CSAConfig(rate=0.7, id_length=None), "short"),
+    "rate_1.0": (CSAConfig(rate=1.0, id_length=None), "short"),
     "tile_2": (CSAConfig(tile=2, id_length=None), "short"),
     "tile_4": (CSAConfig(tile=4, id_length=None), "short"),
     "tile_all": (CSAConfig(id_length=None), "short"),
@@ -145,10 +147,13 @@ SEED_POLICY_NAMES = ("per_panel", "shared")
 BARS = {"identity_gain": 0.30, "scene_drop_points": 5.0}
 
 
-def _key(csa: CSAConfig, layers_default: str, which: str) -> tuple:
-    d = asdict(csa)
-    d["layers"] = d["layers"] or layers_default
-    return (which, tuple(sorted((k, str(v)) for k, v in d.items())))
+def _resolved(csa: CSAConfig, defaults: dict) -> CSAConfig:
+    """The setting with the model's defaults filled in (layers, rate): equal settings compare equal."""
+    return replace(csa, layers=csa.layers or defaults["layers"], rate=defaults["rate"] if csa.rate is None else csa.rate)
+
+
+def _key(csa: CSAConfig, which: str) -> tuple:
+    return (which, tuple(sorted((k, str(v)) for k, v in asdict(csa).items())))
 
 
 def run_consistency_eval(pipe, recognizer, clip=None, clip_tokenizer=None, *, n_stories: int = 50,
@@ -173,7 +178,7 @@ def run_consistency_eval(pipe, recognizer, clip=None, clip_tokenizer=None, *, n_
         raise ValueError(f"unknown settings {unknown}: choose from {list(SETTINGS)}")
     stories = {"short": make_eval_stories(n_stories, seed, short_panels), "long": make_eval_stories(n_stories, seed + 1,
                                                                                       (long_panels, long_panels))}
-    layers_default = model_defaults(pipe)["layers"]
+    defaults = model_defaults(pipe)
     done: dict[tuple, dict] = {}
     rows = []
     def names_for(policy):
@@ -186,14 +191,15 @@ def run_consistency_eval(pipe, recognizer, clip=None, clip_tokenizer=None, *, n_
     for policy in seed_policies:
         for name in names_for(policy):
             csa, which = SETTINGS[name]
+            csa = _resolved(csa, defaults)
             group = stories[which]
             n0 = len(group[0].prompts)
             batched = batch_stories > 1 and all(len(st.prompts) == n0 for st in group) and _batchable(csa, n0)
-            key = (policy, _key(csa, layers_default, which), batched)
+            key = (policy, _key(csa, which), batched)
             if batched and csa.enabled:  # one CSA batch per story: id_length and tile >= n mean the same thing
                 eff_tile = None if csa.tile is None or csa.tile >= n0 else csa.tile
-                key = (policy, which, "batched", csa.rate, eff_tile, csa.layers or layers_default,
-                       csa.first_steps_without_csa, str(csa.skip_schedule))
+                key = (policy, which, "batched", csa.rate, eff_tile, csa.layers, csa.first_steps_without_csa,
+                       str(csa.skip_schedule))
             elif batched:
                 key = (policy, which, "batched", "no_csa")
             if key not in done:
@@ -226,11 +232,12 @@ def run_consistency_eval(pipe, recognizer, clip=None, clip_tokenizer=None, *, n_
                    "stories": f"make_eval_stories({n_stories}, seed={seed}, panels={tuple(short_panels)})"
                    if which == "short" else f"make_eval_stories({n_stories}, seed={seed + 1}, panels="
                                             f"({long_panels}, {long_panels}))",
-                   "csa": {**asdict(csa), "layers": (csa.layers or layers_default) if csa.enabled else None,
-                           "first_steps_without_csa": model_defaults(pipe)["first_steps_without_csa"]
+                   "csa": {**asdict(csa), "layers": csa.layers if csa.enabled else None,
+                           "rate": csa.rate if csa.enabled else None,
+                           "first_steps_without_csa": defaults["first_steps_without_csa"]
                            if csa.first_steps_without_csa is None else csa.first_steps_without_csa,
                            "skip_schedule": str(csa.skip_schedule)},
-                   "steps": steps or model_defaults(pipe)["steps"]}
+                   "steps": steps or defaults["steps"]}
             rows.append(row)
             if log:
                 log(f"{name:>13} {policy:>9}: identity {row['identity_agreement']:.3f}  scene "

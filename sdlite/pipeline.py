@@ -53,7 +53,9 @@ SEED_POLICIES = ("per_panel", "shared")
 class CSAConfig:
     """How consistent self-attention runs during a story.
 
-    rate: share of the other images' tokens each image samples (0.5 in the paper / official code).
+    rate: share of the other images' tokens each image samples; None = the model's default (:func:`model_defaults`:
+        0.5 on SDXL, as the paper and the official code; 1.0 on storyworld, whose UNet was pre-trained with joint
+        attention at rates 1 and 0.5 and measures the largest gain at 1, see docs/storyworld-recipe.md).
     tile: images per CSA window inside a batch (None: the whole batch); stride: window step (None: = tile).
     layers: "up" (official: up-block self-attention), "all", "down", "mid", or None = the model's default
         ("all" on storyworld, whose UNet was pre-trained with joint attention in every layer; "up" on SDXL).
@@ -66,7 +68,7 @@ class CSAConfig:
     enabled: False = no CSA at all (plain SDXL, same batches and seeds: the baseline).
     """
 
-    rate: float = 0.5
+    rate: float | None = None
     tile: int | None = None
     stride: int | None = None
     layers: str | None = None
@@ -77,7 +79,8 @@ class CSAConfig:
     enabled: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not 0 <= self.rate <= 1:
+        if self.rate is not None and (isinstance(self.rate, bool) or not isinstance(self.rate, (int, float))
+                                      or not 0 <= self.rate <= 1):
             raise ValueError(f"rate must be in [0, 1], got {self.rate!r}: e.g. rate=0.5")
         f = self.first_steps_without_csa
         if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 0):
@@ -111,10 +114,10 @@ def is_storyworld(pipe) -> bool:
 
 
 def model_defaults(pipe) -> dict:
-    """Defaults that depend on the model: steps, guidance, CSA layers (size: the pipeline's own default)."""
+    """Defaults that depend on the model: steps, guidance, CSA layers and rate (size: the pipeline's own default)."""
     if is_storyworld(pipe):
-        return {"steps": 20, "guidance_scale": 5.0, "layers": "all", "first_steps_without_csa": 0}
-    return {"steps": 35, "guidance_scale": 5.0, "layers": "up", "first_steps_without_csa": 1}
+        return {"steps": 20, "guidance_scale": 5.0, "layers": "all", "first_steps_without_csa": 0, "rate": 1.0}
+    return {"steps": 35, "guidance_scale": 5.0, "layers": "up", "first_steps_without_csa": 1, "rate": 0.5}
 
 
 def load_pipeline(model: str | Path = "storyworld", device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -323,6 +326,7 @@ def generate_story(
     if not isinstance(story, Story):
         raise TypeError(f"story must be a parsed Story, got {type(story).__name__}: use sdlite.story.parse_story(text)")
     layers = csa.layers or defaults["layers"]
+    rate = defaults["rate"] if csa.rate is None else csa.rate
     first_plain = defaults["first_steps_without_csa"] if csa.first_steps_without_csa is None else \
         csa.first_steps_without_csa
     steps = defaults["steps"] if steps is None else steps
@@ -347,7 +351,7 @@ def generate_story(
     handle = None
     if csa.enabled:
         handle = install_consistent_attention(
-            pipe.unet, rate=csa.rate, tile=None, layers=layers, guidance_halves=do_cfg,
+            pipe.unet, rate=rate, tile=None, layers=layers, guidance_halves=do_cfg,
             first_steps_without_csa=first_plain, skip_schedule=csa.skip_schedule, seed=seed)
     images: list[Image.Image | None] = [None] * len(story)
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))

@@ -370,7 +370,8 @@ def add_story_parser(subparsers) -> None:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 5)")
     p.add_argument("--seed", type=int, default=0, help="seed: panel i uses seed + i (default 0)")
     p.add_argument("--shared-seed", action="store_true", help="the same noise seed for every panel (official demo)")
-    p.add_argument("--rate", type=float, default=0.5, help="CSA sampling rate in [0, 1] (default 0.5)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="CSA sampling rate in [0, 1] (default: 1.0 on storyworld, 0.5 on SDXL as the paper)")
     p.add_argument("--tile", type=int, default=None, help="CSA window size in images (default: the whole batch)")
     p.add_argument("--layers", choices=["up", "all"], default=None,
                    help="self-attention layers with CSA (default: all on storyworld, up on SDXL)")

@@ -92,6 +92,14 @@ def test_csa_changes_panels_and_the_step_callback_drives_it(sw_pipe):
     last = _arrays(generate_story(sw_pipe, story, steps=STEPS, progress=False,
                                   csa=CSAConfig(first_steps_without_csa=STEPS - 1, rate=1.0)))
     assert np.abs(last - plain).max() > 0
+    # rate=None takes the model's default rate (storyworld: 1.0): the same panels as asking for it
+    assert CSAConfig().rate is None and model_defaults(sw_pipe)["rate"] == 1.0
+    default = _arrays(generate_story(sw_pipe, story, steps=STEPS, progress=False,
+                                     csa=CSAConfig(first_steps_without_csa=0)))
+    np.testing.assert_array_equal(default, csa)
+    half = _arrays(generate_story(sw_pipe, story, steps=STEPS, progress=False,
+                                  csa=CSAConfig(first_steps_without_csa=0, rate=0.5)))
+    assert np.abs(half - csa).max() > 0
 
 
 def test_per_panel_noise_does_not_depend_on_batching(sw_pipe):
@@ -189,7 +197,7 @@ def test_bad_calls(sw_pipe):
 def test_real_sdxl_path_from_a_saved_folder(sdxl_folder):
     pipe = load_pipeline(sdxl_folder, "cpu")
     assert not is_storyworld(pipe) and len(pipe.tokenizer) >= 49408
-    assert model_defaults(pipe)["layers"] == "up"
+    assert model_defaults(pipe)["layers"] == "up" and model_defaults(pipe)["rate"] == 0.5  # the paper's
     story = parse_story("style: comic\n[Bob] a man img, wearing a black suit\n[Bob] reading a newspaper at home\n"
                         "[Bob] riding a dragon over the mountains")  # any English: the full CLIP vocabulary
     before = dict(pipe.unet.attn_processors)
