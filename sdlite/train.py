@@ -50,7 +50,7 @@ from .models import (
 )
 
 STAGES = ("vae", "clip", "unet", "decoder")
-# What `make train-storyworld` runs: every shipped checkpoint from scratch (about 3 h on a 2-core CPU).
+# What `make train-storyworld` runs: every shipped checkpoint from scratch (about 2.5 h on a quiet 2-core CPU).
 RECIPE_COMMAND = ("python -m sdlite.train storyworld --stage all --out runs/storyworld --export data/storyworld "
                   "--force --threads 1")
 
@@ -82,13 +82,14 @@ class TrainConfig:
 
 
 def default_config(stage: str) -> TrainConfig:
-    """The shipped recipe. Wall time on a busy 2-core CPU (load 8, 1 thread): VAE ~15 min, CLIP ~6 min, UNet ~62 min."""
+    """The shipped recipe. Wall time with 1 thread on a 2-core CPU: VAE ~15 min, CLIP ~6 min (both measured at load
+    8), UNet ~62 min for its first 3643 steps at load 8 then ~75 min for the rest on a quiet machine, decoder ~12 min."""
     if stage == "vae":
         return TrainConfig(steps=1000, batch_size=32, lr=1e-3, ckpt_every=200, crop=32)
     if stage == "clip":
         return TrainConfig(steps=200, batch_size=96, lr=5e-4, ckpt_every=100)
     if stage == "unet":
-        return TrainConfig(steps=3643, batch_size=16, lr=5e-4, warmup=200, log_every=50, ckpt_every=200)
+        return TrainConfig(steps=13200, batch_size=16, lr=5e-4, warmup=200, log_every=50, ckpt_every=200)
     if stage == "decoder":
         return TrainConfig(steps=1500, batch_size=16, lr=3e-4, warmup=50, ckpt_every=250, character_weight=4.0)
     raise ValueError(f"unknown stage {stage!r}: use one of {STAGES}")
