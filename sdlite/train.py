@@ -574,6 +574,8 @@ def _export(out: Path, unet_state: dict, sizes, tokenizer, folder, vae=None, cli
     shutil.rmtree(tmp, ignore_errors=True)
     save_pipeline(pipe, clip, tmp, fp16=True)
     (tmp / "logs").mkdir()
+    for old in sorted((folder / "logs").glob("*.json")) if (folder / "logs").is_dir() else []:
+        shutil.copy(old, tmp / "logs" / old.name)  # keep the recorded checks of earlier exports
     for stage in STAGES:
         if (out / stage / "log.csv").exists():
             shutil.copy(out / stage / "log.csv", tmp / "logs" / f"{stage}.csv")
