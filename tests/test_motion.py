@@ -519,3 +519,10 @@ def test_evaluate_and_summary_have_the_checked_names(tiny_models):
     assert set(out["bars"]) == {"predictor_error_ratio_le_0.7", "full_beats_a_b_c_in_psnr",
                                 "identity_agreement_full_ge_0.9"}
     json.dumps(out)  # serialisable
+    assert isinstance(out["bars"]["full_beats_a_b_c_in_psnr"], bool)
+    # a subset of the methods (e.g. temporal_only vs true_embeddings): the PSNR bar is "not run", not a crash
+    part = video.evaluate(tiny_models, n_clips=2, seed=5, frames=4, steps=1, batch_size=2,
+                          methods=("temporal_only", "true_embeddings"))
+    sub = video.summarize(part, "test", n_clips=2)
+    assert set(sub["psnr"]) == {"temporal_only", "true_embeddings"}
+    assert sub["bars"]["full_beats_a_b_c_in_psnr"] is None
