@@ -66,12 +66,12 @@ train-motion: install
 	$(PY) -m sdlite.motion cache --clips 3000 --seed 1 --out runs/motion/train --latents
 	$(PY) -m sdlite.motion cache --clips 200 --seed 2 --out runs/motion/val
 	$(PY) -m sdlite.motion train --cache runs/motion/train --val-cache runs/motion/val --out runs/motion/predictor --export data/motion/predictor --steps 3000 --batch-size 64 --lr 1e-3 --threads 1 --force
-	$(PY) -m sdlite.video train --cache runs/motion/train --out runs/video --export data/motion/decoder --size base --steps 1500 --batch-size 4 --threads 1 --force
+	$(PY) -m sdlite.video train --cache runs/motion/train --out runs/video_residual --export data/motion/decoder --size base --steps 2400 --batch-size 4 --threads 1 --force
 
 # The committed evaluation tables (long: run on an otherwise idle machine).
 eval: install
 	$(PY) -m sdlite.eval storyworld --out results/storyworld.json
-	$(PY) -m sdlite.eval consistency --out results/consistency.json
+	$(PY) -m sdlite.eval consistency --stories 50 --panels 4 4 --batch-stories 25 --shared-settings no_csa,default --threads 1 --out results/consistency.json --force
 	$(PY) -m sdlite.video evaluate --clips 100 --steps 8 --methods latent_interpolation,no_predictor,temporal_only,full --threads 1 --out results/motion.json --force
 
 benchmarks: install
