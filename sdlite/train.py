@@ -598,7 +598,7 @@ def _export(out: Path, unet_state: dict, sizes, tokenizer, folder, vae=None, cli
 # ----------------------------------------------------------------------------------------------------
 # Stage 4: the VAE decoder, fine-tuned on the character (encoder frozen)
 # ----------------------------------------------------------------------------------------------------
-def train_decoder(out: str | os.PathLike, cfg: TrainConfig, resume: bool = False, progress: bool = True):
+def train_vae_decoder(out: str | os.PathLike, cfg: TrainConfig, resume: bool = False, progress: bool = True):
     """Fine-tune the VAE's decoder only, with the loss weighted 1 + w on the character's pixels.
 
     The stage-1 VAE, trained on crops where sky and grass fill most pixels, blurs the small parts that carry
@@ -658,7 +658,6 @@ def train_decoder(out: str | os.PathLike, cfg: TrainConfig, resume: bool = False
         _save_checkpoint(stage_dir / "checkpoint", cfg.steps, vae, opt)
         vae.save_pretrained(stage_dir / "final")  # same config, same scaling_factor as stage 1
     return vae
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -813,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
             train_unet(out, sizes, cfg, tokenizer, args.resume, progress=not args.quiet, export=args.export,
                        max_minutes=args.max_minutes)
         else:
-            train_decoder(out, cfg, args.resume, progress=not args.quiet)
+            train_vae_decoder(out, cfg, args.resume, progress=not args.quiet)
     if args.stage in ("export", "decoder", "all") and args.export:
         state, step = latest_unet_weights(out)
         _export(out, state, sizes, tokenizer, args.export, note=f"step {step}")

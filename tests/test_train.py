@@ -9,8 +9,8 @@ from sdlite import storyworld as sw
 from sdlite.models import StoryworldSizes, assemble_pipeline, build_clip, build_unet, build_vae, load_storyworld
 from sdlite.models import storyworld_tokenizers, text_encoders_from_clip
 from sdlite.train import (
-    TrainConfig, _random_crops, character_mask, default_config, encode_text, main, read_log, train_clip, train_decoder,
-    train_unet, train_vae,
+    TrainConfig, _random_crops, character_mask, default_config, encode_text, main, read_log, train_clip, train_unet,
+    train_vae, train_vae_decoder,
 )
 
 TINY = StoryworldSizes.named("tiny")
@@ -79,7 +79,7 @@ def test_decoder_stage_tunes_only_the_decoder_and_export_uses_it(tmp_path, token
     train_vae(tmp_path, TINY, _vae_cfg(1), progress=False)
     before = AutoencoderKL.from_pretrained(tmp_path / "vae" / "final")
     cfg = TrainConfig(steps=2, batch_size=2, lr=1e-2, warmup=1, log_every=1, ckpt_every=1, character_weight=4.0)
-    tuned = train_decoder(tmp_path, cfg, progress=False)
+    tuned = train_vae_decoder(tmp_path, cfg, progress=False)
     log = read_log(tmp_path / "decoder" / "log.csv")
     assert list(log["step"]) == [1, 2] and np.isfinite(log["l1_character"]).all()
     a, b = before.state_dict(), tuned.state_dict()
@@ -91,7 +91,7 @@ def test_decoder_stage_tunes_only_the_decoder_and_export_uses_it(tmp_path, token
     assert any(not torch.equal(a[k], b[k]) for k in dec)
     assert tuned.config.scaling_factor == before.config.scaling_factor
     with pytest.raises(FileExistsError, match="--resume"):
-        train_decoder(tmp_path, cfg, progress=False)
+        train_vae_decoder(tmp_path, cfg, progress=False)
     # the exported pipeline carries the tuned decoder
     train_clip(tmp_path, TINY, TrainConfig(steps=1, batch_size=4, lr=1e-3, log_every=1), tokenizers[0],
                progress=False)
