@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -101,14 +101,12 @@ def generate_stories_batched(pipe, stories: list[EvalStory], csa: CSAConfig, *, 
             for s in panel_seeds(n, seeds[k], seed_policy)]
     handle = None
     if csa.enabled:
+        csa = csa.with_model_defaults(defaults)
         tile = n if csa.tile is None or csa.tile >= n else csa.tile
-        first = defaults["first_steps_without_csa"] if csa.first_steps_without_csa is None else \
-            csa.first_steps_without_csa
-        rate = defaults["rate"] if csa.rate is None else csa.rate
-        handle = install_consistent_attention(pipe.unet, rate=rate, tile=tile, layers=csa.layers or
-                                              defaults["layers"], guidance_halves=guidance > 1,
-                                              first_steps_without_csa=first, skip_schedule=csa.skip_schedule,
-                                              seed=seeds[0])
+        handle = install_consistent_attention(pipe.unet, rate=csa.rate, tile=tile, layers=csa.layers,
+                                              guidance_halves=guidance > 1,
+                                              first_steps_without_csa=csa.first_steps_without_csa,
+                                              skip_schedule=csa.skip_schedule, seed=seeds[0])
         handle.set_step(0)
 
     def on_step_end(_pipe, i, _t, kwargs):
@@ -145,11 +143,6 @@ SETTINGS: dict[str, tuple[CSAConfig, str]] = {
 SEED_POLICY_NAMES = ("per_panel", "shared")
 
 BARS = {"identity_gain": 0.30, "scene_drop_points": 5.0}
-
-
-def _resolved(csa: CSAConfig, defaults: dict) -> CSAConfig:
-    """The setting with the model's defaults filled in (layers, rate): equal settings compare equal."""
-    return replace(csa, layers=csa.layers or defaults["layers"], rate=defaults["rate"] if csa.rate is None else csa.rate)
 
 
 def _key(csa: CSAConfig, which: str) -> tuple:
@@ -191,7 +184,7 @@ def run_consistency_eval(pipe, recognizer, clip=None, clip_tokenizer=None, *, n_
     for policy in seed_policies:
         for name in names_for(policy):
             csa, which = SETTINGS[name]
-            csa = _resolved(csa, defaults)
+            csa = csa.with_model_defaults(defaults)
             group = stories[which]
             n0 = len(group[0].prompts)
             batched = batch_stories > 1 and all(len(st.prompts) == n0 for st in group) and _batchable(csa, n0)
@@ -233,10 +226,7 @@ def run_consistency_eval(pipe, recognizer, clip=None, clip_tokenizer=None, *, n_
                    if which == "short" else f"make_eval_stories({n_stories}, seed={seed + 1}, panels="
                                             f"({long_panels}, {long_panels}))",
                    "csa": {**asdict(csa), "layers": csa.layers if csa.enabled else None,
-                           "rate": csa.rate if csa.enabled else None,
-                           "first_steps_without_csa": defaults["first_steps_without_csa"]
-                           if csa.first_steps_without_csa is None else csa.first_steps_without_csa,
-                           "skip_schedule": str(csa.skip_schedule)},
+                           "rate": csa.rate if csa.enabled else None, "skip_schedule": str(csa.skip_schedule)},
                    "steps": steps or defaults["steps"]}
             rows.append(row)
             if log:

@@ -99,6 +99,15 @@ class CSAConfig:
         if self.layers not in (None, "up", "all", "down", "mid"):
             raise ValueError(f"layers must be 'up', 'all', 'down', 'mid' or None (model default), got {self.layers!r}")
 
+    def with_model_defaults(self, defaults: dict) -> CSAConfig:
+        """This setting with what the model decides filled in (layers, rate, first_steps_without_csa when None),
+        from :func:`model_defaults`: the setting that actually runs, and equal settings compare equal."""
+        first = self.first_steps_without_csa
+        return dataclasses.replace(self, layers=self.layers or defaults["layers"],
+                                   rate=defaults["rate"] if self.rate is None else self.rate,
+                                   first_steps_without_csa=defaults["first_steps_without_csa"] if first is None
+                                   else first)
+
     @classmethod
     def official(cls, **overrides) -> CSAConfig:
         """The official demo's setting: up-blocks, rate 0.5, no CSA at step 0, random skips."""
@@ -325,10 +334,7 @@ def generate_story(
         raise TypeError(f"csa must be a CSAConfig, got {type(csa).__name__}: e.g. CSAConfig(rate=0.5)")
     if not isinstance(story, Story):
         raise TypeError(f"story must be a parsed Story, got {type(story).__name__}: use sdlite.story.parse_story(text)")
-    layers = csa.layers or defaults["layers"]
-    rate = defaults["rate"] if csa.rate is None else csa.rate
-    first_plain = defaults["first_steps_without_csa"] if csa.first_steps_without_csa is None else \
-        csa.first_steps_without_csa
+    csa = csa.with_model_defaults(defaults)
     steps = defaults["steps"] if steps is None else steps
     guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -351,8 +357,8 @@ def generate_story(
     handle = None
     if csa.enabled:
         handle = install_consistent_attention(
-            pipe.unet, rate=rate, tile=None, layers=layers, guidance_halves=do_cfg,
-            first_steps_without_csa=first_plain, skip_schedule=csa.skip_schedule, seed=seed)
+            pipe.unet, rate=csa.rate, tile=None, layers=csa.layers, guidance_halves=do_cfg,
+            first_steps_without_csa=csa.first_steps_without_csa, skip_schedule=csa.skip_schedule, seed=seed)
     images: list[Image.Image | None] = [None] * len(story)
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
@@ -405,7 +411,7 @@ def generate_story(
         if handle is not None:
             handle.bank.clear()
             handle.remove()
-    settings = {"csa": dataclasses.asdict(csa) | {"layers": layers, "first_steps_without_csa": first_plain}, "steps": steps, "guidance_scale": guidance_scale,
+    settings = {"csa": dataclasses.asdict(csa), "steps": steps, "guidance_scale": guidance_scale,
                 "height": height, "width": width, "seed": seed, "seed_policy": seed_policy,
                 "style": story.style.name, "id_images": sorted(id_images) if id_images else []}
     return StoryResult(images, story, seeds, plan, settings, bank_nbytes)

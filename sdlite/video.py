@@ -300,12 +300,13 @@ def sample_latents(decoder: VideoDecoder, scheduler, start: torch.Tensor, end: t
     b = start.shape[0]
     ehs = decoder.condition(text, frame_embeds, frames)  # (B*L, T+n, D)
     noise = torch.randn((b, frames, *start.shape[1:]), generator=generator).to(start.device)  # (B, L, C, h, w)
-    lerp = linear_interpolation(start, end, frames)  # (B, L, C, h, w): the cross-fade, exact at both ends
-    ends = decoder.to_diffusion_space(lerp, start, end)[:, [0, -1]]  # the keyframes in diffusion space
+    # the cross-fade (B, L, C, h, w) in diffusion space: 0 with interpolation_residual; its ends are the keyframes
+    cross_fade = decoder.to_diffusion_space(linear_interpolation(start, end, frames), start, end)
+    ends = cross_fade[:, [0, -1]]
     if strength < 1.0:
         keep = max(1, int(round(steps * strength)))
         timesteps = timesteps[len(timesteps) - keep :]
-        x = sched.add_noise(decoder.to_diffusion_space(lerp, start, end), noise, timesteps[:1])
+        x = sched.add_noise(cross_fade, noise, timesteps[:1])
     else:
         x = noise * sched.init_noise_sigma
     for t in timesteps:

@@ -94,9 +94,10 @@ def test_csa_changes_panels_and_the_step_callback_drives_it(sw_pipe):
     assert np.abs(last - plain).max() > 0
     # rate=None takes the model's default rate (storyworld: 1.0): the same panels as asking for it
     assert CSAConfig().rate is None and model_defaults(sw_pipe)["rate"] == 1.0
-    default = _arrays(generate_story(sw_pipe, story, steps=STEPS, progress=False,
-                                     csa=CSAConfig(first_steps_without_csa=0)))
+    res = generate_story(sw_pipe, story, steps=STEPS, progress=False, csa=CSAConfig(first_steps_without_csa=0))
+    default = _arrays(res)
     np.testing.assert_array_equal(default, csa)
+    assert res.settings["csa"]["rate"] == 1.0 and res.settings["csa"]["layers"] == "all"  # what actually ran
     half = _arrays(generate_story(sw_pipe, story, steps=STEPS, progress=False,
                                   csa=CSAConfig(first_steps_without_csa=0, rate=0.5)))
     assert np.abs(half - csa).max() > 0
