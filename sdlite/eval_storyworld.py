@@ -103,8 +103,9 @@ def evaluate_storyworld(out: str | Path | None = "results/storyworld.json", quic
     from .eval_story import run_consistency_eval
     from .models import load_storyworld
     from .pipeline import model_defaults
-    from .recognizer import load_recognizer
-    from .train import prompt_following, vae_check
+    from .paths import data_dir
+    from .recognizer import SEED1_FILE, load_recognizer
+    from .train import prompt_following_scores, vae_check
 
     # The storyworld models are tiny: one thread is fastest (two threads spin-wait on a busy 2-core machine).
     torch.set_num_threads(threads)
@@ -128,7 +129,10 @@ def evaluate_storyworld(out: str | Path | None = "results/storyworld.json", quic
     vae = vae_check(pipe.vae, recognizer, n=48 if quick else 512, seed=EVAL_SEED)
     vae_drop = {k: vae["accuracy_renders"][k] - vae["accuracy_reconstructions"][k] for k in vae["accuracy_renders"]}
     stage(f"prompt following ({n_img} prompts, {steps} steps)")
-    follow = prompt_following(pipe, recognizer, n=n_img, steps=steps, guidance=guidance, seed=EVAL_SEED)
+    # Scored by the shipped recognizer (the bars) and cross-checked by a second one trained from another seed.
+    scores = prompt_following_scores(pipe, {"a": recognizer, "a_seed1": load_recognizer(data_dir() / SEED1_FILE)},
+                                     n=n_img, steps=steps, guidance=guidance, seed=EVAL_SEED)
+    follow = scores["accuracy"]["a"]
     stage(f"free choice ({n_img} prompts)")
     choice = free_choice(pipe, recognizer, n=n_img, steps=steps, guidance=guidance)
     stage(f"consistency: {n_stories} four-panel stories x (no_csa, default) x (per_panel, shared)")
@@ -151,7 +155,11 @@ def evaluate_storyworld(out: str | Path | None = "results/storyworld.json", quic
     }
     result["bars"] = {k: {"bar": f"{BARS[k][0]} {BARS[k][1]}", "met": bar_met(k, v)} for k, v in result.items()}
     result["details"] = {
-        "recognizer_accuracy": rec, "vae": {**vae, "drop": vae_drop}, "prompt_following": follow, "free_choice": choice["shares"],
+        "recognizer_accuracy": rec, "vae": {**vae, "drop": vae_drop}, "prompt_following": follow,
+        "prompt_following_cross_check": {"second_scorer": SEED1_FILE, "accuracy_second_scorer": scores["accuracy"]["a_seed1"],
+                                         "agreement": scores["agreement"],
+                                         "accuracy_where_agreed": scores["accuracy_where_agreed"]},
+        "free_choice": choice["shares"],
         "consistency_rows": rows,
         "shared_seed_identity_gain": by[("default", "shared")]["identity_agreement"]
         - by[("no_csa", "shared")]["identity_agreement"],

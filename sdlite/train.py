@@ -63,6 +63,7 @@ class TrainConfig:
     batch_size: int
     lr: float
     warmup: int = 100
+    decay_steps: int = 0  # the learning rate falls linearly to 0 over the last `decay_steps` steps (0 = constant)
     log_every: int = 50
     ckpt_every: int = 250
     seed: int = 0
@@ -127,7 +128,14 @@ def read_log(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    """Warm-up, then constant, then (if `decay_steps`) a linear cool-down to 0 at the last step.
+
+    Because the middle part is constant, a run resumed with more steps and a cool-down equals one run that was
+    given those settings from the start."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    if cfg.decay_steps > 0:
+        lr *= min(1.0, (cfg.steps - step) / cfg.decay_steps)
+    return lr
 
 
 def _step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
@@ -675,18 +683,39 @@ def _generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: 
 def prompt_following(pipe, recognizer, n: int = 120, steps: int = 25, guidance: float = 5.0, seed: int = 0,
                      batch: int = 8) -> dict[str, float]:
     """Accuracy of every label on images generated from prompts that state every attribute."""
+    return prompt_following_scores(pipe, {"main": recognizer}, n, steps, guidance, seed, batch)["accuracy"]["main"]
+
+
+@torch.no_grad()
+def prompt_following_scores(pipe, recognizers: dict, n: int = 120, steps: int = 25, guidance: float = 5.0,
+                            seed: int = 0, batch: int = 8) -> dict:
+    """Prompt following read by several scorers at once, to see how much of a miss is the scorer's.
+
+    Returns {"accuracy": {scorer: {label: fraction}}} and, with two or more scorers (the first two are compared):
+    "agreement" {label: fraction of images where both give the same value} and "accuracy_where_agreed"
+    {label: accuracy on those images only}, a reading less blurred by one scorer's mistakes.
+    """
     rng = np.random.default_rng([seed, 31])
     panels = [sw.sample_panel(rng) for _ in range(n)]
-    hits = {name: [] for name in sw.ATTRIBUTES}
+    preds = {name: {a: [] for a in sw.ATTRIBUTES} for name in recognizers}
     for i in range(0, n, batch):
         chunk = panels[i : i + batch]
         imgs = _generate(pipe, [sw.caption(p) for p in chunk], [seed * 100003 + i + j for j in range(len(chunk))],
                          steps, guidance)
-        pred = recognizer.predict(imgs)
-        for j, p in enumerate(chunk):
-            for name, v in sw.labels(p).items():
-                hits[name].append(int(pred[name][j]) == v)
-    return {name: float(np.mean(h)) for name, h in hits.items()}
+        for name, rec in recognizers.items():
+            pred = rec.predict(imgs)
+            for a in sw.ATTRIBUTES:
+                preds[name][a] += [int(v) for v in pred[a]]
+    truth = {a: np.array([sw.labels(p)[a] for p in panels]) for a in sw.ATTRIBUTES}
+    pred = {name: {a: np.array(v) for a, v in d.items()} for name, d in preds.items()}
+    out = {"accuracy": {name: {a: float(np.mean(d[a] == truth[a])) for a in sw.ATTRIBUTES} for name, d in pred.items()}}
+    if len(recognizers) >= 2:
+        first, second = (pred[name] for name in list(recognizers)[:2])
+        same = {a: first[a] == second[a] for a in sw.ATTRIBUTES}
+        out["agreement"] = {a: float(same[a].mean()) for a in sw.ATTRIBUTES}
+        out["accuracy_where_agreed"] = {a: float(np.mean(first[a][same[a]] == truth[a][same[a]])) if same[a].any()
+                                        else float("nan") for a in sw.ATTRIBUTES}
+    return out
 
 
 @torch.no_grad()
@@ -774,6 +803,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--size", default="base", choices=["base", "tiny"])
     ap.add_argument("--steps", type=int, default=None, help="override the steps of the stage(s) trained")
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--decay-steps", type=int, default=None,
+                    help="cool the learning rate down linearly to 0 over the last N steps of the stage(s) trained")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-minutes", type=float, default=None, help="unet: stop (with a checkpoint) after this time")
     ap.add_argument("--export-every", type=int, default=0, help="unet: also export the pipeline every N steps")
@@ -799,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
     for stage in stages:
         cfg = default_config(stage)
         cfg.seed = args.seed
-        for name in ("steps", "batch_size", "character_weight", "group_fraction", "export_every"):
+        for name in ("steps", "batch_size", "decay_steps", "character_weight", "group_fraction", "export_every"):
             if getattr(args, name) not in (None, 0):
                 setattr(cfg, name, getattr(args, name))
         (out / stage).mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,8 @@
 """Tests of sdlite.storyworld (renderer, captions, datasets) and sdlite.recognizer."""
 
 import dataclasses
+import json
+import operator
 import re
 
 import numpy as np
@@ -375,3 +377,23 @@ def test_recognizer_bad_input():
         rec.as_batch([1, 2, 3])
     with pytest.raises(ValueError, match="n_train >= batch_size"):
         rec.train_recognizer(steps=1, n_train=4, batch_size=8, log=None)
+
+
+def test_storyworld_eval_quick_writes_every_bar_and_the_cross_check(tmp_path):
+    from sdlite.eval_storyworld import BARS, evaluate_storyworld, format_table
+
+    torch.set_num_threads(1)
+    res = evaluate_storyworld(tmp_path / "sw.json", quick=True, log=None)
+    saved = json.loads((tmp_path / "sw.json").read_text())
+    names = ["recognizer_accuracy_min", "vae_recon_accuracy_drop", "scene_accuracy", "identity_accuracy_min",
+             "action_accuracy", "free_choice_max_share", "csa_identity_gain", "csa_scene_drop", "story4_seconds_cpu"]
+    assert set(names) <= set(saved) and set(saved["bars"]) == set(BARS) and saved["command"].endswith("--quick")
+    compare = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
+    for name in names:
+        op, bound = BARS[name]
+        assert saved["bars"][name] == {"bar": f"{op} {bound}", "met": compare[op](saved[name], bound)}
+    assert 0 <= saved["identity_accuracy_min"] <= 1 and saved["story4_seconds_cpu"] > 0
+    cross = saved["details"]["prompt_following_cross_check"]
+    assert set(cross["agreement"]) == set(sw.ATTRIBUTES) and all(0 <= v <= 1 for v in cross["agreement"].values())
+    assert res["details"]["prompt_following"]["scene"] == saved["scene_accuracy"]
+    assert format_table(res).count("\n") == len(BARS) + 1

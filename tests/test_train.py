@@ -9,7 +9,7 @@ from sdlite import storyworld as sw
 from sdlite.models import StoryworldSizes, assemble_pipeline, build_clip, build_unet, build_vae, load_storyworld
 from sdlite.models import storyworld_tokenizers, text_encoders_from_clip
 from sdlite.train import (
-    TrainConfig, _random_crops, character_mask, default_config, encode_text, main, read_log, train_clip, train_unet,
+    TrainConfig, _lr_at, _random_crops, character_mask, default_config, encode_text, main, read_log, train_clip, train_unet,
     train_vae, train_vae_decoder,
 )
 
@@ -151,6 +151,19 @@ def test_random_crops_are_seeded():
     assert a.shape == (2, 3, 32, 32) and torch.equal(a, b)
 
 
+def test_learning_rate_warms_up_holds_then_cools_down():
+    cfg = TrainConfig(steps=100, batch_size=1, lr=1.0, warmup=10, decay_steps=20)
+    lrs = [_lr_at(s, cfg) for s in range(cfg.steps)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # warm-up
+    assert all(lr == 1.0 for lr in lrs[9:81])  # constant until the cool-down starts
+    assert lrs[80] == pytest.approx(1.0) and lrs[90] == pytest.approx(0.5) and lrs[99] == pytest.approx(0.05)
+    assert all(a > b for a, b in zip(lrs[80:], lrs[81:]))  # falls every step to the end
+    # the constant middle is why a resumed run with more steps and a cool-down equals one longer run:
+    short = TrainConfig(steps=60, batch_size=1, lr=1.0, warmup=10)
+    assert [_lr_at(s, short) for s in range(60)] == lrs[:60]
+    assert _lr_at(99, TrainConfig(steps=100, batch_size=1, lr=1.0, warmup=10)) == 1.0  # decay_steps=0: constant
+
+
 def test_bad_input_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="one of"):
         default_config("gan")
@@ -161,7 +174,7 @@ def test_bad_input_errors_name_the_fix(tmp_path):
 
 def test_quick_checks_run_and_report_fractions(tokenizers):
     from sdlite.recognizer import Recognizer
-    from sdlite.train import csa_check, prompt_following, vae_check
+    from sdlite.train import csa_check, prompt_following, prompt_following_scores, vae_check
 
     torch.manual_seed(0)
     rec = Recognizer("a").eval()
@@ -170,6 +183,13 @@ def test_quick_checks_run_and_report_fractions(tokenizers):
     pipe.set_progress_bar_config(disable=True)
     pf = prompt_following(pipe, rec, n=2, steps=2, batch=2)
     assert set(pf) == set(sw.ATTRIBUTES) and all(0 <= v <= 1 for v in pf.values())
+    # a scorer cross-checked with itself agrees everywhere; another scorer reads the same images differently
+    same = prompt_following_scores(pipe, {"a": rec, "copy": rec}, n=2, steps=2, batch=2)
+    assert same["accuracy"]["a"] == pf and same["agreement"] == {a: 1.0 for a in sw.ATTRIBUTES}
+    assert same["accuracy_where_agreed"] == pf
+    torch.manual_seed(1)
+    other = prompt_following_scores(pipe, {"a": rec, "other": Recognizer("a").eval()}, n=4, steps=2, batch=2)
+    assert other["accuracy"]["a"] != other["accuracy"]["other"] or min(other["agreement"].values()) < 1.0
     res = csa_check(pipe, rec, stories=1, steps=2, settings={"none": None, "csa": dict(rate=0.5, layers="all")})
     for row in res.values():
         assert 0 <= row["identity_agreement"] <= 1 and 0 <= row["scene_accuracy"] <= 1
