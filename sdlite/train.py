@@ -815,6 +815,23 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def stage_config(stage: str, args: argparse.Namespace) -> TrainConfig:
+    """The stage's shipped config with the command line's overrides (an option left out keeps the default; an
+    explicit 0, e.g. `--group-fraction 0` for a model trained without collages, is honoured)."""
+    cfg = default_config(stage)
+    cfg.seed = args.seed
+    for name in ("steps", "batch_size", "decay_steps", "character_weight", "group_fraction"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if args.export_every:
+        cfg.export_every = args.export_every
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.decay_steps < 0 or not 0 <= cfg.group_fraction <= 1:
+        raise ValueError(f"bad {stage} config: --steps and --batch-size must be >= 1, --decay-steps >= 0, "
+                         f"--group-fraction in [0, 1] (got {cfg.steps}, {cfg.batch_size}, {cfg.decay_steps}, "
+                         f"{cfg.group_fraction})")
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.threads:
@@ -828,11 +845,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = build_storyworld_tokenizer()
     stages = STAGES if args.stage == "all" else (() if args.stage == "export" else (args.stage,))
     for stage in stages:
-        cfg = default_config(stage)
-        cfg.seed = args.seed
-        for name in ("steps", "batch_size", "decay_steps", "character_weight", "group_fraction", "export_every"):
-            if getattr(args, name) not in (None, 0):
-                setattr(cfg, name, getattr(args, name))
+        cfg = stage_config(stage, args)
         (out / stage).mkdir(parents=True, exist_ok=True)
         (out / stage / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
         if stage == "vae":

@@ -164,6 +164,17 @@ def test_learning_rate_warms_up_holds_then_cools_down():
     assert _lr_at(99, TrainConfig(steps=100, batch_size=1, lr=1.0, warmup=10)) == 1.0  # decay_steps=0: constant
 
 
+def test_command_line_overrides_keep_defaults_and_honour_zero():
+    from sdlite.train import _parser, stage_config
+
+    args = lambda *a: _parser().parse_args(["storyworld", "--out", "runs/x", *a])  # noqa: E731
+    assert stage_config("unet", args()) == default_config("unet")
+    cfg = stage_config("unet", args("--group-fraction", "0", "--steps", "6000", "--decay-steps", "500"))
+    assert (cfg.group_fraction, cfg.steps, cfg.decay_steps, cfg.batch_size) == (0.0, 6000, 500, 16)
+    with pytest.raises(ValueError, match="--group-fraction in"):
+        stage_config("unet", args("--group-fraction", "2"))
+
+
 def test_bad_input_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="one of"):
         default_config("gan")
