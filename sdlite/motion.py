@@ -81,14 +81,24 @@ def _check_frames(frames) -> int:
 class ImageEmbedder(nn.Module):
     """Images -> CLIP image embeddings (the projected, pooled output of a CLIP vision tower), (B, 3, H, W) -> (B, D).
 
+    With `grid=g > 0` each image also gets g x g *cell* embeddings: the tower's patch tokens averaged over the cells
+    of a g x g grid, through the same final norm and projection as the pooled one, so each lives in the same
+    D-dimensional space. The output is then (B, D * (1 + g*g)): [pooled ; cell (0,0) ; cell (0,1) ; ...]. The pooled
+    embedding is a summary of *what* is in the picture and barely says *where* (docs/lab/clip_position.py: moving
+    the storyworld character across the frame changes it 7x less than changing its pose); the cells say where.
+    `pooled(e)` gives back the first D numbers, the classic CLIP image embedding.
+
     Takes images as float in [-1, 1] (sdlite's convention) at any size: they are resized to the tower's
     `image_size` and normalised with `mean`/`std` when given (real CLIP towers want OpenAI's normalisation; the
     storyworld tower was trained on [-1, 1] images as they are). Works with a `CLIPModel` or a
     `CLIPVisionModelWithProjection` (both have `vision_model` and `visual_projection`).
     """
 
-    def __init__(self, clip, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+    def __init__(self, clip, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                 grid: int = 0):
         super().__init__()
+        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 0:
+            raise ValueError(f"grid={grid!r} must be an int >= 0 (0: the pooled embedding only)")
         if not (hasattr(clip, "vision_model") and hasattr(clip, "visual_projection")):
             raise TypeError(f"ImageEmbedder needs a CLIPModel or CLIPVisionModelWithProjection, got "
                             f"{type(clip).__name__}: load one with transformers' from_pretrained")
@@ -96,28 +106,32 @@ class ImageEmbedder(nn.Module):
         self.visual_projection = clip.visual_projection
         cfg = clip.config.vision_config if hasattr(clip.config, "vision_config") else clip.config
         self.image_size = int(cfg.image_size)
-        self.embed_dim = int(self.visual_projection.out_features)
+        self.grid = grid
+        self.pooled_dim = int(self.visual_projection.out_features)
+        self.embed_dim = self.pooled_dim * (1 + grid * grid)
         self.normalize = mean is not None
         self.register_buffer("mean", torch.tensor(mean or (0.0, 0.0, 0.0)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std or (1.0, 1.0, 1.0)).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False).eval()
 
     @classmethod
-    def storyworld(cls, folder: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> ImageEmbedder:
+    def storyworld(cls, folder: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                   grid: int = 0) -> ImageEmbedder:
         """The storyworld CLIP's vision tower (64x64 images in [-1, 1], no extra normalisation)."""
         from .models import load_storyworld_clip
 
         clip, _ = load_storyworld_clip(device, folder)
-        return cls(clip)
+        return cls(clip, grid=grid)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> ImageEmbedder:
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                        grid: int = 0) -> ImageEmbedder:
         """A real CLIP vision tower (`CLIPVisionModelWithProjection` folder or hub id, e.g. OpenCLIP ViT-H-14 in
         transformers format) with OpenAI's pixel normalisation. Offline: the weights must already be local."""
         from transformers import CLIPVisionModelWithProjection
 
         model = CLIPVisionModelWithProjection.from_pretrained(path, dtype=torch.float32, local_files_only=True)
-        return cls(model, CLIP_MEAN, CLIP_STD).to(device)
+        return cls(model, CLIP_MEAN, CLIP_STD, grid=grid).to(device)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[-1, 1] (B, 3, H, W) -> the tower's input (B, 3, S, S)."""
@@ -137,9 +151,26 @@ class ImageEmbedder(nn.Module):
         x = self.preprocess(images).to(self.mean.device)
         out = []
         for i in range(0, len(x), batch_size):
-            pooled = self.vision_model(pixel_values=x[i : i + batch_size]).pooler_output  # (b, hidden)
-            out.append(self.visual_projection(pooled))  # (b, D)
+            states = self.vision_model(pixel_values=x[i : i + batch_size])
+            e = self.visual_projection(states.pooler_output)  # (b, D): the normed class token, projected
+            if self.grid:
+                e = torch.cat([e, self.cells(states.last_hidden_state).flatten(1)], dim=1)  # (b, D (1 + g*g))
+            out.append(e)
         return torch.cat(out)
+
+    def cells(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (b, 1 + P, hidden) -> cell embeddings (b, g*g, D), row-major over the grid."""
+        patches = hidden[:, 1:]  # (b, P, hidden): drop the class token
+        side = math.isqrt(patches.shape[1])
+        if side * side != patches.shape[1]:
+            raise ValueError(f"{patches.shape[1]} patch tokens do not form a square grid")
+        maps = patches.transpose(1, 2).reshape(len(hidden), -1, side, side)  # (b, hidden, side, side)
+        pooled = F.adaptive_avg_pool2d(maps, self.grid).flatten(2).transpose(1, 2)  # (b, g*g, hidden)
+        return self.visual_projection(self.vision_model.post_layernorm(pooled))  # (b, g*g, D)
+
+    def pooled(self, embeds: torch.Tensor) -> torch.Tensor:
+        """(..., embed_dim) -> (..., pooled_dim): the classic CLIP image embedding part."""
+        return embeds[..., : self.pooled_dim]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,12 +219,16 @@ class SemanticMotionPredictor(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, embed_dim: int = 128, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
-                 head_dim: int = 32, pin_endpoints: bool = True):
-        super().__init__()
+                 head_dim: int = 32, pin_endpoints: bool = True, image_grid: int = 0):
+        super().__init__()  # image_grid: the `ImageEmbedder(grid=...)` whose embeddings it reads and predicts
         for name, v in dict(embed_dim=embed_dim, hidden_size=hidden_size, num_layers=num_layers,
                             num_heads=num_heads, head_dim=head_dim).items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive int (the paper: {PAPER_SIZE})")
+        if isinstance(image_grid, bool) or not isinstance(image_grid, int) or image_grid < 0 or \
+                embed_dim % (1 + image_grid * image_grid):
+            raise ValueError(f"image_grid={image_grid!r} must be an int >= 0 with embed_dim={embed_dim} a multiple of "
+                             "1 + image_grid**2 (an ImageEmbedder(grid=image_grid) embedding)")
         self.proj_in = nn.Linear(embed_dim, hidden_size)
         self.frame_embed = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(),
                                          nn.Linear(hidden_size, hidden_size))
@@ -282,6 +317,8 @@ def build_cache(folder: str | os.PathLike, n_clips: int, seed: int, embedder: Im
     folder.mkdir(parents=True, exist_ok=True)
     info = {"n_clips": int(n_clips), "seed": _check_seed(seed), "frames": _check_frames(frames),
             "latents": vae is not None}
+    if embedder.grid:
+        info["grid"] = embedder.grid  # (pooled-only caches leave it out, as they did before grids existed)
     meta_path = folder / "cache.json"
     if meta_path.exists() and json.loads(meta_path.read_text()) != info:
         raise FileExistsError(f"{folder} holds a cache of other settings {json.loads(meta_path.read_text())}: "
@@ -313,7 +350,8 @@ def build_cache(folder: str | os.PathLike, n_clips: int, seed: int, embedder: Im
 
 
 def load_cache(folder: str | os.PathLike) -> dict:
-    """A cache folder -> {"embeds": float32 (N, L, D), "latents" (if cached), "captions", "kinds", "labels"}."""
+    """A cache folder -> {"embeds": float32 (N, L, D), "latents" (if cached), "captions", "kinds", "labels",
+    "grid" (the ImageEmbedder grid of the embeddings)}."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -335,6 +373,8 @@ def load_cache(folder: str | os.PathLike) -> dict:
     if "latents" in out:
         result["latents"] = out.pop("latents").float()
     result["labels"] = {k.split(".", 1)[1]: v for k, v in out.items() if k.startswith("labels.")}
+    meta = folder / "cache.json"
+    result["grid"] = int(json.loads(meta.read_text()).get("grid", 0)) if meta.is_file() else 0
     return result
 
 
@@ -365,7 +405,7 @@ def train_predictor(embeds: torch.Tensor, predictor: SemanticMotionPredictor | N
                     batch_size: int = 64, lr: float = 3e-4, seed: int = 0, warmup: int = 100,
                     weight_decay: float = 0.01, out: str | os.PathLike | None = None, resume: bool = False,
                     log_every: int = 50, ckpt_every: int = 500, progress: bool = False,
-                    val_embeds: torch.Tensor | None = None, stop_at: int | None = None,
+                    val_embeds: torch.Tensor | None = None, stop_at: int | None = None, image_grid: int = 0,
                     ) -> tuple[SemanticMotionPredictor, dict]:
     """Fit the predictor to true frame embeddings (N, L, D) by MSE, with an accelerate loop (AdamW, linear warmup,
     cosine decay). Batch b of step s is a pure function of (seed, s), so `resume` (from `out/checkpoint`) continues
@@ -382,7 +422,7 @@ def train_predictor(embeds: torch.Tensor, predictor: SemanticMotionPredictor | N
     if predictor is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            predictor = SemanticMotionPredictor(embed_dim=embeds.shape[2], **{
+            predictor = SemanticMotionPredictor(embed_dim=embeds.shape[2], image_grid=image_grid, **{
                 k: v for k, v in STORYWORLD_SIZE.items() if k != "embed_dim"})
     if predictor.config.embed_dim != embeds.shape[2]:
         raise ValueError(f"the predictor's embed_dim={predictor.config.embed_dim} differs from the data's "
@@ -466,6 +506,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--frames", type=int, default=16)
     c.add_argument("--out", required=True, help="cache folder (resumable: existing parts are kept)")
     c.add_argument("--latents", action="store_true", help="also store the storyworld VAE latents (video decoder)")
+    c.add_argument("--grid", type=int, default=0, help="also embed g x g cells of each frame (ImageEmbedder grid)")
     c.add_argument("--max-chunks", type=int, default=None, help=f"stop after this many parts of {CACHE_CHUNK} clips")
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--storyworld", default=None, help="folder with vae/ and clip/ (default data/storyworld)")
@@ -498,17 +539,21 @@ def main(argv: list[str] | None = None) -> int:
             from .video import load_storyworld_vae
 
             vae = load_storyworld_vae(args.storyworld)
-        build_cache(args.out, args.clips, args.seed, ImageEmbedder.storyworld(args.storyworld), vae, args.frames,
-                    args.max_chunks)
+        build_cache(args.out, args.clips, args.seed, ImageEmbedder.storyworld(args.storyworld, grid=args.grid), vae,
+                    args.frames, args.max_chunks)
         return 0
     if args.command == "train":
         if args.export:
             check_writable(Path(args.export) / "config.json", args.force)
-        embeds = torch.cat([load_cache(c)["embeds"] for c in args.cache])
-        val = load_cache(args.val_cache)["embeds"] if args.val_cache else None
+        caches = [load_cache(c) for c in args.cache] + ([load_cache(args.val_cache)] if args.val_cache else [])
+        grids = {c["grid"] for c in caches}
+        if len(grids) > 1:
+            raise ValueError(f"the caches were embedded with different grids {sorted(grids)}: use caches of one --grid")
+        embeds = torch.cat([c["embeds"] for c in caches[: len(args.cache)]])
+        val = caches[-1]["embeds"] if args.val_cache else None
         model, hist = train_predictor(embeds, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                       seed=args.seed, out=args.out, resume=args.resume, progress=True,
-                                      val_embeds=val, stop_at=args.stop_at)
+                                      val_embeds=val, stop_at=args.stop_at, image_grid=grids.pop())
         if args.export and hist["step"][-1] == args.steps:
             model.save_pretrained(args.export)
             info = {"command": "python -m sdlite.motion " + " ".join(argv if argv is not None else sys.argv[1:]),

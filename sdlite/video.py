@@ -102,7 +102,7 @@ class VideoDecoder(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, unet_config: dict | None = None, image_embed_dim: int = 128, frame_tokens: int = 2,
-                 prediction_type: str = "sample", interpolation_residual: bool = False):
+                 prediction_type: str = "sample", interpolation_residual: bool = False, image_grid: int = 0):
         super().__init__()
         if prediction_type not in ("sample", "epsilon"):
             raise ValueError(f"prediction_type={prediction_type!r}: use 'sample' (the clean latents) or 'epsilon'")
@@ -115,7 +115,16 @@ class VideoDecoder(ModelMixin, ConfigMixin):
             nn.init.zeros_(self.unet.conv_out.weight)
             nn.init.zeros_(self.unet.conv_out.bias)
         d = self.unet.config.cross_attention_dim
-        self.frame_proj = nn.Linear(image_embed_dim, frame_tokens * d)
+        if image_grid:  # one token per part of the embedding: the pooled one and each grid cell
+            parts = 1 + image_grid * image_grid
+            if image_embed_dim % parts:
+                raise ValueError(f"image_embed_dim={image_embed_dim} is not (1 + image_grid**2={parts}) x D: pass the "
+                                 "embed_dim of an ImageEmbedder(grid=image_grid)")
+            self.frame_proj = nn.Linear(image_embed_dim // parts, d)  # shared by the parts
+            self.part_embed = nn.Parameter(torch.randn(parts, d) * 0.02)  # which part (pooled, cell 0, ...) it is
+            frame_tokens = parts
+        else:  # one embedding -> `frame_tokens` tokens
+            self.frame_proj = nn.Linear(image_embed_dim, frame_tokens * d)
         self.frame_norm = nn.LayerNorm(d)
         self.null_tokens = nn.Parameter(torch.randn(frame_tokens, d) * 0.02)
 
@@ -136,7 +145,10 @@ class VideoDecoder(ModelMixin, ConfigMixin):
         if frame_embeds.shape != (batch, frames, e):
             raise ValueError(f"frame_embeds must be (B={batch}, L={frames}, {e}), got {tuple(frame_embeds.shape)}: "
                              "one image embedding per frame, from sdlite.motion")
-        return self.frame_norm(self.frame_proj(frame_embeds.to(self.dtype)).view(batch, frames, n, d))
+        x = frame_embeds.to(self.dtype)
+        if self.config.image_grid:  # (B, L, n * D') -> n parts, each projected, tagged with its part embedding
+            return self.frame_norm(self.frame_proj(x.view(batch, frames, n, e // n)) + self.part_embed)
+        return self.frame_norm(self.frame_proj(x).view(batch, frames, n, d))
 
     def condition(self, text: torch.Tensor, frame_embeds: torch.Tensor | None, frames: int) -> torch.Tensor:
         """Join text tokens (B, T, D) and frame tokens: -> encoder_hidden_states (B * L, T + n, D), frame-major."""
@@ -183,7 +195,8 @@ class VideoDecoder(ModelMixin, ConfigMixin):
 
 def build_decoder(size: str = "base", image_embed_dim: int = 128, cross_attention_dim: int = 128,
                   sample_size: int = 16, frame_tokens: int = 2, seed: int = 0,
-                  prediction_type: str = "sample", interpolation_residual: bool | None = None) -> VideoDecoder:
+                  prediction_type: str = "sample", interpolation_residual: bool | None = None,
+                  image_grid: int = 0) -> VideoDecoder:
     """A randomly initialised decoder (seeded, without touching the global RNG). `interpolation_residual`
     (default: on for prediction_type="sample") makes it predict the correction to the latent cross-fade."""
     seed = _check_seed(seed)
@@ -193,7 +206,7 @@ def build_decoder(size: str = "base", image_embed_dim: int = 128, cross_attentio
         return VideoDecoder(cfg, image_embed_dim=image_embed_dim, frame_tokens=frame_tokens,
                             prediction_type=prediction_type,
                             interpolation_residual=prediction_type == "sample" if interpolation_residual is None
-                            else interpolation_residual)
+                            else interpolation_residual, image_grid=image_grid)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -240,11 +253,15 @@ def load_video_models(device: str | torch.device = "cpu", storyworld_folder: str
     vae = load_storyworld_vae(sw_folder)
     clip, tok = load_storyworld_clip(device, sw_folder)
     mf = Path(motion_folder) if motion_folder is not None else motion_dir()
+    pred = SemanticMotionPredictor.storyworld(mf / "predictor").to(device) if predictor else None
+    dec = VideoDecoder.storyworld(mf / "decoder").to(device) if decoder else None
+    grids = {m.config.image_grid for m in (pred, dec) if m is not None}
+    if len(grids) > 1:
+        raise ValueError(f"{mf}: the predictor and the decoder read different image embeddings (grids "
+                         f"{sorted(grids)}): train both on caches of the same `--grid`")
     return VideoModels(
-        vae=vae.to(device), embedder=ImageEmbedder(clip), text_model=clip.text_model, tokenizer=tok,
-        predictor=SemanticMotionPredictor.storyworld(mf / "predictor").to(device) if predictor else None,
-        decoder=VideoDecoder.storyworld(mf / "decoder").to(device) if decoder else None,
-        scheduler=build_scheduler(),
+        vae=vae.to(device), embedder=ImageEmbedder(clip, grid=grids.pop() if grids else 0).to(device),
+        text_model=clip.text_model, tokenizer=tok, predictor=pred, decoder=dec, scheduler=build_scheduler(),
     )
 
 
@@ -661,7 +678,8 @@ def video_metrics(video: torch.Tensor, truth: torch.Tensor, embedder: ImageEmbed
     PSNR/SSIM/embedding distance over the in-between frames; fidelity = PSNR of the first/last frame to the
     keyframes."""
     b, frames = video.shape[:2]
-    e = embedder(video.reshape(-1, *video.shape[2:])).reshape(b, frames, -1)  # (B, L, E)
+    e = embedder.pooled(embedder(video.reshape(-1, *video.shape[2:]))).reshape(b, frames, -1)  # (B, L, D)
+    true_embeds = embedder.pooled(true_embeds)  # CLIP-I and the embedding errors read the pooled embedding
     sims = clip_similarities(e)
     out = {
         "psnr": psnr(video[:, 1:-1], truth[:, 1:-1]).mean(1),
@@ -699,7 +717,7 @@ def evaluate(models: VideoModels, n_clips: int = 100, seed: int = EVAL_SEED, fra
     per: dict[str, dict[str, list]] = {m: {} for m in methods}
     truth_stats: dict[str, list] = {}
     kinds: list[str] = []
-    emb_err = {"predictor": [], "linear": []}
+    emb_err = {"predictor": [], "linear": [], "predictor_pooled": [], "linear_pooled": []}
     t0 = time.time()
     for first in range(0, n_clips, batch_size):
         items = [data[i] for i in range(first, min(n_clips, first + batch_size))]
@@ -711,9 +729,11 @@ def evaluate(models: VideoModels, n_clips: int = 100, seed: int = EVAL_SEED, fra
         if models.predictor is not None:
             pred_e = models.predictor(true_e[:, 0], true_e[:, -1], frames)
             lin_e = linear_interpolation(true_e[:, 0], true_e[:, -1], frames)
-            emb_err["predictor"].append((pred_e - true_e)[:, 1:-1].pow(2).mean(dim=(1, 2)))
-            emb_err["linear"].append((lin_e - true_e)[:, 1:-1].pow(2).mean(dim=(1, 2)))
-        sims = clip_similarities(true_e)
+            for name, e in (("predictor", pred_e), ("linear", lin_e)):
+                err = (e - true_e)[:, 1:-1]  # (B, L - 2, E): the in-between frames
+                emb_err[name].append(err.pow(2).mean(dim=(1, 2)))
+                emb_err[name + "_pooled"].append(models.embedder.pooled(err).pow(2).mean(dim=(1, 2)))
+        sims = clip_similarities(models.embedder.pooled(true_e))
         for k, v in {"motion": motion_amount(x), "clipsim_first": sims["first"], "clipsim_frames": sims["frames"]
                      }.items():
             truth_stats.setdefault(k, []).append(v.cpu())
@@ -740,7 +760,9 @@ def evaluate(models: VideoModels, n_clips: int = 100, seed: int = EVAL_SEED, fra
     result["kind_counts"] = {kind: int((kinds_arr == kind).sum()) for kind in sorted(set(kinds))}
     if emb_err["predictor"]:
         p, lin = torch.cat(emb_err["predictor"]).mean().item(), torch.cat(emb_err["linear"]).mean().item()
-        result["predictor"] = {"mse_predictor": p, "mse_linear": lin, "ratio": p / lin}
+        pp, lp = torch.cat(emb_err["predictor_pooled"]).mean().item(), torch.cat(emb_err["linear_pooled"]).mean().item()
+        result["predictor"] = {"mse_predictor": p, "mse_linear": lin, "ratio": p / lin,
+                               "ratio_pooled_part": pp / lp, "image_grid": models.embedder.grid}
     result["seconds"] = round(time.time() - t0, 1)
     return result
 
@@ -835,9 +857,12 @@ def main(argv: list[str] | None = None) -> int:
         captions = [cap for c in caches for cap in c["captions"]]
         text = torch.cat([encode_prompts(models, captions[i : i + 256]) for i in range(0, len(captions), 256)])
         empty = encode_prompts(models, [""])
-        decoder = build_decoder(args.size, image_embed_dim=models.embedder.embed_dim,
+        grids = {c["grid"] for c in caches}
+        if len(grids) > 1:
+            raise ValueError(f"the caches were embedded with different grids {sorted(grids)}: use caches of one --grid")
+        decoder = build_decoder(args.size, image_embed_dim=cache["embeds"].shape[-1],
                                 cross_attention_dim=text.shape[-1], sample_size=cache["latents"].shape[-1],
-                                seed=args.seed)
+                                seed=args.seed, image_grid=grids.pop())
         cfg = DecoderTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
         decoder, hist = train_decoder(cache, text, empty, decoder, models.scheduler, cfg, args.out, args.resume,
                                       progress=True, stop_at=args.stop_at, max_minutes=args.max_minutes)

@@ -256,7 +256,53 @@ def test_training_bad_input():
 
 
 # ---------------------------------------------------------------- the clip cache
-def test_cache_is_resumable_and_matches_the_dataset(tmp_path, tiny_models, monkeypatch):
+def test_grid_embedder_appends_cell_embeddings_to_the_pooled_one(tiny_clip):
+    clip, _ = tiny_clip
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    plain, grid = ImageEmbedder(clip), ImageEmbedder(clip, grid=2)
+    e = grid(x)
+    assert (grid.pooled_dim, grid.embed_dim, e.shape) == (E, 5 * E, (3, 5 * E))
+    torch.testing.assert_close(grid.pooled(e), plain(x))  # the first D numbers: the classic embedding
+    # by hand: average the patch tokens of each quarter of the image, then the tower's final norm and projection
+    vm = clip.vision_model
+    patches = vm(pixel_values=x).last_hidden_state[:, 1:]  # (3, P, hidden)
+    side = math.isqrt(patches.shape[1])
+    maps = patches.reshape(3, side, side, -1)  # row-major patches
+    h = side // 2
+    cells = [maps[:, r * h : (r + 1) * h, c * h : (c + 1) * h].mean(dim=(1, 2)) for r in range(2) for c in range(2)]
+    ref = clip.visual_projection(vm.post_layernorm(torch.stack(cells, 1)))  # (3, 4, E)
+    torch.testing.assert_close(e[:, E:].view(3, 4, E), ref, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="grid=-1"):
+        ImageEmbedder(clip, grid=-1)
+
+
+def test_grid_predictor_and_decoder_read_one_token_per_part(tiny_clip, tmp_path):
+    clip, _ = tiny_clip
+    with pytest.raises(ValueError, match="image_grid"):
+        SemanticMotionPredictor(embed_dim=E, image_grid=2)  # E is not 5 x D
+    pred = SemanticMotionPredictor(embed_dim=5 * E, hidden_size=32, num_layers=1, num_heads=2, head_dim=16,
+                                   image_grid=2)
+    assert pred(torch.randn(2, 5 * E), torch.randn(2, 5 * E), 4).shape == (2, 4, 5 * E)
+    dec = build_decoder("tiny", image_embed_dim=5 * E, cross_attention_dim=32, seed=3, image_grid=2)
+    emb = torch.randn(2, 4, 5 * E)
+    tokens = dec.frame_tokens(emb, 2, 4)
+    assert tokens.shape == (2, 4, 5, 32) and dec.condition(torch.randn(2, 7, 32), emb, 4).shape == (8, 12, 32)
+    assert dec.frame_tokens(None, 2, 4).shape == (2, 4, 5, 32)  # the null tokens: one per part too
+    # the cell parts reach their own tokens: changing cell 3 of frame 1 changes token 4 of frame 1 only
+    emb2 = emb.clone()
+    emb2[:, 1, 4 * E :] += 1.0
+    diff = (dec.frame_tokens(emb2, 2, 4) - tokens).abs().amax(dim=(0, 3))  # (L, parts)
+    assert diff[1, 4] > 1e-4 and diff.sum() == diff[1, 4]
+    with pytest.raises(ValueError, match="image_embed_dim"):
+        build_decoder("tiny", image_embed_dim=E + 1, cross_attention_dim=32, image_grid=2)
+    # a predictor and a decoder trained on different embeddings cannot be loaded together
+    pred.save_pretrained(tmp_path / "motion" / "predictor")
+    build_decoder("tiny", image_embed_dim=E, cross_attention_dim=32).save_pretrained(tmp_path / "motion" / "decoder")
+    with pytest.raises(ValueError, match="different image embeddings"):
+        video.load_video_models(motion_folder=tmp_path / "motion")
+
+
+def test_cache_is_resumable_and_matches_the_dataset(tmp_path, tiny_models, tiny_clip, monkeypatch):
     monkeypatch.setattr(motion, "CACHE_CHUNK", 2)
     m = tiny_models
     build_cache(tmp_path / "c", 3, seed=4, embedder=m.embedder, vae=m.vae, frames=5, max_chunks=1, progress=False)
@@ -269,8 +315,13 @@ def test_cache_is_resumable_and_matches_the_dataset(tmp_path, tiny_models, monke
     assert cache["captions"][2] == item["caption"] and cache["kinds"][2] == item["kind"]
     torch.testing.assert_close(cache["embeds"][2], m.embedder(item["frames"]), atol=2e-2, rtol=1e-2)  # fp16
     assert torch.equal(cache["labels"]["hair"][2], item["labels"]["hair"])
+    assert cache["grid"] == 0
     with pytest.raises(FileExistsError, match="another folder"):
         build_cache(tmp_path / "c", 4, seed=4, embedder=m.embedder, progress=False)
+    grid = ImageEmbedder(tiny_clip[0], grid=2)
+    build_cache(tmp_path / "g", 2, seed=4, embedder=grid, frames=5, progress=False)
+    cached = load_cache(tmp_path / "g")
+    assert cached["grid"] == 2 and cached["embeds"].shape == (2, 5, 5 * E)
     with pytest.raises(FileNotFoundError, match="python -m sdlite.motion cache"):
         load_cache(tmp_path / "empty")
 
