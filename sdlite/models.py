@@ -45,6 +45,18 @@ def storyworld_dir() -> Path:
     return data_dir() / STORYWORLD_SUBDIR
 
 
+ABLATION_SUBDIR = "storyworld_ablation"
+ABLATION_UNETS = ("collage_step6000", "no_collage_step6000")
+
+
+def ablation_unet_dir(name: str) -> Path:
+    """`data/storyworld_ablation/<name>/unet`: the two UNets of the collage ablation (appendix notebook 07), trained
+    with the same recipe for the same 6000 steps, with (the shipped run's step-6000 export) and without collages."""
+    if name not in ABLATION_UNETS:
+        raise ValueError(f"unknown ablation UNet {name!r}: use one of {ABLATION_UNETS}")
+    return data_dir() / ABLATION_SUBDIR / name / "unet"
+
+
 # ---------------------------------------------------------------- tokenizer
 def _bpe_pieces(word: str, ranks: dict[tuple[str, str], int]) -> tuple[list[str], list[tuple[str, str]]]:
     """Run CLIP's BPE on one lower-case word: its final pieces and the merges applied, in order."""
@@ -258,15 +270,25 @@ def save_pipeline(pipe: StableDiffusionXLPipeline, clip: CLIPModel, folder: str 
 
 
 def load_storyworld(device: str | torch.device = "cpu", folder: str | os.PathLike | None = None,
-                    dtype: torch.dtype = torch.float32) -> StableDiffusionXLPipeline:
-    """The shipped storyworld SDXL pipeline (`StableDiffusionXLPipeline.from_pretrained(data/storyworld)`), offline."""
+                    dtype: torch.dtype = torch.float32, unet: str | os.PathLike | None = None,
+                    ) -> StableDiffusionXLPipeline:
+    """The shipped storyworld SDXL pipeline (`StableDiffusionXLPipeline.from_pretrained(data/storyworld)`), offline.
+
+    `unet`: a folder holding another storyworld UNet (`UNet2DConditionModel.save_pretrained`), used instead of the
+    shipped one, e.g. the collage ablation's `ablation_unet_dir("no_collage_step6000")`."""
     folder = Path(folder) if folder is not None else storyworld_dir()
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(
             f"{folder} holds no pipeline (model_index.json missing): train it with "
             "`python -m sdlite.train storyworld --stage all --out runs/storyworld` or restore data/storyworld from git"
         )
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    extra = {}
+    if unet is not None:
+        if not (Path(unet) / "config.json").is_file():
+            raise FileNotFoundError(f"{unet} holds no UNet (config.json missing): pass a folder written by "
+                                    "UNet2DConditionModel.save_pretrained")
+        extra["unet"] = UNet2DConditionModel.from_pretrained(unet, dtype=dtype, local_files_only=True)
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
