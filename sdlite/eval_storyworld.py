@@ -98,8 +98,10 @@ def story4_seconds(pipe, steps: int = 25, repeats: int = 3) -> float:
 
 
 def evaluate_storyworld(out: str | Path | None = "results/storyworld.json", quick: bool = False,
-                        n_stories: int = 64, steps: int = 25, threads: int = 1, log=print) -> dict:
-    """Run every measurement and write the json (`quick`: tiny sizes, for tests and smoke runs)."""
+                        n_stories: int = 64, steps: int = 25, threads: int = 1, log=print,
+                        folder: str | Path | None = None) -> dict:
+    """Run every measurement and write the json (`quick`: tiny sizes, for tests and smoke runs; `folder`: another
+    storyworld pipeline folder than the shipped data/storyworld, e.g. a new training run's export)."""
     from .eval_story import run_consistency_eval
     from .models import load_storyworld
     from .pipeline import model_defaults
@@ -110,7 +112,7 @@ def evaluate_storyworld(out: str | Path | None = "results/storyworld.json", quic
     # The storyworld models are tiny: one thread is fastest (two threads spin-wait on a busy 2-core machine).
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
-    pipe = load_storyworld("cpu")
+    pipe = load_storyworld("cpu", folder=folder)
     pipe.set_progress_bar_config(disable=True)
     recognizer = load_recognizer()
     n_img = 20 if quick else 200
@@ -166,7 +168,8 @@ def evaluate_storyworld(out: str | Path | None = "results/storyworld.json", quic
     }
     result["sizes"] = {"prompts": n_img, "stories": n_stories, "panels_per_story": 4, "steps": steps,
                        "guidance_scale": guidance}
-    result["command"] = "python -m sdlite.eval storyworld" + (" --quick" if quick else "")
+    result["command"] = "python -m sdlite.eval storyworld" + (" --quick" if quick else "") + (
+        f" --model {folder}" if folder is not None else "")
     result["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     result["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, python {sys.version.split()[0]}"
     result["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -195,6 +198,8 @@ def add_storyworld_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=25, help="denoising steps (the bars use 25)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not the bars")
+    p.add_argument("--model", default="storyworld", help="'storyworld' (the shipped data/storyworld) or another "
+                   "storyworld pipeline folder, e.g. a training run's export")
     p.set_defaults(func=_run)
 
 
@@ -202,7 +207,8 @@ def _run(args) -> int:
     if args.stories < 1 or args.steps < 1 or args.threads < 1:
         raise ValueError("--stories, --steps and --threads must be >= 1")
     result = evaluate_storyworld(args.out, quick=args.quick, n_stories=args.stories, steps=args.steps,
-                                 threads=args.threads)
+                                 threads=args.threads,
+                                 folder=None if args.model == "storyworld" else Path(args.model))
     print(format_table(result))
     print(f"wrote {args.out} in {result['seconds']} s")
     return 0
