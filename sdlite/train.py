@@ -83,16 +83,19 @@ class TrainConfig:
 
 
 def default_config(stage: str) -> TrainConfig:
-    """The shipped recipe. Wall time with 1 thread on a 2-core CPU: VAE ~15 min, CLIP ~6 min (both measured at load
-    8), UNet ~62 min for its first 3643 steps at load 8 then ~75 min for the rest on a quiet machine, decoder ~12 min."""
+    """The shipped recipe. Wall time with 1 thread on a quiet 2-core CPU: VAE ~7.5 min, CLIP ~3 min, UNet ~1 h 50 min
+    (2.1-2.4 steps/s), decoder ~24 min (docs/storyworld-recipe.md has the measured times of the shipped runs).
+    The UNet and the decoder hold their learning rate, then cool it down linearly to 0 over their last steps."""
     if stage == "vae":
         return TrainConfig(steps=1000, batch_size=32, lr=1e-3, ckpt_every=200, crop=32)
     if stage == "clip":
         return TrainConfig(steps=200, batch_size=96, lr=5e-4, ckpt_every=100)
     if stage == "unet":
-        return TrainConfig(steps=13200, batch_size=16, lr=5e-4, warmup=200, log_every=50, ckpt_every=200)
+        return TrainConfig(steps=15000, batch_size=16, lr=5e-4, warmup=200, decay_steps=1800, log_every=50,
+                           ckpt_every=200)
     if stage == "decoder":
-        return TrainConfig(steps=1500, batch_size=16, lr=3e-4, warmup=50, ckpt_every=250, character_weight=4.0)
+        return TrainConfig(steps=3000, batch_size=16, lr=3e-4, warmup=50, decay_steps=1000, ckpt_every=250,
+                           character_weight=4.0)
     raise ValueError(f"unknown stage {stage!r}: use one of {STAGES}")
 
 
@@ -516,7 +519,7 @@ def train_unet(out: str | os.PathLike, sizes: StoryworldSizes, cfg: TrainConfig,
         if acc.is_main_process and ((step + 1) % cfg.ckpt_every == 0 or last):
             _save_checkpoint(stage_dir / "checkpoint", step + 1, raw, opt, {"ema": ema})
         if acc.is_main_process and export and cfg.export_every and (step + 1) % cfg.export_every == 0 and not last:
-            _export(out, ema, sizes, tokenizer, export, vae, clip, note=f"intermediate, step {step + 1}")
+            _export(out, ema, sizes, tokenizer, export, clip=clip, note=f"intermediate, step {step + 1}")
         if last:
             break
     handle.remove()
@@ -526,7 +529,7 @@ def train_unet(out: str | os.PathLike, sizes: StoryworldSizes, cfg: TrainConfig,
         final.save_pretrained(stage_dir / "final")
         (stage_dir / "final" / "state.json").write_text(json.dumps({"step": step + 1}))
         if export:
-            _export(out, ema, sizes, tokenizer, export, vae, clip, note=f"step {step + 1}")
+            _export(out, ema, sizes, tokenizer, export, clip=clip, note=f"step {step + 1}")
     return final
 
 

@@ -96,12 +96,14 @@ def test_decoder_stage_tunes_only_the_decoder_and_export_uses_it(tmp_path, token
     train_clip(tmp_path, TINY, TrainConfig(steps=1, batch_size=4, lr=1e-3, log_every=1), tokenizers[0],
                progress=False)
     train_unet(tmp_path, TINY, TrainConfig(steps=1, batch_size=8, lr=1e-3, warmup=1, log_every=1, k=2,
-                                           probe_groups=2), tokenizers[0], progress=False)
+                                           probe_groups=2), tokenizers[0], progress=False, export=tmp_path / "by_unet")
     main(["storyworld", "--stage", "export", "--size", "tiny", "--out", str(tmp_path), "--export",
           str(tmp_path / "pipe")])
     pipe = load_storyworld(folder=tmp_path / "pipe")
+    by_unet = load_storyworld(folder=tmp_path / "by_unet")  # the UNet stage's own export (a UNet trained on later)
     for k in dec[:3]:
         torch.testing.assert_close(pipe.vae.state_dict()[k], b[k].half().float(), msg=k)
+        torch.testing.assert_close(by_unet.vae.state_dict()[k], b[k].half().float(), msg=k)
     # a run stopped by hand after a checkpoint: export takes the checkpoint's EMA weights when they are newer
     from safetensors.torch import load_file, save_file
 
