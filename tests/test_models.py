@@ -10,7 +10,7 @@ from sdlite import storyworld as sw
 from sdlite.models import (
     FUNCTION_WORDS, LATENT_SIZE, TEXT_LENGTH, TRIGGER_WORD, StoryworldSizes, assemble_pipeline, build_clip,
     build_storyworld_tokenizer, build_unet, build_vae, load_storyworld, load_storyworld_clip, save_pipeline,
-    storyworld_dir, storyworld_tokenizers, text_encoders_from_clip, unet_config,
+    ABLATION_UNETS, ablation_unet_dir, storyworld_dir, storyworld_tokenizers, text_encoders_from_clip, unet_config,
 )
 
 
@@ -141,6 +141,10 @@ def test_pipeline_round_trips_through_a_folder(tiny_pipe, tmp_path):
 def test_load_errors_name_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m sdlite.train"):
         load_storyworld(folder=tmp_path)
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        load_storyworld(unet=tmp_path)
+    with pytest.raises(ValueError, match="one of"):
+        ablation_unet_dir("no_attention")
     with pytest.raises(FileNotFoundError, match="--stage clip"):
         load_storyworld_clip(folder=tmp_path)
 
@@ -161,3 +165,14 @@ def test_shipped_pipeline_loads_offline_and_is_deterministic(monkeypatch):
     assert np.abs(a - c).max() > 0.05
     clip, tok = load_storyworld_clip()
     assert clip.config.vision_config.image_size == 64
+
+
+def test_the_collage_ablation_unets_ship_and_swap_into_the_pipeline():
+    shipped = load_storyworld()
+    for name in ABLATION_UNETS:
+        assert (ablation_unet_dir(name) / "config.json").is_file(), f"data/storyworld_ablation/{name} must be committed"
+        pipe = load_storyworld(unet=ablation_unet_dir(name))
+        assert pipe.unet.config == shipped.unet.config  # same architecture ...
+        w, w0 = pipe.unet.conv_in.weight, shipped.unet.conv_in.weight
+        assert w.dtype == torch.float32 and not torch.equal(w, w0)  # ... other weights
+        torch.testing.assert_close(pipe.vae.decoder.conv_out.weight, shipped.vae.decoder.conv_out.weight)
