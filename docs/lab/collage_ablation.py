@@ -4,7 +4,7 @@ each put into the shipped pipeline (same VAE, text encoders, scheduler) and scor
 (64 prompts) and CSA off / on over 32 four-panel stories with independent noise per panel (seeds differ from the
 evaluation's).
 
-    python docs/lab/collage_ablation.py results/collage_ablation.json     # about 12 minutes, 1 thread
+    python docs/lab/collage_ablation.py results/collage_ablation.json     # about 3 minutes, 1 thread
 """
 import datetime
 import json
