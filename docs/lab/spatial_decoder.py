@@ -7,6 +7,7 @@ the latent grid and concatenated to the UNet's input (extra input channels start
 plain decoder). Trained like the grid-4 decoder and scored on the same held-out clips.
 
     python docs/lab/spatial_decoder.py runs/motion/train_grid4 runs/motion/export_grid4 results/motion_spatial_grid4.json
+    # optional 4th and 5th arguments: training steps (2000) and a file to save the trained weights to
 """
 import json
 import sys
@@ -22,6 +23,7 @@ from sdlite.motion import load_cache
 torch.set_num_threads(1)
 cache_dir, motion_dir, out = sys.argv[1:4]
 steps = int(sys.argv[4]) if len(sys.argv) > 4 else 2000
+save_to = sys.argv[5] if len(sys.argv) > 5 else None
 CHANNELS = 4
 
 
@@ -68,6 +70,10 @@ cfg = video.DecoderTrainConfig(steps=steps, batch_size=4, seed=0)
 dec, hist = video.train_decoder({"latents": cache["latents"], "embeds": cache["embeds"]}, text, empty, dec,
                                 models.scheduler, cfg, progress=True)
 models.decoder = dec.eval()
+if save_to:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in dec.state_dict().items()}, save_to)
 res = video.evaluate(models, 100, steps=8, methods=("no_predictor", "temporal_only", "full", "true_embeddings"),
                      recognizer=None, progress=True)
 summary = {"command": "python docs/lab/spatial_decoder.py " + " ".join(sys.argv[1:]), "train_steps": steps,
