@@ -158,7 +158,8 @@ def evaluate_storyworld(out: str | Path | None = "results/storyworld.json", quic
     result["bars"] = {k: {"bar": f"{BARS[k][0]} {BARS[k][1]}", "met": bar_met(k, v)} for k, v in result.items()}
     result["details"] = {
         "recognizer_accuracy": rec, "vae": {**vae, "drop": vae_drop}, "prompt_following": follow,
-        "prompt_following_cross_check": {"second_scorer": SEED1_FILE, "accuracy_second_scorer": scores["accuracy"]["a_seed1"],
+        "prompt_following_cross_check": {"second_scorer": SEED1_FILE,
+                                         "accuracy_second_scorer": scores["accuracy"]["a_seed1"],
                                          "agreement": scores["agreement"],
                                          "accuracy_where_agreed": scores["accuracy_where_agreed"]},
         "free_choice": choice["shares"],

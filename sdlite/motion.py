@@ -78,6 +78,26 @@ def _check_frames(frames) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # 1. CLIP image space
 # ----------------------------------------------------------------------------------------------------------
+def grid_parts(grid, embed_dim: int | None = None, names: tuple[str, str] = ("grid", "embed_dim")) -> int:
+    """Check an `ImageEmbedder` grid (and, given, an embedding width made of its parts): the number of parts,
+    1 + grid**2 (the pooled embedding and one per cell). `names`: the caller's argument names, for the error."""
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 0:
+        raise ValueError(f"{names[0]}={grid!r} must be an int >= 0 (0: the pooled embedding only)")
+    parts = 1 + grid * grid
+    if embed_dim is not None and embed_dim % parts:
+        raise ValueError(f"{names[1]}={embed_dim} is not (1 + {names[0]}**2 = {parts}) x D: use the embed_dim of an "
+                         f"ImageEmbedder(grid={grid})")
+    return parts
+
+
+def cache_grid(caches: list[dict]) -> int:
+    """The one `ImageEmbedder` grid of several loaded caches (they must agree)."""
+    grids = {c["grid"] for c in caches}
+    if len(grids) > 1:
+        raise ValueError(f"the caches were embedded with different grids {sorted(grids)}: use caches of one --grid")
+    return grids.pop()
+
+
 class ImageEmbedder(nn.Module):
     """Images -> CLIP image embeddings (the projected, pooled output of a CLIP vision tower), (B, 3, H, W) -> (B, D).
 
@@ -97,8 +117,7 @@ class ImageEmbedder(nn.Module):
     def __init__(self, clip, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
                  grid: int = 0):
         super().__init__()
-        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 0:
-            raise ValueError(f"grid={grid!r} must be an int >= 0 (0: the pooled embedding only)")
+        parts = grid_parts(grid)
         if not (hasattr(clip, "vision_model") and hasattr(clip, "visual_projection")):
             raise TypeError(f"ImageEmbedder needs a CLIPModel or CLIPVisionModelWithProjection, got "
                             f"{type(clip).__name__}: load one with transformers' from_pretrained")
@@ -108,7 +127,7 @@ class ImageEmbedder(nn.Module):
         self.image_size = int(cfg.image_size)
         self.grid = grid
         self.pooled_dim = int(self.visual_projection.out_features)
-        self.embed_dim = self.pooled_dim * (1 + grid * grid)
+        self.embed_dim = self.pooled_dim * parts
         self.normalize = mean is not None
         self.register_buffer("mean", torch.tensor(mean or (0.0, 0.0, 0.0)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std or (1.0, 1.0, 1.0)).view(1, 3, 1, 1), persistent=False)
@@ -225,10 +244,7 @@ class SemanticMotionPredictor(ModelMixin, ConfigMixin):
                             num_heads=num_heads, head_dim=head_dim).items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive int (the paper: {PAPER_SIZE})")
-        if isinstance(image_grid, bool) or not isinstance(image_grid, int) or image_grid < 0 or \
-                embed_dim % (1 + image_grid * image_grid):
-            raise ValueError(f"image_grid={image_grid!r} must be an int >= 0 with embed_dim={embed_dim} a multiple of "
-                             "1 + image_grid**2 (an ImageEmbedder(grid=image_grid) embedding)")
+        grid_parts(image_grid, embed_dim, names=("image_grid", "embed_dim"))
         self.proj_in = nn.Linear(embed_dim, hidden_size)
         self.frame_embed = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(),
                                          nn.Linear(hidden_size, hidden_size))
@@ -546,14 +562,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.export:
             check_writable(Path(args.export) / "config.json", args.force)
         caches = [load_cache(c) for c in args.cache] + ([load_cache(args.val_cache)] if args.val_cache else [])
-        grids = {c["grid"] for c in caches}
-        if len(grids) > 1:
-            raise ValueError(f"the caches were embedded with different grids {sorted(grids)}: use caches of one --grid")
+        grid = cache_grid(caches)
         embeds = torch.cat([c["embeds"] for c in caches[: len(args.cache)]])
         val = caches[-1]["embeds"] if args.val_cache else None
         model, hist = train_predictor(embeds, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                       seed=args.seed, out=args.out, resume=args.resume, progress=True,
-                                      val_embeds=val, stop_at=args.stop_at, image_grid=grids.pop())
+                                      val_embeds=val, stop_at=args.stop_at, image_grid=grid)
         if args.export and hist["step"][-1] == args.steps:
             model.save_pretrained(args.export)
             info = {"command": "python -m sdlite.motion " + " ".join(argv if argv is not None else sys.argv[1:]),

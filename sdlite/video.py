@@ -48,8 +48,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .motion import (
-    ImageEmbedder, SemanticMotionPredictor, _check_frames, _check_seed, linear_interpolation, load_cache, load_shipped,
-    motion_dir,
+    ImageEmbedder, SemanticMotionPredictor, _check_frames, _check_seed, cache_grid, grid_parts, linear_interpolation,
+    load_cache, load_shipped, motion_dir,
 )
 from .paths import check_writable
 
@@ -116,10 +116,7 @@ class VideoDecoder(ModelMixin, ConfigMixin):
             nn.init.zeros_(self.unet.conv_out.bias)
         d = self.unet.config.cross_attention_dim
         if image_grid:  # one token per part of the embedding: the pooled one and each grid cell
-            parts = 1 + image_grid * image_grid
-            if image_embed_dim % parts:
-                raise ValueError(f"image_embed_dim={image_embed_dim} is not (1 + image_grid**2={parts}) x D: pass the "
-                                 "embed_dim of an ImageEmbedder(grid=image_grid)")
+            parts = grid_parts(image_grid, image_embed_dim, names=("image_grid", "image_embed_dim"))
             self.frame_proj = nn.Linear(image_embed_dim // parts, d)  # shared by the parts
             self.part_embed = nn.Parameter(torch.randn(parts, d) * 0.02)  # which part (pooled, cell 0, ...) it is
             frame_tokens = parts
@@ -857,12 +854,9 @@ def main(argv: list[str] | None = None) -> int:
         captions = [cap for c in caches for cap in c["captions"]]
         text = torch.cat([encode_prompts(models, captions[i : i + 256]) for i in range(0, len(captions), 256)])
         empty = encode_prompts(models, [""])
-        grids = {c["grid"] for c in caches}
-        if len(grids) > 1:
-            raise ValueError(f"the caches were embedded with different grids {sorted(grids)}: use caches of one --grid")
         decoder = build_decoder(args.size, image_embed_dim=cache["embeds"].shape[-1],
                                 cross_attention_dim=text.shape[-1], sample_size=cache["latents"].shape[-1],
-                                seed=args.seed, image_grid=grids.pop())
+                                seed=args.seed, image_grid=cache_grid(caches))
         cfg = DecoderTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
         decoder, hist = train_decoder(cache, text, empty, decoder, models.scheduler, cfg, args.out, args.resume,
                                       progress=True, stop_at=args.stop_at, max_minutes=args.max_minutes)
