@@ -302,6 +302,45 @@ def test_grid_predictor_and_decoder_read_one_token_per_part(tiny_clip, tmp_path)
         video.load_video_models(motion_folder=tmp_path / "motion")
 
 
+def test_spatial_decoder_lays_each_cell_over_its_region_and_starts_as_the_plain_decoder(tmp_path):
+    """spatial_channels: the g x g cell tokens also enter the UNet as an input map, cell (i, j) over latent region
+    (i, j); its input weights start at zero, so with the plain decoder's weights it computes the same thing."""
+    kw = dict(image_embed_dim=5 * E, cross_attention_dim=32, seed=3, image_grid=2)
+    plain = _randomize_conv_out(build_decoder("tiny", **kw)).eval()
+    spatial = build_decoder("tiny", spatial_channels=3, **kw).eval()
+    assert spatial.unet.conv_in.in_channels == spatial.unet.config.in_channels == 12 + 3
+    assert spatial.unet.conv_in.weight[:, 12:].abs().max() == 0  # the new input channels start silent
+    assert torch.equal(spatial.unet.conv_in.weight[:, :12], plain.unet.conv_in.weight)  # same seed, same UNet
+    missing = spatial.load_state_dict({k: v for k, v in plain.state_dict().items() if k != "unet.conv_in.weight"},
+                                      strict=False).missing_keys
+    assert sorted(missing) == ["cell_map.bias", "cell_map.weight", "unet.conv_in.weight"]
+    g = torch.Generator().manual_seed(0)
+    z, start, end = (torch.randn(s, generator=g) for s in ((2, 4, 4, 16, 16), (2, 4, 16, 16), (2, 4, 16, 16)))
+    emb = torch.randn(2, 4, 5 * E, generator=g)
+    ehs = plain.condition(torch.randn(2, 7, 32, generator=g), emb, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(spatial(z, 10, start, end, ehs), plain(z, 10, start, end, ehs))
+        # the map: (B, L, S, h, w), each cell's value constant over its quarter of the latent grid
+        maps = spatial.cell_maps(ehs, 2, 4, 16, 16)
+        assert maps.shape == (2, 4, 3, 16, 16)
+        emb2 = emb.clone()
+        emb2[0, 1, 4 * E :] += 1.0  # the last cell (row 1, column 1) of clip 0, frame 1
+        moved = (spatial.cell_maps(plain.condition(torch.zeros(2, 7, 32), emb2, 4), 2, 4, 16, 16)
+                 - spatial.cell_maps(plain.condition(torch.zeros(2, 7, 32), emb, 4), 2, 4, 16, 16)).abs().amax(2)
+        assert moved[0, 1, 8:, 8:].min() > 1e-5 and moved[0, 1, :8].max() == 0 and moved[0, 1, :, :8].max() == 0
+        assert moved[1].max() == 0 and moved[0, [0, 2, 3]].max() == 0
+    # it saves and reloads through the same from_pretrained path, wider input convolution included
+    spatial.save_pretrained(tmp_path / "decoder")
+    again = VideoDecoder.storyworld(tmp_path / "decoder")
+    assert again.config.spatial_channels == 3 and again.unet.conv_in.in_channels == 15
+    for k, v in spatial.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    with pytest.raises(ValueError, match="needs image_grid"):
+        build_decoder("tiny", image_embed_dim=E, cross_attention_dim=32, spatial_channels=3)
+    with pytest.raises(ValueError, match="spatial_channels=-1"):
+        build_decoder("tiny", spatial_channels=-1, **kw)
+
+
 def test_cache_is_resumable_and_matches_the_dataset(tmp_path, tiny_models, tiny_clip, monkeypatch):
     monkeypatch.setattr(motion, "CACHE_CHUNK", 2)
     m = tiny_models
