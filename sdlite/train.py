@@ -48,6 +48,7 @@ from .models import (
     IMAGE_SIZE, StoryworldSizes, assemble_pipeline, build_clip, build_scheduler, build_storyworld_tokenizer,
     build_unet, build_vae, count_parameters, save_pipeline, storyworld_tokenizers, text_encoders_from_clip,
 )
+from .paths import data_dir
 
 STAGES = ("vae", "clip", "unet", "decoder")
 # What `make train-storyworld` runs: every shipped checkpoint from scratch (about 2.5 h on a quiet 2-core CPU).
@@ -70,6 +71,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     crop: int = 0  # vae only: train on random crops of this size (0 = whole images)
     character_weight: float = 2.0  # unet, decoder: loss weight 1 + w on the character's pixels
+    # decoder only: + w * (how differently a frozen recognizer reads the reconstruction and the original), a
+    # perceptual loss as LPIPS is for SD's VAE; the recognizer is its own file, never one of the scorers
+    perceptual_weight: float = 0.0
+    perceptual_recognizer: str = "perceptual_recognizer.safetensors"  # in data/ unless a path
     # unet only
     k: int = 4  # panels per group (collage)
     group_fraction: float = 0.5  # share of the batch's images that come in groups
@@ -609,8 +614,33 @@ def _export(out: Path, unet_state: dict, sizes, tokenizer, folder, vae=None, cli
 # ----------------------------------------------------------------------------------------------------
 # Stage 4: the VAE decoder, fine-tuned on the character (encoder frozen)
 # ----------------------------------------------------------------------------------------------------
+def perceptual_loss(recognizer, rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """How differently a frozen recognizer reads the reconstruction `rec` and the original `x` (B, 3, 64, 64):
+    the KL divergence of its label distributions (original -> reconstruction), summed over its heads, averaged over
+    the batch. 0 when it reads both alike; it rises when a detail that tells a label apart (a face, a hat's brim)
+    is blurred away, which an L1 loss counts as a few pixels."""
+    with torch.no_grad():
+        target = recognizer(x)
+    got = recognizer(rec)
+    return sum(F.kl_div(F.log_softmax(got[k], -1), F.log_softmax(target[k], -1), log_target=True,
+                        reduction="batchmean") for k in got)
+
+
+def _perceptual_recognizer(cfg: TrainConfig, device):
+    from .recognizer import load_recognizer
+
+    path = Path(cfg.perceptual_recognizer)
+    path = path if path.is_file() or path.parent != Path(".") else data_dir() / path
+    if not path.is_file():
+        raise FileNotFoundError(f"perceptual_weight={cfg.perceptual_weight} needs the recognizer {path}: train it "
+                                "with `python -m sdlite.recognizer --seed 2 --out data/perceptual_recognizer"
+                                ".safetensors` (not a scorer: a recognizer of its own seed and renders)")
+    return load_recognizer(path).to(device).requires_grad_(False).eval()
+
+
 def train_vae_decoder(out: str | os.PathLike, cfg: TrainConfig, resume: bool = False, progress: bool = True):
-    """Fine-tune the VAE's decoder only, with the loss weighted 1 + w on the character's pixels.
+    """Fine-tune the VAE's decoder only, with the loss weighted 1 + w on the character's pixels, plus
+    `cfg.perceptual_weight` x `perceptual_loss` with a frozen recognizer of its own (not a scorer).
 
     The stage-1 VAE, trained on crops where sky and grass fill most pixels, blurs the small parts that carry
     identity (hair under a hat, the face that tells a boy from a man). Freezing the encoder keeps the latent
@@ -623,6 +653,7 @@ def train_vae_decoder(out: str | os.PathLike, cfg: TrainConfig, resume: bool = F
     out = Path(out)
     stage_dir = out / "decoder"
     acc = _accelerator()
+    perceiver = _perceptual_recognizer(cfg, acc.device) if cfg.perceptual_weight else None  # fails before writing
     vae = AutoencoderKL.from_pretrained(out / "vae" / "final")
     vae.requires_grad_(False)
     tuned = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
@@ -632,7 +663,7 @@ def train_vae_decoder(out: str | os.PathLike, cfg: TrainConfig, resume: bool = F
     start, _ = _start(stage_dir, resume, vae, opt)
     vae, opt = acc.prepare(vae, opt)
     raw = acc.unwrap_model(vae)
-    log = CsvLog(stage_dir / "log.csv", ["step", "loss", "l1", "l1_character", "lr", "seconds"])
+    log = CsvLog(stage_dir / "log.csv", ["step", "loss", "l1", "l1_character", "perceptual", "lr", "seconds"])
     data = sw.ImageDataset(cfg.steps * cfg.batch_size, seed=cfg.seed + 21)
     per_proc = cfg.batch_size // acc.num_processes
     t0 = time.time()
@@ -654,6 +685,8 @@ def train_vae_decoder(out: str | os.PathLike, cfg: TrainConfig, resume: bool = F
         err = rec - x
         l1 = (weight * err.abs()).mean() / weight.mean()
         loss = l1 + (weight * err.pow(2)).mean() / weight.mean()
+        perc = perceptual_loss(perceiver, rec, x) if perceiver is not None else torch.zeros(())
+        loss = loss + cfg.perceptual_weight * perc
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         opt.step()
@@ -661,7 +694,7 @@ def train_vae_decoder(out: str | os.PathLike, cfg: TrainConfig, resume: bool = F
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             l1c = float((err.detach().abs().mean(1, keepdim=True) * mask[:, None]).sum() / (mask.sum() + 1e-8))
             log.write(dict(step=step + 1, loss=loss.item(), l1=float(err.detach().abs().mean()), l1_character=l1c,
-                           lr=_lr_at(step, cfg), seconds=time.time() - t0))
+                           perceptual=perc.item(), lr=_lr_at(step, cfg), seconds=time.time() - t0))
         if (step + 1) % cfg.ckpt_every == 0 and acc.is_main_process:
             _save_checkpoint(stage_dir / "checkpoint", step + 1, raw, opt)
     vae = raw.eval().requires_grad_(False)
@@ -812,6 +845,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-minutes", type=float, default=None, help="unet: stop (with a checkpoint) after this time")
     ap.add_argument("--export-every", type=int, default=0, help="unet: also export the pipeline every N steps")
     ap.add_argument("--character-weight", type=float, default=None)
+    ap.add_argument("--perceptual-weight", type=float, default=None,
+                    help="decoder: weight of the perceptual (recognizer) loss")
+    ap.add_argument("--perceptual-recognizer", default=None,
+                    help="decoder: the perceptual loss's recognizer (default data/perceptual_recognizer.safetensors)")
     ap.add_argument("--group-fraction", type=float, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (e.g. 2 on a laptop)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -823,11 +860,14 @@ def stage_config(stage: str, args: argparse.Namespace) -> TrainConfig:
     explicit 0, e.g. `--group-fraction 0` for a model trained without collages, is honoured)."""
     cfg = default_config(stage)
     cfg.seed = args.seed
-    for name in ("steps", "batch_size", "decay_steps", "character_weight", "group_fraction"):
+    for name in ("steps", "batch_size", "decay_steps", "character_weight", "group_fraction", "perceptual_weight",
+                 "perceptual_recognizer"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.export_every:
         cfg.export_every = args.export_every
+    if cfg.perceptual_weight < 0:
+        raise ValueError(f"--perceptual-weight {cfg.perceptual_weight}: use 0 (off) or a positive weight")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.decay_steps < 0 or not 0 <= cfg.group_fraction <= 1:
         raise ValueError(f"bad {stage} config: --steps and --batch-size must be >= 1, --decay-steps >= 0, "
                          f"--group-fraction in [0, 1] (got {cfg.steps}, {cfg.batch_size}, {cfg.decay_steps}, "

@@ -73,6 +73,35 @@ def test_unet_loop_collage_pretraining_and_export(tmp_path, tokenizers):
     assert meta["parameters"]["unet"] > 0 and (tmp_path / "pipe" / "logs" / "unet.csv").is_file()
 
 
+def test_perceptual_loss_reads_labels_off_the_reconstruction(tmp_path):
+    """The decoder stage's perceptual term: 0 for a perfect reconstruction, > 0 for a blurred one, gradients reach
+    the reconstruction (not the frozen recognizer); the stage logs it and asks for the recognizer file it needs."""
+    from sdlite.recognizer import Recognizer, load_recognizer, save_recognizer
+    from sdlite.train import perceptual_loss
+
+    rec_net = load_recognizer().requires_grad_(False)  # a trained one, so labels mean something
+    x = torch.stack([sw.ImageDataset(4, seed=3)[i]["pixel_values"] for i in range(4)])
+    assert perceptual_loss(rec_net, x, x).abs() < 1e-6
+    blurred = torch.nn.functional.avg_pool2d(x, 4).repeat_interleave(4, 2).repeat_interleave(4, 3).requires_grad_()
+    loss = perceptual_loss(rec_net, blurred, x)
+    loss.backward()
+    assert loss > 1e-4 and blurred.grad.abs().sum() > 0
+    assert all(p.grad is None for p in rec_net.parameters())
+    train_vae(tmp_path, TINY, _vae_cfg(1), progress=False)
+    cfg = TrainConfig(steps=2, batch_size=2, lr=1e-2, warmup=1, log_every=1, ckpt_every=1, perceptual_weight=0.1,
+                      perceptual_recognizer=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(FileNotFoundError, match="python -m sdlite.recognizer"):
+        train_vae_decoder(tmp_path, cfg, progress=False)
+    torch.manual_seed(0)
+    save_recognizer(Recognizer("a"), tmp_path / "perceiver.safetensors")
+    cfg.perceptual_recognizer = str(tmp_path / "perceiver.safetensors")
+    train_vae_decoder(tmp_path, cfg, progress=False)  # the failed call wrote nothing: no --resume needed
+    log = read_log(tmp_path / "decoder" / "log.csv")
+    assert list(log["step"]) == [1, 2] and (log["perceptual"] > 0).all()
+    with pytest.raises(ValueError, match="perceptual-weight"):
+        main(["storyworld", "--stage", "decoder", "--out", str(tmp_path), "--perceptual-weight", "-1"])
+
+
 def test_decoder_stage_tunes_only_the_decoder_and_export_uses_it(tmp_path, tokenizers):
     from diffusers import AutoencoderKL
 
