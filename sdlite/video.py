@@ -684,6 +684,19 @@ def ssim(x: torch.Tensor, y: torch.Tensor, sigma: float = 1.5, size: int = 11) -
     return s.mean(dim=(1, 2, 3)).reshape(lead)
 
 
+def paired_difference_ci(a: torch.Tensor, b: torch.Tensor, resamples: int = 2000, seed: int = 0,
+                         level: float = 0.95) -> dict[str, float]:
+    """Mean of the per-clip differences a - b (N,) and its bootstrap confidence interval (clips resampled with
+    replacement, seeded): is a method's lead over another bigger than the luck of which clips were drawn?"""
+    d = (a.double() - b.double()).cpu().numpy()
+    if d.ndim != 1 or len(d) < 2:
+        raise ValueError(f"need per-clip values of two methods on the same >= 2 clips, got shape {d.shape}")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"mean": float(d.mean()), "ci_low": float(lo), "ci_high": float(hi), "level": level, "n": len(d)}
+
+
 def identity_agreement(labels: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per clip, the fraction of frames whose recognised identity (all of class word, hair, shirt, trousers, hat)
     equals the clip's majority identity. labels: {name: (B, L)} -> (B,)."""
@@ -797,6 +810,10 @@ def evaluate(models: VideoModels, n_clips: int = 100, seed: int = EVAL_SEED, fra
     result["per_kind_psnr"] = {m: {kind: float(torch.cat(per[m]["psnr"])[torch.from_numpy(kinds_arr == kind)].mean())
                                    for kind in sorted(set(kinds))} for m in methods}
     result["kind_counts"] = {kind: int((kinds_arr == kind).sum()) for kind in sorted(set(kinds))}
+    if "full" in methods:  # (d)'s lead over every other method, per clip, with a bootstrap interval
+        full = torch.cat(per["full"]["psnr"])
+        result["psnr_lead_of_full"] = {m: paired_difference_ci(full, torch.cat(per[m]["psnr"]), seed=seed)
+                                       for m in methods if m != "full"}
     if emb_err["predictor"]:
         p, lin = torch.cat(emb_err["predictor"]).mean().item(), torch.cat(emb_err["linear"]).mean().item()
         pp, lp = torch.cat(emb_err["predictor_pooled"]).mean().item(), torch.cat(emb_err["linear_pooled"]).mean().item()
@@ -962,7 +979,8 @@ def summarize(res: dict, command: str, **settings) -> dict:
             "identity_agreement_full_ge_0.9": bool(ident >= 0.9),
         },
         "metrics": pm, "truth": res["truth"], "per_kind_psnr": res["per_kind_psnr"],
-        "kind_counts": res["kind_counts"], "predictor_errors": res.get("predictor"), "seconds": res["seconds"],
+        "kind_counts": res["kind_counts"], "psnr_lead_of_full": res.get("psnr_lead_of_full"),
+        "predictor_errors": res.get("predictor"), "seconds": res["seconds"],
     }
     return out
 

@@ -589,6 +589,15 @@ def test_metrics_on_known_cases():
     assert video.motion_amount(still).item() == 0
     moving = torch.stack([torch.full((3, 8, 8), v) for v in (-1.0, 1.0, -1.0, 1.0)])[None]
     assert video.motion_amount(moving).item() == pytest.approx(1.0)
+    # paired bootstrap: a constant lead has a zero-width interval; noise around 0 gives one that holds 0
+    a = torch.randn(50, generator=torch.Generator().manual_seed(2))
+    ci = video.paired_difference_ci(a + 0.5, a)
+    assert ci["mean"] == pytest.approx(0.5) and ci["ci_low"] == pytest.approx(0.5) and ci["n"] == 50
+    ci = video.paired_difference_ci(a, torch.zeros(50))
+    assert ci["ci_low"] < ci["mean"] < ci["ci_high"] and ci["ci_low"] < float(a.mean()) + 1e-9
+    assert video.paired_difference_ci(a, torch.zeros(50)) == ci  # seeded
+    with pytest.raises(ValueError, match="same >= 2 clips"):
+        video.paired_difference_ci(torch.ones(1), torch.zeros(1))
 
 
 def test_evaluate_and_summary_have_the_checked_names(tiny_models):
@@ -610,6 +619,11 @@ def test_evaluate_and_summary_have_the_checked_names(tiny_models):
                                 "identity_agreement_full_ge_0.9"}
     json.dumps(out)  # serialisable
     assert isinstance(out["bars"]["full_beats_a_b_c_in_psnr"], bool)
+    lead = out["psnr_lead_of_full"]  # (d) minus each other method, per clip, with its bootstrap interval
+    assert set(lead) == set(video.METHODS) - {"full"}
+    for m, ci in lead.items():
+        assert ci["mean"] == pytest.approx(out["psnr"]["full"] - out["psnr"][m], abs=1e-4), m
+        assert ci["ci_low"] <= ci["mean"] <= ci["ci_high"]
     # a subset of the methods (e.g. temporal_only vs true_embeddings): the PSNR bar is "not run", not a crash
     part = video.evaluate(tiny_models, n_clips=2, seed=5, frames=4, steps=1, batch_size=2,
                           methods=("temporal_only", "true_embeddings"))
