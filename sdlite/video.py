@@ -912,6 +912,9 @@ def main(argv: list[str] | None = None) -> int:
             check_writable(Path(args.export) / "config.json", args.force)
         models = load_video_models(storyworld_folder=args.storyworld, decoder=False, predictor=False)
         caches = [load_cache(c) for c in args.cache]
+        if args.spatial_channels and not cache_grid(caches):
+            raise ValueError("--spatial-channels lays the grid cells of the embeddings over the latents: build the "
+                             "caches with `python -m sdlite.motion cache ... --grid 4`")
         cache = {"latents": torch.cat([c["latents"] for c in caches]), "embeds": torch.cat([c["embeds"] for c in caches])}
         captions = [cap for c in caches for cap in c["captions"]]
         text = torch.cat([encode_prompts(models, captions[i : i + 256]) for i in range(0, len(captions), 256)])

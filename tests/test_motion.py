@@ -365,6 +365,27 @@ def test_cache_is_resumable_and_matches_the_dataset(tmp_path, tiny_models, tiny_
         load_cache(tmp_path / "empty")
 
 
+def test_video_train_command_trains_and_exports_a_spatial_decoder(tmp_path, tiny_models, tiny_clip):
+    """`python -m sdlite.video train --spatial-channels S` on a grid cache: a few steps, then an export that loads
+    back with its spatial path; a pooled cache gets a clear error before any training."""
+    grid = ImageEmbedder(tiny_clip[0], grid=2)
+    build_cache(tmp_path / "g", 2, seed=4, embedder=grid, vae=tiny_models.vae, frames=4, progress=False)
+    build_cache(tmp_path / "p", 2, seed=4, embedder=tiny_models.embedder, vae=tiny_models.vae, frames=4,
+                progress=False)
+    with pytest.raises(ValueError, match="--grid 4"):
+        video.main(["train", "--cache", str(tmp_path / "p"), "--out", str(tmp_path / "run_p"), "--size", "tiny",
+                    "--steps", "1", "--spatial-channels", "2"])
+    assert not (tmp_path / "run_p").exists()
+    video.main(["train", "--cache", str(tmp_path / "g"), "--out", str(tmp_path / "run"), "--export",
+                str(tmp_path / "dec"), "--size", "tiny", "--steps", "2", "--batch-size", "1", "--spatial-channels",
+                "2"])
+    dec = VideoDecoder.storyworld(tmp_path / "dec")
+    assert dec.config.spatial_channels == 2 and dec.config.image_grid == 2
+    assert dec.unet.conv_in.in_channels == 12 + 2 and dec.cell_map.weight.shape[:2] == (2, 128)
+    info = json.loads((tmp_path / "dec" / "training.json").read_text())
+    assert info["trained_steps"] == 2 and "--spatial-channels 2" in info["command"]
+
+
 # ---------------------------------------------------------------- the video decoder: shapes and configs
 def test_decoder_shapes_and_per_frame_control(tiny_models):
     dec = tiny_models.decoder
