@@ -2,7 +2,7 @@
 #   make test   create .venv if missing, install sdlite with its dev extras, run unit tests + every notebook (nbval)
 #   make lab    open JupyterLab on notebooks/
 #   make demo   the main job: the bundled example story -> a comic page (CPU, storyworld, about a minute)
-#   make train-storyworld  rebuild every shipped checkpoint in data/storyworld from scratch (2-core CPU, about 2.5 h)
+#   make train-storyworld  rebuild every shipped checkpoint in data/storyworld from scratch (2-core CPU, about 2.8 h)
 #   make eval / make benchmarks   the committed results/ and benchmarks/ figures
 PYTHON ?= python3
 VENV ?= .venv

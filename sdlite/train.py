@@ -51,7 +51,7 @@ from .models import (
 from .paths import data_dir
 
 STAGES = ("vae", "clip", "unet", "decoder")
-# What `make train-storyworld` runs: every shipped checkpoint from scratch (about 2.5 h on a quiet 2-core CPU).
+# What `make train-storyworld` runs: every shipped checkpoint from scratch (about 2.8 h on a quiet 2-core CPU).
 RECIPE_COMMAND = ("python -m sdlite.train storyworld --stage all --out runs/storyworld --export data/storyworld "
                   "--force --threads 1")
 
@@ -88,7 +88,7 @@ class TrainConfig:
 
 
 def default_config(stage: str) -> TrainConfig:
-    """The shipped recipe. Wall time with 1 thread on a quiet 2-core CPU: VAE ~7.5 min, CLIP ~3 min, UNet ~1 h 50 min
+    """The shipped recipe. Wall time with 1 thread on a quiet 2-core CPU: VAE ~7.5 min, CLIP ~3 min, UNet ~2 h 10 min
     (2.1-2.4 steps/s), decoder ~24 min (docs/storyworld-recipe.md has the measured times of the shipped runs).
     The UNet and the decoder hold their learning rate, then cool it down linearly to 0 over their last steps."""
     if stage == "vae":
@@ -96,7 +96,7 @@ def default_config(stage: str) -> TrainConfig:
     if stage == "clip":
         return TrainConfig(steps=200, batch_size=96, lr=5e-4, ckpt_every=100)
     if stage == "unet":
-        return TrainConfig(steps=15000, batch_size=16, lr=5e-4, warmup=200, decay_steps=1800, log_every=50,
+        return TrainConfig(steps=17000, batch_size=16, lr=5e-4, warmup=200, decay_steps=3800, log_every=50,
                            ckpt_every=200)
     if stage == "decoder":
         return TrainConfig(steps=3000, batch_size=16, lr=3e-4, warmup=50, decay_steps=1000, ckpt_every=250,
