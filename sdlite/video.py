@@ -113,7 +113,8 @@ class VideoDecoder(ModelMixin, ConfigMixin):
         super().__init__()
         if spatial_channels and not image_grid:
             raise ValueError("spatial_channels maps the grid cells of the image embeddings onto the latent grid: it "
-                             "needs image_grid > 0 (embeddings from ImageEmbedder(grid=g))")
+                             "needs image_grid > 0 (embeddings from ImageEmbedder(grid=g); to train, caches built "
+                             "with `python -m sdlite.motion cache ... --grid 4`)")
         if spatial_channels < 0:
             raise ValueError(f"spatial_channels={spatial_channels}: use 0 (off) or a positive number of channels")
         if prediction_type not in ("sample", "epsilon"):
@@ -912,17 +913,15 @@ def main(argv: list[str] | None = None) -> int:
             check_writable(Path(args.export) / "config.json", args.force)
         models = load_video_models(storyworld_folder=args.storyworld, decoder=False, predictor=False)
         caches = [load_cache(c) for c in args.cache]
-        if args.spatial_channels and not cache_grid(caches):
-            raise ValueError("--spatial-channels lays the grid cells of the embeddings over the latents: build the "
-                             "caches with `python -m sdlite.motion cache ... --grid 4`")
         cache = {"latents": torch.cat([c["latents"] for c in caches]), "embeds": torch.cat([c["embeds"] for c in caches])}
+        # built before the prompts are encoded, so a bad setting fails before any work
+        decoder = build_decoder(args.size, image_embed_dim=cache["embeds"].shape[-1],
+                                cross_attention_dim=models.text_model.config.hidden_size,
+                                sample_size=cache["latents"].shape[-1], seed=args.seed, image_grid=cache_grid(caches),
+                                spatial_channels=args.spatial_channels)
         captions = [cap for c in caches for cap in c["captions"]]
         text = torch.cat([encode_prompts(models, captions[i : i + 256]) for i in range(0, len(captions), 256)])
         empty = encode_prompts(models, [""])
-        decoder = build_decoder(args.size, image_embed_dim=cache["embeds"].shape[-1],
-                                cross_attention_dim=text.shape[-1], sample_size=cache["latents"].shape[-1],
-                                seed=args.seed, image_grid=cache_grid(caches),
-                                spatial_channels=args.spatial_channels)
         cfg = DecoderTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
         decoder, hist = train_decoder(cache, text, empty, decoder, models.scheduler, cfg, args.out, args.resume,
                                       progress=True, stop_at=args.stop_at, max_minutes=args.max_minutes)
