@@ -56,24 +56,24 @@ demo: install
 
 # Every shipped checkpoint, from scratch (each command records itself next to the weights it writes).
 train-storyworld: install
-	$(PY) -m sdlite.recognizer --arch a --steps 1500 --force
-	$(PY) -m sdlite.recognizer --arch b --seed 1 --force
-	$(PY) -m sdlite.recognizer --arch a --seed 1 --steps 1000 --out data/recognizer_a_seed1.safetensors --force
+	$(PY) -m sdlite.train recognizer --arch a --steps 1500 --force
+	$(PY) -m sdlite.train recognizer --arch b --seed 1 --force
+	$(PY) -m sdlite.train recognizer --arch a --seed 1 --steps 1000 --out data/recognizer_a_seed1.safetensors --force
 	$(PY) -m sdlite.train storyworld --stage all --out runs/storyworld --export data/storyworld --force --threads 1
 
 # The motion predictor and the video decoder (data/motion/), on top of data/storyworld/ (about 50 min on 2 cores):
 # grid embeddings (pooled + 4x4 cells), and a decoder that also reads the cells spatially (4 input channels).
 train-motion: install
-	$(PY) -m sdlite.motion cache --clips 3000 --seed 1 --out runs/motion/train_grid4 --latents --grid 4
-	$(PY) -m sdlite.motion cache --clips 200 --seed 2 --out runs/motion/val_grid4 --grid 4
-	$(PY) -m sdlite.motion train --cache runs/motion/train_grid4 --val-cache runs/motion/val_grid4 --out runs/motion/predictor_grid4 --export data/motion/predictor --steps 3000 --batch-size 64 --lr 1e-3 --threads 1 --force
-	$(PY) -m sdlite.video train --cache runs/motion/train_grid4 --spatial-channels 4 --out runs/video_spatial --export data/motion/decoder --size base --steps 3000 --batch-size 4 --threads 1 --force
+	$(PY) -m sdlite.train motion-cache --clips 3000 --seed 1 --out runs/motion/train_grid4 --latents --grid 4
+	$(PY) -m sdlite.train motion-cache --clips 200 --seed 2 --out runs/motion/val_grid4 --grid 4
+	$(PY) -m sdlite.train motion-predictor --cache runs/motion/train_grid4 --val-cache runs/motion/val_grid4 --out runs/motion/predictor_grid4 --export data/motion/predictor --steps 3000 --batch-size 64 --lr 1e-3 --threads 1 --force
+	$(PY) -m sdlite.train video-decoder --cache runs/motion/train_grid4 --spatial-channels 4 --out runs/video_spatial --export data/motion/decoder --size base --steps 3000 --batch-size 4 --threads 1 --force
 
 # The committed evaluation tables (long: run on an otherwise idle machine).
 eval: install
 	$(PY) -m sdlite.eval storyworld --out results/storyworld.json
 	$(PY) -m sdlite.eval consistency --stories 50 --panels 4 4 --batch-stories 25 --shared-settings no_csa,default --threads 1 --out results/consistency.json --force
-	$(PY) -m sdlite.video evaluate --clips 100 --steps 8 --methods latent_interpolation,no_predictor,temporal_only,full,true_embeddings --threads 1 --out results/motion.json --force
+	$(PY) -m sdlite.eval transitions --clips 100 --steps 8 --methods latent_interpolation,no_predictor,temporal_only,full,true_embeddings --threads 1 --out results/motion.json --force
 
 benchmarks: install
 	$(PY) benchmarks/attention.py

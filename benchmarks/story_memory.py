@@ -28,8 +28,8 @@ def _peak_mb() -> float:
 def child(panels: int, mode: str, size: int, steps: int) -> dict:
     import torch
 
-    from sdlite.models import StoryworldSizes, assemble_pipeline, build_clip, build_storyworld_tokenizer
-    from sdlite.models import build_unet, build_vae
+    from sdlite.storyworld.models import StoryworldSizes, assemble_pipeline, build_clip, build_storyworld_tokenizer
+    from sdlite.storyworld.models import build_unet, build_vae
     from sdlite.pipeline import CSAConfig, generate_story
     from sdlite.story import parse_story
 

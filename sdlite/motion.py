@@ -9,23 +9,16 @@ A transition video between two keyframes is planned in CLIP *image* space before
    start picture plus half of the end picture"); the transformer has seen real motions and knows that halfway
    through a walk the character stands halfway across the frame.
 
-Training (`train_predictor`) is an MSE regression onto the true CLIP embeddings of every frame of storyworld clips
-(`sdlite.storyworld.ClipDataset`), with an `accelerate` loop. The paper's predictor has 8 layers, hidden size 1024
-and 12 heads on OpenCLIP ViT-H-14 embeddings (`PAPER_SIZE`); storyworld ships a small one (`data/motion/predictor`).
+The predictor is trained by MSE regression onto the true CLIP embeddings of every frame of storyworld clips
+(`sdlite.train.motion`). The paper's predictor has 8 layers, hidden size 1024 and 12 heads on OpenCLIP ViT-H-14
+embeddings (`PAPER_SIZE`); storyworld ships a small one (`data/motion/predictor`).
 
 The predicted embeddings are the per-frame control signal of the video decoder (`sdlite.video`).
-
-    python -m sdlite.motion cache --clips 4000 --seed 1 --out runs/motion/train     # render + embed clips
-    python -m sdlite.motion train --cache runs/motion/train --out runs/motion/predictor --export data/motion/predictor
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +27,9 @@ import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import BasicTransformerBlock
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .paths import check_writable, data_dir
+from .paths import data_dir
 
 # The paper's predictor: 8 transformer layers, hidden size 1024, 12 heads (of 64 channels: 1024 is not a multiple
 # of 12, so the attention's inner width is 12 x 64 = 768, projected back to 1024), on ViT-H-14 embeddings (1024).
@@ -63,13 +55,7 @@ def load_shipped(cls, folder: str | os.PathLike | None, name: str, what: str, tr
     return cls.from_pretrained(folder).eval()
 
 
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    return int(seed)
-
-
-def _check_frames(frames) -> int:
+def check_frames(frames) -> int:
     if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 2:
         raise ValueError(f"frames={frames!r}: a transition needs at least 2 frames (its two keyframes), e.g. 16")
     return int(frames)
@@ -88,14 +74,6 @@ def grid_parts(grid, embed_dim: int | None = None, names: tuple[str, str] = ("gr
         raise ValueError(f"{names[1]}={embed_dim} is not (1 + {names[0]}**2 = {parts}) x D: use the embed_dim of an "
                          f"ImageEmbedder(grid={grid})")
     return parts
-
-
-def cache_grid(caches: list[dict]) -> int:
-    """The one `ImageEmbedder` grid of several loaded caches (they must agree)."""
-    grids = {c["grid"] for c in caches}
-    if len(grids) > 1:
-        raise ValueError(f"the caches were embedded with different grids {sorted(grids)}: use caches of one --grid")
-    return grids.pop()
 
 
 class ImageEmbedder(nn.Module):
@@ -137,7 +115,7 @@ class ImageEmbedder(nn.Module):
     def storyworld(cls, folder: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                    grid: int = 0) -> ImageEmbedder:
         """The storyworld CLIP's vision tower (64x64 images in [-1, 1], no extra normalisation)."""
-        from .models import load_storyworld_clip
+        from .storyworld.models import load_storyworld_clip
 
         clip, _ = load_storyworld_clip(device, folder)
         return cls(clip, grid=grid)
@@ -197,7 +175,7 @@ class ImageEmbedder(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 def frame_fractions(frames: int, device=None) -> torch.Tensor:
     """t_i = i / (L - 1) for i = 0..L-1: where each frame sits between the keyframes, (L,)."""
-    frames = _check_frames(frames)
+    frames = check_frames(frames)
     return torch.linspace(0.0, 1.0, frames, device=device)
 
 
@@ -278,7 +256,7 @@ class SemanticMotionPredictor(ModelMixin, ConfigMixin):
     @classmethod
     def storyworld(cls, folder: str | os.PathLike | None = None) -> SemanticMotionPredictor:
         """The shipped storyworld predictor, `data/motion/predictor`."""
-        return load_shipped(cls, folder, "predictor", "predictor", "python -m sdlite.motion train")
+        return load_shipped(cls, folder, "predictor", "predictor", "python -m sdlite.train motion-predictor")
 
 
 def predict_frame_embeddings(embedder: ImageEmbedder, predictor: SemanticMotionPredictor | None,
@@ -293,109 +271,7 @@ def predict_frame_embeddings(embedder: ImageEmbedder, predictor: SemanticMotionP
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data: storyworld clips rendered once, embedded (and optionally VAE-encoded) into a cache
-# ----------------------------------------------------------------------------------------------------------
-CACHE_CHUNK = 200  # clips per cache file: each file takes well under 2 minutes on 2 CPU cores
-
-
-@torch.no_grad()
-def encode_clips(dataset, indices, embedder: ImageEmbedder, vae=None) -> dict:
-    """Render clips `indices` of a `ClipDataset` and encode every frame.
-
-    Returns {"embeds": (N, L, D), "latents": (N, L, 4, h, w) (scaled VAE means, when `vae`), "captions": [str],
-    "kinds": [str], "labels": {name: (N, L)}}.
-    """
-    embeds, latents, caps, kinds, labs = [], [], [], [], []
-    for i in indices:
-        item = dataset[i]
-        x = item["frames"]  # (L, 3, H, W)
-        embeds.append(embedder(x).float())
-        if vae is not None:
-            z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-            latents.append(z.float().cpu())
-        caps.append(item["caption"])
-        kinds.append(item["kind"])
-        labs.append(item["labels"])
-    out = {"embeds": torch.stack(embeds), "captions": caps, "kinds": kinds,
-           "labels": {k: torch.stack([lab[k] for lab in labs]) for k in labs[0]}}
-    if vae is not None:
-        out["latents"] = torch.stack(latents)
-    return out
-
-
-def build_cache(folder: str | os.PathLike, n_clips: int, seed: int, embedder: ImageEmbedder, vae=None,
-                frames: int = 16, max_chunks: int | None = None, progress: bool = True) -> Path:
-    """Render and encode `n_clips` clips of `ClipDataset(n_clips, frames, seed)` into `folder/part_XXXXX.safetensors`
-    (CACHE_CHUNK clips per file). Resumable: parts already written are kept; `max_chunks` stops early."""
-    from . import storyworld as sw
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    info = {"n_clips": int(n_clips), "seed": _check_seed(seed), "frames": _check_frames(frames),
-            "latents": vae is not None}
-    if embedder.grid:
-        info["grid"] = embedder.grid  # (pooled-only caches leave it out, as they did before grids existed)
-    meta_path = folder / "cache.json"
-    if meta_path.exists() and json.loads(meta_path.read_text()) != info:
-        raise FileExistsError(f"{folder} holds a cache of other settings {json.loads(meta_path.read_text())}: "
-                              "choose another folder")
-    meta_path.write_text(json.dumps(info))
-    dataset = sw.ClipDataset(n_clips, frames=frames, seed=seed)
-    done = 0
-    for c, first in enumerate(range(0, n_clips, CACHE_CHUNK)):
-        path = folder / f"part_{c:05d}.safetensors"
-        if path.exists():
-            continue
-        if max_chunks is not None and done >= max_chunks:
-            break
-        t0 = time.time()
-        part = encode_clips(dataset, range(first, min(n_clips, first + CACHE_CHUNK)), embedder, vae)
-        tensors = {"embeds": part["embeds"].half()}
-        if "latents" in part:
-            tensors["latents"] = part["latents"].half()
-        tensors.update({f"labels.{k}": v for k, v in part["labels"].items()})
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"captions": json.dumps(part["captions"]),
-                                               "kinds": json.dumps(part["kinds"])})
-        tmp.rename(path)
-        done += 1
-        if progress:
-            print(f"cache part {c}: clips {first}..{first + len(part['captions']) - 1} in {time.time() - t0:.0f}s",
-                  flush=True)
-    return folder
-
-
-def load_cache(folder: str | os.PathLike) -> dict:
-    """A cache folder -> {"embeds": float32 (N, L, D), "latents" (if cached), "captions", "kinds", "labels",
-    "grid" (the ImageEmbedder grid of the embeddings)}."""
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    parts = sorted(folder.glob("part_*.safetensors"))
-    if not parts:
-        raise FileNotFoundError(f"{folder} holds no cache parts: build them with `python -m sdlite.motion cache "
-                                f"--out {folder}`")
-    tensors: dict[str, list] = {}
-    caps, kinds = [], []
-    for p in parts:
-        with safe_open(str(p), "pt") as f:
-            meta = f.metadata()
-        caps += json.loads(meta["captions"])
-        kinds += json.loads(meta["kinds"])
-        for k, v in load_file(str(p)).items():
-            tensors.setdefault(k, []).append(v)
-    out = {k: torch.cat(v) for k, v in tensors.items()}
-    result = {"embeds": out.pop("embeds").float(), "captions": caps, "kinds": kinds}
-    if "latents" in out:
-        result["latents"] = out.pop("latents").float()
-    result["labels"] = {k.split(".", 1)[1]: v for k, v in out.items() if k.startswith("labels.")}
-    meta = folder / "cache.json"
-    result["grid"] = int(json.loads(meta.read_text()).get("grid", 0)) if meta.is_file() else 0
-    return result
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training and evaluation
+# How close the predictor comes
 # ----------------------------------------------------------------------------------------------------------
 def predictor_errors(predictor: SemanticMotionPredictor, embeds: torch.Tensor, batch_size: int = 256) -> dict:
     """Mean squared error to the true frame embeddings (N, L, D), of the predictor and of linear interpolation,
@@ -417,173 +293,7 @@ def predictor_errors(predictor: SemanticMotionPredictor, embeds: torch.Tensor, b
     return {"mse_predictor": sq_pred / count, "mse_linear": sq_lin / count, "ratio": sq_pred / max(sq_lin, 1e-30)}
 
 
-def train_predictor(embeds: torch.Tensor, predictor: SemanticMotionPredictor | None = None, steps: int = 2000,
-                    batch_size: int = 64, lr: float = 3e-4, seed: int = 0, warmup: int = 100,
-                    weight_decay: float = 0.01, out: str | os.PathLike | None = None, resume: bool = False,
-                    log_every: int = 50, ckpt_every: int = 500, progress: bool = False,
-                    val_embeds: torch.Tensor | None = None, stop_at: int | None = None, image_grid: int = 0,
-                    ) -> tuple[SemanticMotionPredictor, dict]:
-    """Fit the predictor to true frame embeddings (N, L, D) by MSE, with an accelerate loop (AdamW, linear warmup,
-    cosine decay). Batch b of step s is a pure function of (seed, s), so `resume` (from `out/checkpoint`) continues
-    exactly; `stop_at` ends the run after that step (with a checkpoint), to split a long run into short jobs.
-    Returns (predictor in eval mode, history {"step", "loss", "val_ratio", "seconds"})."""
-    from accelerate import Accelerator
-
-    seed = _check_seed(seed)
-    if embeds.ndim != 3 or embeds.shape[1] < 3:
-        raise ValueError(f"embeds must be (N, L, D) with L >= 3, got {tuple(embeds.shape)}: build them with "
-                         "sdlite.motion.build_cache / load_cache")
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1")
-    if predictor is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            predictor = SemanticMotionPredictor(embed_dim=embeds.shape[2], image_grid=image_grid, **{
-                k: v for k, v in STORYWORLD_SIZE.items() if k != "embed_dim"})
-    if predictor.config.embed_dim != embeds.shape[2]:
-        raise ValueError(f"the predictor's embed_dim={predictor.config.embed_dim} differs from the data's "
-                         f"{embeds.shape[2]}: build it with SemanticMotionPredictor(embed_dim={embeds.shape[2]})")
-    acc = Accelerator()
-    opt = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=weight_decay)
-    start_step, history = 0, {"step": [], "loss": [], "val_ratio": [], "seconds": []}
-    ckpt = Path(out) / "checkpoint" if out is not None else None
-    if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        if resume and (ckpt / "state.json").is_file():
-            predictor.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-            opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-            state = json.loads((ckpt / "state.json").read_text())
-            start_step, history = state["step"], state["history"]
-        elif not resume and (Path(out) / "log.csv").exists():
-            raise FileExistsError(f"{out} already holds a run: pass resume=True (--resume) or choose another out")
-    model, opt = acc.prepare(predictor, opt)
-    frames = embeds.shape[1]
-    t0 = time.time() - (history["seconds"][-1] if history["seconds"] else 0.0)
-    model.train()
-    end_step = steps if stop_at is None else min(steps, int(stop_at))
-    for step in range(start_step, end_step):
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
-        idx = torch.randint(len(embeds), (batch_size,), generator=g)
-        e = embeds[idx].to(acc.device)  # (b, L, D)
-        warm = min(1.0, (step + 1) / max(1, warmup))
-        for group in opt.param_groups:
-            group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
-        pred = model(e[:, 0], e[:, -1], frames)  # (b, L, D)
-        loss = F.mse_loss(pred, e)
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        opt.step()
-        if (step + 1) % log_every == 0 or step + 1 == end_step:
-            val = float("nan")
-            if val_embeds is not None:
-                val = predictor_errors(acc.unwrap_model(model), val_embeds)["ratio"]
-                model.train()
-            history["step"].append(step + 1)
-            history["loss"].append(loss.item())
-            history["val_ratio"].append(val)
-            history["seconds"].append(time.time() - t0)
-            if progress:
-                print(f"step {step + 1}: loss {loss.item():.5f} val_ratio {val:.4f} ({time.time() - t0:.0f}s)",
-                      flush=True)
-            if out is not None:
-                log = Path(out) / "log.csv"
-                if not log.exists():
-                    log.write_text("step,loss,val_ratio,seconds\n")
-                with open(log, "a") as f:
-                    f.write(f"{step + 1},{loss.item():.6g},{val:.6g},{history['seconds'][-1]:.1f}\n")
-        if ckpt is not None and ((step + 1) % ckpt_every == 0 or step + 1 == end_step):
-            _save_checkpoint(ckpt, step + 1, acc.unwrap_model(model), opt, history)
-    return acc.unwrap_model(model).eval(), history
-
-
-def _save_checkpoint(folder: Path, step: int, model: nn.Module, opt, history: dict) -> None:
-    """model + optimizer + state, written to a temp folder then renamed (never half-written)."""
-    import shutil
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Command line: python -m sdlite.motion {cache,train,errors}
-# ----------------------------------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m sdlite.motion", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("cache", help="render storyworld clips and embed (and VAE-encode) every frame")
-    c.add_argument("--clips", type=int, default=4000)
-    c.add_argument("--seed", type=int, default=1)
-    c.add_argument("--frames", type=int, default=16)
-    c.add_argument("--out", required=True, help="cache folder (resumable: existing parts are kept)")
-    c.add_argument("--latents", action="store_true", help="also store the storyworld VAE latents (video decoder)")
-    c.add_argument("--grid", type=int, default=0, help="also embed g x g cells of each frame (ImageEmbedder grid)")
-    c.add_argument("--max-chunks", type=int, default=None, help=f"stop after this many parts of {CACHE_CHUNK} clips")
-    c.add_argument("--threads", type=int, default=None)
-    c.add_argument("--storyworld", default=None, help="folder with vae/ and clip/ (default data/storyworld)")
-    t = sub.add_parser("train", help="train the predictor on a cache")
-    t.add_argument("--cache", required=True, nargs="+", help="one or more cache folders (train data)")
-    t.add_argument("--val-cache", default=None, help="held-out cache folder (the ratio is logged)")
-    t.add_argument("--out", required=True, help="run folder (log.csv, checkpoint/)")
-    t.add_argument("--export", default=None, help="save_pretrained the final predictor here (e.g. data/motion/predictor)")
-    t.add_argument("--steps", type=int, default=3000)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=3e-4)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--resume", action="store_true")
-    t.add_argument("--stop-at", type=int, default=None, help="stop after this step (checkpointed; --resume later)")
-    t.add_argument("--force", action="store_true", help="overwrite --export")
-    t.add_argument("--threads", type=int, default=None)
-    e = sub.add_parser("errors", help="the predictor's error vs linear interpolation on a cache")
-    e.add_argument("--cache", required=True)
-    e.add_argument("--predictor", default=None, help="default: data/motion/predictor")
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    if args.command == "cache":
-        vae = None
-        if args.latents:
-            from .video import load_storyworld_vae
-
-            vae = load_storyworld_vae(args.storyworld)
-        build_cache(args.out, args.clips, args.seed, ImageEmbedder.storyworld(args.storyworld, grid=args.grid), vae,
-                    args.frames, args.max_chunks)
-        return 0
-    if args.command == "train":
-        if args.export:
-            check_writable(Path(args.export) / "config.json", args.force)
-        caches = [load_cache(c) for c in args.cache] + ([load_cache(args.val_cache)] if args.val_cache else [])
-        grid = cache_grid(caches)
-        embeds = torch.cat([c["embeds"] for c in caches[: len(args.cache)]])
-        val = caches[-1]["embeds"] if args.val_cache else None
-        model, hist = train_predictor(embeds, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                      seed=args.seed, out=args.out, resume=args.resume, progress=True,
-                                      val_embeds=val, stop_at=args.stop_at, image_grid=grid)
-        if args.export and hist["step"][-1] == args.steps:
-            model.save_pretrained(args.export)
-            info = {"command": "python -m sdlite.motion " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    "train_clips": len(embeds), "steps": args.steps, "final_loss": hist["loss"][-1],
-                    "train_seconds": round(hist["seconds"][-1], 1)}
-            if val is not None:
-                info["val"] = predictor_errors(model, val)
-            (Path(args.export) / "training.json").write_text(json.dumps(info, indent=1) + "\n")
-            print(json.dumps(info, indent=1))
-        return 0
-    if args.command == "errors":
-        pred = SemanticMotionPredictor.storyworld(args.predictor)
-        print(json.dumps(predictor_errors(pred, load_cache(args.cache)["embeds"]), indent=1))
-        return 0
-    return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the command lines live in sdlite.cli: say where
+    raise SystemExit("python -m sdlite.motion has moved: `python -m sdlite.train motion-cache ...` (was `cache`), "
+                     "`python -m sdlite.train motion-predictor ...` (was `train`), `python -m sdlite.eval "
+                     "predictor-errors ...` (was `errors`), with the same options")

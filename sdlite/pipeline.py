@@ -18,6 +18,7 @@ grow with the story: a 32-panel story needs no more memory than an 8-panel one (
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -117,9 +118,9 @@ class CSAConfig:
 
 def is_storyworld(pipe) -> bool:
     """True for a pipeline with a small-vocabulary tokenizer (storyworld's), False for CLIP's 49408 tokens."""
-    from .story import _is_small_vocabulary
+    from .story import is_small_vocabulary
 
-    return _is_small_vocabulary(pipe.tokenizer)
+    return is_small_vocabulary(pipe.tokenizer)
 
 
 def model_defaults(pipe) -> dict:
@@ -139,7 +140,7 @@ def load_pipeline(model: str | Path = "storyworld", device: str | torch.device =
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for, but torch sees no GPU: use --device cpu (storyworld runs on CPU)")
     if str(model) == "storyworld":
-        from .models import load_storyworld
+        from .storyworld.models import load_storyworld
 
         return load_storyworld(device)
     from diffusers import StableDiffusionXLPipeline
@@ -151,10 +152,10 @@ def load_pipeline(model: str | Path = "storyworld", device: str | torch.device =
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path} is not a diffusers pipeline folder (no model_index.json): pass a folder "
                                     "written by save_pretrained, a hub id, or 'storyworld'")
-        from .models import storyworld_dir
+        from .storyworld.models import storyworld_dir
 
         if path.resolve() == storyworld_dir().resolve():
-            from .models import load_storyworld
+            from .storyworld.models import load_storyworld
 
             return load_storyworld(device, folder=path)
         pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
@@ -291,6 +292,47 @@ def _fused_embeds(pipe, story: Story, panel_ids, id_encoder, id_images, device, 
     return torch.stack(rows) if any_id else None
 
 
+def _checked_settings(pipe, story: Story, csa, steps, guidance_scale, id_images, id_encoder):
+    """Step 1 of `generate_story`: the inputs checked, the model's defaults filled in -> (csa, steps, guidance)."""
+    defaults = model_defaults(pipe)
+    csa = CSAConfig() if csa is None else csa
+    if not isinstance(csa, CSAConfig):
+        raise TypeError(f"csa must be a CSAConfig, got {type(csa).__name__}: e.g. CSAConfig(rate=0.5)")
+    if not isinstance(story, Story):
+        raise TypeError(f"story must be a parsed Story, got {type(story).__name__}: use sdlite.story.parse_story(text)")
+    csa = csa.with_model_defaults(defaults)
+    steps = defaults["steps"] if steps is None else steps
+    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if (id_images is None) != (id_encoder is None):
+        raise ValueError("the PhotoMaker path needs both id_images={name: [images]} and id_encoder=IDEncoder(...)")
+    if id_images is not None:
+        unknown = sorted(set(id_images) - set(story.characters))
+        if unknown:
+            raise ValueError(f"id_images names {unknown}, not characters of the story ({list(story.characters)})")
+        if any(len(v) < 1 for v in id_images.values()):
+            raise ValueError("every character in id_images needs at least one image")
+    return csa, steps, guidance_scale
+
+
+def _attention_mode(handle, csa: CSAConfig, batch: Batch, seed: int, n: int):
+    """The context one batch of panels is generated in: CSA reseeded and tiled for this batch, then writing a
+    character's references to the bank, reading them, or plain attention. (A no-op context without CSA.)"""
+    if handle is None:
+        return contextlib.nullcontext()
+    handle.set_step(0)
+    handle.reseed(seed)
+    # the window cannot be larger than this batch: a tile >= the batch is one window over it
+    tile = None if csa.tile is None or csa.tile >= n else csa.tile
+    handle.set_tiles(tile, None if tile is None or csa.stride is None else min(csa.stride, tile))
+    if batch.mode == "write":
+        return handle.write(batch.characters[0])
+    if batch.mode == "read":
+        return handle.read(*batch.characters)
+    return handle.off()
+
+
 @torch.no_grad()
 def generate_story(
     pipe,
@@ -328,25 +370,7 @@ def generate_story(
 
     from .id_encoder import start_merge_step
 
-    defaults = model_defaults(pipe)
-    csa = CSAConfig() if csa is None else csa
-    if not isinstance(csa, CSAConfig):
-        raise TypeError(f"csa must be a CSAConfig, got {type(csa).__name__}: e.g. CSAConfig(rate=0.5)")
-    if not isinstance(story, Story):
-        raise TypeError(f"story must be a parsed Story, got {type(story).__name__}: use sdlite.story.parse_story(text)")
-    csa = csa.with_model_defaults(defaults)
-    steps = defaults["steps"] if steps is None else steps
-    guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if (id_images is None) != (id_encoder is None):
-        raise ValueError("the PhotoMaker path needs both id_images={name: [images]} and id_encoder=IDEncoder(...)")
-    if id_images is not None:
-        unknown = sorted(set(id_images) - set(story.characters))
-        if unknown:
-            raise ValueError(f"id_images names {unknown}, not characters of the story ({list(story.characters)})")
-        if any(len(v) < 1 for v in id_images.values()):
-            raise ValueError("every character in id_images needs at least one image")
+    csa, steps, guidance_scale = _checked_settings(pipe, story, csa, steps, guidance_scale, id_images, id_encoder)
     check_story_prompts(story, pipe.tokenizer, use_trigger=id_images is not None)
     seeds = panel_seeds(len(story), seed, seed_policy)
     plan = plan_batches(story, csa)
@@ -382,19 +406,7 @@ def generate_story(
                     return {"prompt_embeds": torch.cat([npe, fused]) if do_cfg else fused}
                 return {}
 
-            ctx = _nullcontext()
-            if handle is not None:
-                handle.set_step(0)
-                handle.reseed(seed * 1_000_003 + b)
-                # the window cannot be larger than this batch: a tile >= the batch is one window over it
-                tile = None if csa.tile is None or csa.tile >= len(ids) else csa.tile
-                handle.set_tiles(tile, None if tile is None or csa.stride is None else min(csa.stride, tile))
-                if batch.mode == "write":
-                    ctx = handle.write(batch.characters[0])
-                elif batch.mode == "read":
-                    ctx = handle.read(*batch.characters)
-                else:
-                    ctx = handle.off()
+            ctx = _attention_mode(handle, csa, batch, seed * 1_000_003 + b, len(ids))
             with ctx:
                 out = pipe(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=pooled,
                            negative_pooled_prompt_embeds=npooled, num_inference_steps=steps,
@@ -415,11 +427,3 @@ def generate_story(
                 "height": height, "width": width, "seed": seed, "seed_policy": seed_policy,
                 "style": story.style.name, "id_images": sorted(id_images) if id_images else []}
     return StoryResult(images, story, seeds, plan, settings, bank_nbytes)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -35,11 +35,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .tokenization import remove_trigger_word
+from .tokenization import TRIGGER_WORD, remove_trigger_word
 
 __all__ = [
     "STYLES",
-    "Character",
+    "StoryCharacter",
     "Story",
     "StoryPanel",
     "StyleTemplate",
@@ -51,7 +51,6 @@ __all__ = [
 ]
 
 NO_CHARACTER = "NC"
-TRIGGER_WORD = "img"
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _TAG = re.compile(r"\[([^\[\]]*)\]")
 
@@ -109,7 +108,9 @@ def _resolve_style(value: str, line: int) -> StyleTemplate:
 # The parsed story
 # ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Character:
+class StoryCharacter:
+    """A character line of a story: `[Name] description` (not a storyworld character: only words)."""
+
     name: str
     description: str  # as written, trigger word included
     line: int
@@ -140,7 +141,7 @@ class StoryPanel:
 
 @dataclass(frozen=True)
 class Story:
-    characters: dict[str, Character]  # in definition order
+    characters: dict[str, StoryCharacter]  # in definition order
     panels: tuple[StoryPanel, ...]
     style: StyleTemplate = field(default_factory=lambda: STYLES["plain"])
     negative_prompt: str = ""
@@ -175,7 +176,7 @@ class Story:
         return Story(self.characters, panels, st, self.negative_prompt or st.negative)
 
 
-def _id_raw(panel: StoryPanel, characters: dict[str, Character]) -> str:
+def _id_raw(panel: StoryPanel, characters: dict[str, StoryCharacter]) -> str:
     descs = [characters[c].description for c in panel.characters]
     return _join(descs, panel.text)
 
@@ -195,7 +196,7 @@ def parse_story(text: str, style: str | StyleTemplate | None = None) -> Story:
     if not isinstance(text, str):
         raise TypeError(f"parse_story needs the story text as a str, got {type(text).__name__}: "
                         "use read_story(path) for a file")
-    characters: dict[str, Character] = {}
+    characters: dict[str, StoryCharacter] = {}
     rows: list[tuple[int, str, tuple[str, ...], str]] = []  # (line, text, names, caption)
     file_style: StyleTemplate | None = None
     negative: str | None = None
@@ -233,7 +234,7 @@ def parse_story(text: str, style: str | StyleTemplate | None = None) -> Story:
             if not rest:
                 raise ValueError(f"line {number}: character [{names[0]}] has no description: write e.g. "
                                  f"[{names[0]}] a girl")
-            characters[names[0]] = Character(names[0], rest, number)
+            characters[names[0]] = StoryCharacter(names[0], rest, number)
             continue
         if not names:
             raise ValueError(f"line {number}: a panel line must name its characters as [Name] or start with [NC] "
@@ -300,7 +301,8 @@ FULL_CLIP_VOCABULARY = 49408
 _WORD = re.compile(r"[A-Za-z]+|\d+|[^\sA-Za-z\d]")
 
 
-def _is_small_vocabulary(tokenizer) -> bool:
+def is_small_vocabulary(tokenizer) -> bool:
+    """True for storyworld's cut-down tokenizer, False for CLIP's full vocabulary."""
     return len(tokenizer) < FULL_CLIP_VOCABULARY // 2
 
 
@@ -310,7 +312,7 @@ def unknown_words(tokenizer, text: str) -> list[str]:
     CLIP's BPE never fails: an unknown word silently becomes letter pieces the storyworld text encoder never saw
     in training. A word is known when it is one token that is not the unknown token.
     """
-    if not _is_small_vocabulary(tokenizer):
+    if not is_small_vocabulary(tokenizer):
         return []
     unk = tokenizer.unk_token_id
     bad = []
@@ -328,7 +330,7 @@ def check_story_prompts(story: Story, tokenizer, use_trigger: bool = False) -> N
     Raises ValueError naming the line and the fix.
     """
     limit = tokenizer.model_max_length
-    small = _is_small_vocabulary(tokenizer)
+    small = is_small_vocabulary(tokenizer)
     texts = [(p.line, p.id_prompt if use_trigger else p.prompt) for p in story.panels]
     if story.negative_prompt:
         texts.append((0, story.negative_prompt))
@@ -348,86 +350,3 @@ def check_story_prompts(story: Story, tokenizer, use_trigger: bool = False) -> N
             raise ValueError(f"{where}: the prompt is {n} tokens after the style template, but the tokenizer takes "
                              f"{limit} (BOS and EOS included): shorten the panel text or the character "
                              f"description{hint}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# The `sdlite story` command
-# ----------------------------------------------------------------------------------------------------
-def add_story_parser(subparsers) -> None:
-    """Register ``sdlite story`` on an argparse subparsers object (see sdlite/cli.py)."""
-    p = subparsers.add_parser(
-        "story", help="story text -> consistent panels -> a comic page (PNG)",
-        description="Generate a comic page from a story file with consistent self-attention. Without STORY, the "
-                    "bundled example (data/stories/example.txt) is used. Writes the page and the single panels "
-                    "(<out stem>_panels/panel_NN.png); never overwrites a file unless --force.")
-    p.add_argument("story", nargs="?", default=None, help="story file (default: the bundled example story)")
-    p.add_argument("--out", default="out/page.png", help="page PNG to write (default: out/page.png)")
-    p.add_argument("--model", default="storyworld",
-                   help="'storyworld' (default, CPU), a pipeline folder, or a hub id such as "
-                        "stabilityai/stable-diffusion-xl-base-1.0 (fp16 on CUDA)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps ...")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 20 storyworld, 35 SDXL)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 5)")
-    p.add_argument("--seed", type=int, default=0, help="seed: panel i uses seed + i (default 0)")
-    p.add_argument("--shared-seed", action="store_true", help="the same noise seed for every panel (official demo)")
-    p.add_argument("--rate", type=float, default=None,
-                   help="CSA sampling rate in [0, 1] (default: 1.0 on storyworld, 0.5 on SDXL as the paper)")
-    p.add_argument("--tile", type=int, default=None, help="CSA window size in images (default: the whole batch)")
-    p.add_argument("--layers", choices=["up", "all"], default=None,
-                   help="self-attention layers with CSA (default: all on storyworld, up on SDXL)")
-    p.add_argument("--id-length", type=int, default=4, help="reference panels per character (default 4)")
-    p.add_argument("--no-csa", action="store_true", help="plain generation, no consistent self-attention")
-    p.add_argument("--style", default=None, help=f"style template: one of {sorted(STYLES)} or text with {{prompt}} "
-                                                 "(default: the story's, else plain)")
-    p.add_argument("--size", type=int, default=None, help="image height = width in px (default: the model's)")
-    p.add_argument("--layout", choices=["grid", "classic"], default="grid", help="page layout (default grid)")
-    p.add_argument("--columns", type=int, default=2, help="panels per row in the grid layout (default 2)")
-    p.add_argument("--panel-size", type=int, default=256, help="panel size on the page in px (default 256)")
-    p.add_argument("--title", default=None, help="a title above the panels")
-    p.add_argument("--video", default=None,
-                   help="also write the whole story as one video (.mp4/.gif): panels as keyframes joined by "
-                        "transitions of the semantic motion predictor + video decoder (sdlite.video)")
-    p.add_argument("--force", action="store_true", help="overwrite existing output files")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_story_command)
-
-
-def run_story_command(args) -> int:
-    """``sdlite story``: parse, check outputs, load the model, generate, write page + panels, print the paths."""
-    from .comic import make_page
-    from .paths import check_writable
-    from .pipeline import CSAConfig, generate_story, load_pipeline
-
-    path = Path(args.story) if args.story else example_story_path()
-    story = read_story(path, style=args.style)
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"--out {out}: the page is a PNG, use a path ending in .png")
-    panel_dir = out.with_name(out.stem + "_panels")
-    panel_paths = [panel_dir / f"panel_{i + 1:02d}.png" for i in range(len(story))]
-    video_path = Path(args.video) if getattr(args, "video", None) else None
-    if video_path is not None and video_path.suffix.lower() not in (".mp4", ".gif"):
-        raise ValueError(f"--video {video_path}: use a path ending in .mp4 or .gif")
-    if video_path is not None and len(story) < 2:
-        raise ValueError("--video needs a story of at least 2 panels (one transition)")
-    for target in [out, *panel_paths, *([video_path] if video_path else [])]:  # fail before the slow part
-        check_writable(target, args.force)
-    csa = CSAConfig(rate=args.rate, tile=args.tile, layers=args.layers, id_length=args.id_length,
-                    enabled=not args.no_csa)
-    pipe = load_pipeline(args.model, args.device)
-    result = generate_story(pipe, story, csa=csa, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                            seed_policy="shared" if args.shared_seed else "per_panel", height=args.size,
-                            width=args.size, progress=not args.quiet)
-    page = make_page(result.images, story.captions, layout=args.layout, columns=args.columns,
-                     panel_size=args.panel_size, title=args.title)
-    page.save(out, format="PNG")
-    for target, image in zip(panel_paths, result.images):
-        image.save(target, format="PNG")
-    print(f"page: {out}")
-    print(f"panels: {panel_dir}/ ({len(panel_paths)} files: {panel_paths[0].name} .. {panel_paths[-1].name})")
-    if video_path is not None:
-        from .video import story_video, write_video
-
-        video = story_video(result.images, seed=args.seed)
-        print(f"video: {write_video(video_path, video, force=args.force)}")
-    return 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .seeds import seeded
+
 __all__ = ["tiny_sd15_unet", "tiny_sdxl_pipeline", "tiny_sdxl_unet", "tiny_storyworld_pipeline", "tiny_unet_inputs"]
 
 SDXL_TEXT_DIM = 64  # cross-attention width of the tiny SDXL UNet (real SDXL: 2048)
@@ -19,12 +21,7 @@ SD15_TEXT_DIM = 32  # cross-attention width of the tiny SD1.5 UNet (real SD1.5: 
 
 
 def _seeded(seed: int, build):
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    with torch.random.fork_rng(devices=[]):  # do not disturb the caller's global RNG
-        torch.manual_seed(seed)
-        model = build()
-    return model.eval()
+    return seeded(seed, build).eval()
 
 
 def tiny_sdxl_unet(seed: int = 0, block_out_channels: tuple[int, ...] = (32, 64), sample_size: int = 16):
@@ -121,9 +118,9 @@ def tiny_sdxl_pipeline(folder=None, seed: int = 0):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .tokenization import load_clip_tokenizers
+    from .tokenization import TRIGGER_WORD, load_clip_tokenizers
 
-    tok1, tok2 = load_clip_tokenizers(trigger_word="img")
+    tok1, tok2 = load_clip_tokenizers(trigger_word=TRIGGER_WORD)
     half = SDXL_TEXT_DIM // 2  # each text encoder gives half of the cross-attention width (SDXL: 768 + 1280)
 
     def text_config(projection_dim):
@@ -145,25 +142,5 @@ def tiny_sdxl_pipeline(folder=None, seed: int = 0):
                                      unet=unet, scheduler=scheduler)
     if folder is not None:
         pipe = _save_and_reload(pipe, folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def tiny_storyworld_pipeline(folder=None, seed: int = 0):
-    """The storyworld pipeline's architecture at its "tiny" sizes with random weights (seconds on CPU).
-
-    With ``folder``, it is written in the shipped layout (``save_pipeline``: the pipeline plus ``clip/``), so
-    ``sdlite.models.load_storyworld(folder=...)`` and ``load_storyworld_clip(folder=...)`` load it like the real one.
-    """
-    from .models import (StoryworldSizes, assemble_pipeline, build_clip, build_storyworld_tokenizer, build_unet,
-                         build_vae, load_storyworld, save_pipeline)
-
-    sizes = StoryworldSizes.named("tiny")
-    tok = build_storyworld_tokenizer()
-    clip = build_clip(sizes, tok, seed=seed + 1)
-    pipe = assemble_pipeline(build_vae(sizes, seed=seed + 2), clip, build_unet(sizes, seed=seed + 3), tok)
-    if folder is not None:
-        save_pipeline(pipe, clip, folder)
-        pipe = load_storyworld("cpu", folder=folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe

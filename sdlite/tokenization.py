@@ -24,6 +24,7 @@ from transformers import CLIPTokenizer
 
 from .paths import data_file
 
+TRIGGER_WORD = "img"  # PhotoMaker's trigger word: the one definition in sdlite
 CLIP_MODEL_LENGTH = 77
 # CLIP's vocabulary: 256 byte symbols, the same with the end-of-word marker, 48894 merges, 2 specials = 49408.
 _NUM_MERGES = 49152 - 256 - 2
@@ -59,7 +60,7 @@ def build_clip_tokenizer(pad_token: str = EOS, model_max_length: int = CLIP_MODE
     )
 
 
-def add_trigger_word(tokenizer: CLIPTokenizer, trigger_word: str = "img") -> int:
+def add_trigger_word(tokenizer: CLIPTokenizer, trigger_word: str = TRIGGER_WORD) -> int:
     """Register `trigger_word` as one special token (PhotoMaker does this on both SDXL tokenizers); return its id.
 
     Unlike a plain `add_tokens`, the trigger is matched case-insensitively and only as a whole word.
@@ -71,7 +72,7 @@ def add_trigger_word(tokenizer: CLIPTokenizer, trigger_word: str = "img") -> int
     return tokenizer.convert_tokens_to_ids(trigger_word)
 
 
-def load_clip_tokenizers(trigger_word: str | None = "img") -> tuple[CLIPTokenizer, CLIPTokenizer]:
+def load_clip_tokenizers(trigger_word: str | None = TRIGGER_WORD) -> tuple[CLIPTokenizer, CLIPTokenizer]:
     """SDXL's two tokenizers, offline: the same CLIP BPE, the second pads with `!` (id 0).
 
     With `trigger_word` (default "img") registered as a special token on both; pass None for the plain tokenizers.
@@ -83,7 +84,7 @@ def load_clip_tokenizers(trigger_word: str | None = "img") -> tuple[CLIPTokenize
     return tokenizer, tokenizer_2
 
 
-def remove_trigger_word(prompt: str, trigger_word: str = "img") -> str:
+def remove_trigger_word(prompt: str, trigger_word: str = TRIGGER_WORD) -> str:
     """The prompt without the trigger word (whole word, any case), spaces tidied: 'a man img, walking' -> 'a man, walking'.
 
     Done on the text, not by decoding tokens, so the user's casing and punctuation survive.
@@ -120,7 +121,7 @@ def encode_with_trigger(
     prompt: str,
     num_id_images: int = 1,
     tokens_per_image: int = 1,
-    trigger_word: str = "img",
+    trigger_word: str = TRIGGER_WORD,
 ) -> TriggerEncoding:
     """Encode `prompt` ("a man img walking") with the class token repeated once per ID image (x `tokens_per_image`).
 
@@ -189,7 +190,7 @@ def encode_with_trigger_sdxl(
     prompt: str,
     num_id_images: int = 1,
     tokens_per_image: int = 1,
-    trigger_word: str = "img",
+    trigger_word: str = TRIGGER_WORD,
 ) -> tuple[TriggerEncoding, TriggerEncoding]:
     """Encode for both SDXL tokenizers at once; their class-token masks must coincide (same BPE, other padding)."""
     encodings = tuple(

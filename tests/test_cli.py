@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from sdlite.cli import build_parser, main
-from sdlite.tiny import tiny_storyworld_pipeline
+from sdlite.storyworld.models import tiny_storyworld_pipeline
 
 
 

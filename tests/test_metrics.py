@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from sdlite import storyworld as sw
-from sdlite.eval import build_parser as eval_parser
-from sdlite.eval_story import SETTINGS, check_bars, make_eval_stories, run_consistency_eval, table_markdown
-from sdlite.metrics import (
+from sdlite.cli.eval import build_parser as eval_parser
+from sdlite.eval.consistency import SETTINGS, check_bars, make_eval_stories, run_consistency_eval, table_markdown
+from sdlite.eval.metrics import (
     clip_i, clip_image_embeddings, clip_t, clip_text_embeddings, identity_agreement, label_accuracy, mean_rows,
     pair_agreement, score_story,
 )
@@ -78,7 +78,7 @@ def test_score_story_on_renders_of_one_and_of_different_characters():
 
 
 def test_clip_embeddings_shapes_and_norm():
-    from sdlite.models import StoryworldSizes, build_clip, build_storyworld_tokenizer
+    from sdlite.storyworld.models import StoryworldSizes, build_clip, build_storyworld_tokenizer
 
     tok = build_storyworld_tokenizer()
     clip = build_clip(StoryworldSizes.named("tiny"), tok).eval()
@@ -111,9 +111,9 @@ def test_settings_cover_the_issue():
 
 
 def test_consistency_eval_rows_and_bars_on_a_tiny_pipeline():
-    from sdlite.models import load_storyworld_clip  # noqa: F401  (same loader the command uses)
-    from sdlite.recognizer import Recognizer
-    from sdlite.tiny import tiny_storyworld_pipeline
+    from sdlite.storyworld.models import load_storyworld_clip  # noqa: F401  (same loader the command uses)
+    from sdlite.storyworld.recognizer import Recognizer
+    from sdlite.storyworld.models import tiny_storyworld_pipeline
 
     pipe = tiny_storyworld_pipeline()
     torch.manual_seed(0)
@@ -156,9 +156,10 @@ def test_eval_dispatcher_has_consistency():
 
 
 def test_consistency_command_writes_json_and_table_and_never_overwrites(tmp_path, capsys):
-    from sdlite.eval import main as eval_main
-    from sdlite.recognizer import Recognizer, save_recognizer
-    from sdlite.tiny import tiny_storyworld_pipeline
+    from sdlite.cli.eval import main as eval_main
+    from sdlite.storyworld.recognizer import Recognizer
+    from sdlite.train.recognizer import save_recognizer
+    from sdlite.storyworld.models import tiny_storyworld_pipeline
 
     folder = tmp_path / "sw"
     tiny_storyworld_pipeline(folder)
@@ -178,10 +179,10 @@ def test_consistency_command_writes_json_and_table_and_never_overwrites(tmp_path
 
 
 def test_batched_generation_equals_story_by_story_without_csa_and_runs_with_csa():
-    from sdlite.eval_story import _batchable, generate_stories_batched
+    from sdlite.eval.consistency import _batchable, generate_stories_batched
     from sdlite.pipeline import CSAConfig
-    from sdlite.recognizer import Recognizer
-    from sdlite.tiny import tiny_storyworld_pipeline
+    from sdlite.storyworld.recognizer import Recognizer
+    from sdlite.storyworld.models import tiny_storyworld_pipeline
 
     pipe = tiny_storyworld_pipeline()
     rec = Recognizer().eval()

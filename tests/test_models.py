@@ -7,7 +7,7 @@ import torch
 from transformers import CLIPTokenizer
 
 from sdlite import storyworld as sw
-from sdlite.models import (
+from sdlite.storyworld.models import (
     FUNCTION_WORDS, LATENT_SIZE, TEXT_LENGTH, TRIGGER_WORD, StoryworldSizes, assemble_pipeline, build_clip,
     build_storyworld_tokenizer, build_unet, build_vae, load_storyworld, load_storyworld_clip, save_pipeline,
     ABLATION_UNETS, ablation_unet_dir, storyworld_dir, storyworld_tokenizers, text_encoders_from_clip, unet_config,

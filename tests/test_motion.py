@@ -9,11 +9,17 @@ from PIL import Image
 
 from sdlite import motion, video
 from sdlite import storyworld as sw
-from sdlite.models import StoryworldSizes, build_clip, build_scheduler, build_storyworld_tokenizer, build_vae
+from sdlite.cli import main as sdlite_main
+from sdlite.cli.train import main as train_main
+from sdlite.eval import transitions
+from sdlite.eval import video_metrics as vm
 from sdlite.motion import (
-    PAPER_SIZE, ImageEmbedder, SemanticMotionPredictor, build_cache, frame_fractions, linear_interpolation,
-    load_cache, predictor_errors, train_predictor,
+    PAPER_SIZE, ImageEmbedder, SemanticMotionPredictor, frame_fractions, linear_interpolation, predictor_errors,
 )
+from sdlite.storyworld.models import StoryworldSizes, build_clip, build_scheduler, build_storyworld_tokenizer, build_vae
+from sdlite.train import motion as train_motion
+from sdlite.train import video as train_video
+from sdlite.train.motion import build_cache, load_cache, train_predictor
 from sdlite.video import VideoDecoder, VideoModels, build_decoder, video_unet_config
 
 E = 32  # tiny CLIP projection width
@@ -153,7 +159,7 @@ def test_predictor_round_trips_through_a_folder(tmp_path):
     again = SemanticMotionPredictor.storyworld(tmp_path / "predictor")
     a, b = torch.randn(3, 16), torch.randn(3, 16)
     torch.testing.assert_close(again(a, b, 9), pred.eval()(a, b, 9), rtol=0, atol=0)
-    with pytest.raises(FileNotFoundError, match="python -m sdlite.motion train"):
+    with pytest.raises(FileNotFoundError, match="python -m sdlite.train motion-predictor"):
         SemanticMotionPredictor.storyworld(tmp_path / "nothing")
 
 
@@ -342,7 +348,7 @@ def test_spatial_decoder_lays_each_cell_over_its_region_and_starts_as_the_plain_
 
 
 def test_cache_is_resumable_and_matches_the_dataset(tmp_path, tiny_models, tiny_clip, monkeypatch):
-    monkeypatch.setattr(motion, "CACHE_CHUNK", 2)
+    monkeypatch.setattr(train_motion, "CACHE_CHUNK", 2)
     m = tiny_models
     build_cache(tmp_path / "c", 3, seed=4, embedder=m.embedder, vae=m.vae, frames=5, max_chunks=1, progress=False)
     assert len(list((tmp_path / "c").glob("part_*"))) == 1
@@ -361,22 +367,22 @@ def test_cache_is_resumable_and_matches_the_dataset(tmp_path, tiny_models, tiny_
     build_cache(tmp_path / "g", 2, seed=4, embedder=grid, frames=5, progress=False)
     cached = load_cache(tmp_path / "g")
     assert cached["grid"] == 2 and cached["embeds"].shape == (2, 5, 5 * E)
-    with pytest.raises(FileNotFoundError, match="python -m sdlite.motion cache"):
+    with pytest.raises(FileNotFoundError, match="python -m sdlite.train motion-cache"):
         load_cache(tmp_path / "empty")
 
 
-def test_video_train_command_trains_and_exports_a_spatial_decoder(tmp_path, tiny_models, tiny_clip):
-    """`python -m sdlite.video train --spatial-channels S` on a grid cache: a few steps, then an export that loads
+def test_video_train_command_trains_and_exports_a_spatial_decoder(tmp_path, tiny_models, tiny_clip, capsys):
+    """`python -m sdlite.train video-decoder --spatial-channels S` on a grid cache: a few steps, then an export that loads
     back with its spatial path; a pooled cache gets a clear error before any training."""
     grid = ImageEmbedder(tiny_clip[0], grid=2)
     build_cache(tmp_path / "g", 2, seed=4, embedder=grid, vae=tiny_models.vae, frames=4, progress=False)
     build_cache(tmp_path / "p", 2, seed=4, embedder=tiny_models.embedder, vae=tiny_models.vae, frames=4,
                 progress=False)
-    with pytest.raises(ValueError, match="--grid 4"):
-        video.main(["train", "--cache", str(tmp_path / "p"), "--out", str(tmp_path / "run_p"), "--size", "tiny",
-                    "--steps", "1", "--spatial-channels", "2"])
+    assert train_main(["video-decoder", "--cache", str(tmp_path / "p"), "--out", str(tmp_path / "run_p"), "--size",
+                       "tiny", "--steps", "1", "--spatial-channels", "2"]) == 2
+    assert "--grid 4" in capsys.readouterr().err
     assert not (tmp_path / "run_p").exists()
-    video.main(["train", "--cache", str(tmp_path / "g"), "--out", str(tmp_path / "run"), "--export",
+    train_main(["video-decoder", "--cache", str(tmp_path / "g"), "--out", str(tmp_path / "run"), "--export",
                 str(tmp_path / "dec"), "--size", "tiny", "--steps", "2", "--batch-size", "1", "--spatial-channels",
                 "2"])
     dec = VideoDecoder.storyworld(tmp_path / "dec")
@@ -479,29 +485,29 @@ def test_decoder_training_smoke_is_deterministic(tiny_models, tmp_path):
     g = torch.Generator().manual_seed(0)
     cache = {"latents": torch.randn(6, 4, 4, 16, 16, generator=g), "embeds": torch.randn(6, 4, E, generator=g)}
     text, empty = torch.randn(6, 32, 32, generator=g), torch.zeros(1, 32, 32)
-    cfg = video.DecoderTrainConfig(steps=3, batch_size=2, log_every=1, seed=1)
+    cfg = train_video.DecoderTrainConfig(steps=3, batch_size=2, log_every=1, seed=1)
     import copy
 
-    d1, h1 = video.train_decoder(cache, text, empty, copy.deepcopy(dec0), tiny_models.scheduler, cfg,
+    d1, h1 = train_video.train_decoder(cache, text, empty, copy.deepcopy(dec0), tiny_models.scheduler, cfg,
                                  out=tmp_path / "r1")
-    d2, h2 = video.train_decoder(cache, text, empty, copy.deepcopy(dec0), tiny_models.scheduler, cfg)
+    d2, h2 = train_video.train_decoder(cache, text, empty, copy.deepcopy(dec0), tiny_models.scheduler, cfg)
     assert len(h1["loss"]) == 3 and all(np.isfinite(h1["loss"]))
     assert h1["loss"] == h2["loss"]
     for k, v in d1.state_dict().items():
         torch.testing.assert_close(d2.state_dict()[k], v, rtol=0, atol=0, msg=k)
     assert not torch.equal(d1.frame_proj.weight, dec0.frame_proj.weight)  # it learned something
     assert (tmp_path / "r1" / "checkpoint" / "model.safetensors").is_file() and h1["last_step"] == 3
-    _, h0 = video.train_decoder(cache, text, empty, copy.deepcopy(dec0), tiny_models.scheduler, cfg,
+    _, h0 = train_video.train_decoder(cache, text, empty, copy.deepcopy(dec0), tiny_models.scheduler, cfg,
                                 out=tmp_path / "r0", max_minutes=1e-9)  # out of time at once: checkpoint, stop
     assert h0["last_step"] == 0
     assert json.loads((tmp_path / "r0" / "checkpoint" / "state.json").read_text())["step"] == 0
     eps = build_decoder("tiny", image_embed_dim=E, cross_attention_dim=32, seed=7, prediction_type="epsilon")
-    d3, h3 = video.train_decoder(cache, text, empty, eps, tiny_models.scheduler, cfg)
+    d3, h3 = train_video.train_decoder(cache, text, empty, eps, tiny_models.scheduler, cfg)
     assert h3["loss"] != h1["loss"] and all(np.isfinite(h3["loss"]))
     with pytest.raises(ValueError, match="prediction_type"):
         build_decoder("tiny", prediction_type="v")
     with pytest.raises(ValueError, match="--latents"):
-        video.train_decoder({"embeds": cache["embeds"]}, text, empty, dec0, tiny_models.scheduler, cfg)
+        train_video.train_decoder({"embeds": cache["embeds"]}, text, empty, dec0, tiny_models.scheduler, cfg)
 
 
 # ---------------------------------------------------------------- transitions and the CLI
@@ -544,15 +550,15 @@ def test_story_video_chains_transitions(tiny_models):
         video.story_video(frames, tiny_models, prompts=["a"])
 
 
-def test_cli_writes_a_video_and_never_overwrites(tiny_models, tmp_path, monkeypatch):
+def test_cli_writes_a_video_and_never_overwrites(tiny_models, tmp_path, monkeypatch, capsys):
     a, b = _keyframes()
     Image.fromarray(a).save(tmp_path / "a.png")
     Image.fromarray(b).save(tmp_path / "b.png")
     monkeypatch.setattr(video, "load_video_models", lambda *args, **kw: tiny_models)
     out = tmp_path / "clip.mp4"
-    argv = ["generate", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--frames", "6", "--steps", "1",
+    argv = ["video", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--frames", "6", "--steps", "1",
             "--out", str(out)]
-    assert video.main(argv) == 0
+    assert sdlite_main(argv) == 0
     assert out.stat().st_size > 500
     import imageio_ffmpeg
     import mediapy
@@ -561,24 +567,24 @@ def test_cli_writes_a_video_and_never_overwrites(tiny_models, tmp_path, monkeypa
     frames = mediapy.read_video(str(out))
     assert frames.shape == (6, 256, 256, 3)
     stamp = out.stat().st_mtime_ns
-    with pytest.raises(FileExistsError, match="--force"):
-        video.main(argv)
+    assert sdlite_main(argv) == 2 and "--force" in capsys.readouterr().err
     assert out.stat().st_mtime_ns == stamp
-    assert video.main(argv + ["--force"]) == 0
+    assert sdlite_main(argv + ["--force"]) == 0
     gif, strip = tmp_path / "clip.gif", tmp_path / "strip.png"
-    assert video.main(argv[:-1] + [str(gif)]) == 0 and gif.stat().st_size > 500
-    assert video.main(argv[:-1] + [str(strip), "--scale", "1"]) == 0
+    assert sdlite_main(argv[:-1] + [str(gif)]) == 0 and gif.stat().st_size > 500
+    assert sdlite_main(argv[:-1] + [str(strip), "--scale", "1"]) == 0
     assert Image.open(strip).size == (6 * 64, 64)
-    with pytest.raises(FileNotFoundError, match="PNG/JPEG"):
-        video.main(["generate", str(tmp_path / "nope.png"), str(tmp_path / "b.png"), "--out", str(tmp_path / "x.mp4")])
-    with pytest.raises(ValueError, match=".mp4, .gif or .png"):
-        video.main(argv[:-1] + [str(tmp_path / "clip.avi")])
+    assert sdlite_main(["video", str(tmp_path / "nope.png"), str(tmp_path / "b.png"), "--out",
+                        str(tmp_path / "x.mp4")]) == 2
+    assert "PNG/JPEG" in capsys.readouterr().err
+    assert sdlite_main(argv[:-1] + [str(tmp_path / "clip.avi")]) == 2
+    assert ".mp4, .gif or .png" in capsys.readouterr().err
 
 
 def test_sdlite_console_command_has_video(tiny_models, tmp_path, monkeypatch):
-    cli = pytest.importorskip("sdlite.cli")
-    if not any("video" in s for s in cli.SUBCOMMANDS):
-        pytest.skip("sdlite.cli does not register `video` yet")
+    from sdlite import cli
+
+    assert any("video" in s for s in cli.SUBCOMMANDS)
     a, b = _keyframes()
     Image.fromarray(a).save(tmp_path / "a.png")
     Image.fromarray(b).save(tmp_path / "b.png")
@@ -593,46 +599,46 @@ def test_sdlite_console_command_has_video(tiny_models, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- metrics and the evaluation
 def test_metrics_on_known_cases():
     x = torch.zeros(2, 3, 8, 8)
-    torch.testing.assert_close(video.psnr(x, x + 0.2), torch.full((2,), 20.0))  # mse (0.1)^2 on [0, 1]
+    torch.testing.assert_close(vm.psnr(x, x + 0.2), torch.full((2,), 20.0))  # mse (0.1)^2 on [0, 1]
     img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    torch.testing.assert_close(video.ssim(img, img), torch.ones(1))
+    torch.testing.assert_close(vm.ssim(img, img), torch.ones(1))
     noisy = (img + 0.3 * torch.randn(img.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
-    assert 0 < video.ssim(img, noisy).item() < 0.9
-    labels = {k: torch.zeros(2, 4, dtype=torch.long) for k in video.IDENTITY_LABELS}
+    assert 0 < vm.ssim(img, noisy).item() < 0.9
+    labels = {k: torch.zeros(2, 4, dtype=torch.long) for k in vm.IDENTITY_LABELS}
     labels["hair"][0, 1] = 3  # clip 0: one frame with other hair
     labels["hat"][0, 1] = 2  # the same frame: still one frame off
-    torch.testing.assert_close(video.identity_agreement(labels), torch.tensor([0.75, 1.0]))
+    torch.testing.assert_close(vm.frame_identity_agreement(labels), torch.tensor([0.75, 1.0]))
     e = torch.randn(1, 5, 8)
-    sims = video.clip_similarities(e.expand(2, 5, 8).clone())
+    sims = vm.clip_similarities(e.expand(2, 5, 8).clone())
     assert sims["first"].shape == (2,) and sims["frames"].shape == (2,)
-    torch.testing.assert_close(video.clip_similarities(e[:, :1].expand(1, 5, 8))["first"], torch.ones(1))
+    torch.testing.assert_close(vm.clip_similarities(e[:, :1].expand(1, 5, 8))["first"], torch.ones(1))
     still = torch.zeros(1, 4, 3, 8, 8)
-    assert video.motion_amount(still).item() == 0
+    assert vm.motion_amount(still).item() == 0
     moving = torch.stack([torch.full((3, 8, 8), v) for v in (-1.0, 1.0, -1.0, 1.0)])[None]
-    assert video.motion_amount(moving).item() == pytest.approx(1.0)
+    assert vm.motion_amount(moving).item() == pytest.approx(1.0)
     # paired bootstrap: a constant lead has a zero-width interval; noise around 0 gives one that holds 0
     a = torch.randn(50, generator=torch.Generator().manual_seed(2))
-    ci = video.paired_difference_ci(a + 0.5, a)
+    ci = vm.paired_difference_ci(a + 0.5, a)
     assert ci["mean"] == pytest.approx(0.5) and ci["ci_low"] == pytest.approx(0.5) and ci["n"] == 50
-    ci = video.paired_difference_ci(a, torch.zeros(50))
+    ci = vm.paired_difference_ci(a, torch.zeros(50))
     assert ci["ci_low"] < ci["mean"] < ci["ci_high"] and ci["ci_low"] < float(a.mean()) + 1e-9
-    assert video.paired_difference_ci(a, torch.zeros(50)) == ci  # seeded
+    assert vm.paired_difference_ci(a, torch.zeros(50)) == ci  # seeded
     with pytest.raises(ValueError, match="same >= 2 clips"):
-        video.paired_difference_ci(torch.ones(1), torch.zeros(1))
+        vm.paired_difference_ci(torch.ones(1), torch.zeros(1))
 
 
 def test_evaluate_and_summary_have_the_checked_names(tiny_models):
-    from sdlite.recognizer import Recognizer
+    from sdlite.storyworld.recognizer import Recognizer
 
     rec = Recognizer("a").eval()
-    res = video.evaluate(tiny_models, n_clips=3, seed=5, frames=4, steps=1, batch_size=2, recognizer=rec)
-    assert set(res["per_method"]) == set(video.METHODS)
+    res = transitions.evaluate(tiny_models, n_clips=3, seed=5, frames=4, steps=1, batch_size=2, recognizer=rec)
+    assert set(res["per_method"]) == set(transitions.METHODS)
     for m, row in res["per_method"].items():
         assert {"psnr", "ssim", "embed_mse", "identity_agreement", "first_fidelity_psnr", "motion",
                 "clipsim_first", "clipsim_frames"} <= set(row), m
         assert all(np.isfinite(v) for v in row.values())
     assert sum(res["kind_counts"].values()) == 3
-    out = video.summarize(res, "test", n_clips=3)
+    out = transitions.summarize(res, "test", n_clips=3)
     assert set(out["psnr"]) >= {"latent_interpolation", "no_predictor", "temporal_only", "full"}
     assert out["n_clips"] == 3 and 0 <= out["identity_agreement_full"] <= 1
     assert out["predictor_error_ratio_vs_linear"] == pytest.approx(res["predictor"]["ratio"])
@@ -641,13 +647,13 @@ def test_evaluate_and_summary_have_the_checked_names(tiny_models):
     json.dumps(out)  # serialisable
     assert isinstance(out["bars"]["full_beats_a_b_c_in_psnr"], bool)
     lead = out["psnr_lead_of_full"]  # (d) minus each other method, per clip, with its bootstrap interval
-    assert set(lead) == set(video.METHODS) - {"full"}
+    assert set(lead) == set(transitions.METHODS) - {"full"}
     for m, ci in lead.items():
         assert ci["mean"] == pytest.approx(out["psnr"]["full"] - out["psnr"][m], abs=1e-4), m
         assert ci["ci_low"] <= ci["mean"] <= ci["ci_high"]
     # a subset of the methods (e.g. temporal_only vs true_embeddings): the PSNR bar is "not run", not a crash
-    part = video.evaluate(tiny_models, n_clips=2, seed=5, frames=4, steps=1, batch_size=2,
+    part = transitions.evaluate(tiny_models, n_clips=2, seed=5, frames=4, steps=1, batch_size=2,
                           methods=("temporal_only", "true_embeddings"))
-    sub = video.summarize(part, "test", n_clips=2)
+    sub = transitions.summarize(part, "test", n_clips=2)
     assert set(sub["psnr"]) == {"temporal_only", "true_embeddings"}
     assert sub["bars"]["full_beats_a_b_c_in_psnr"] is None

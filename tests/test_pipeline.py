@@ -9,7 +9,8 @@ from sdlite.pipeline import (
     Batch, CSAConfig, generate_story, is_storyworld, load_pipeline, model_defaults, panel_seeds, plan_batches,
 )
 from sdlite.story import parse_story
-from sdlite.tiny import tiny_sdxl_pipeline, tiny_storyworld_pipeline
+from sdlite.storyworld.models import tiny_storyworld_pipeline
+from sdlite.tiny import tiny_sdxl_pipeline
 
 
 

@@ -1,7 +1,7 @@
 """Story text -> panels: the format, the references, every bad input, and the checks against a tokenizer."""
 import pytest
 
-from sdlite.models import build_storyworld_tokenizer
+from sdlite.storyworld.models import build_storyworld_tokenizer
 from sdlite.story import (
     STYLES, StyleTemplate, check_story_prompts, example_story_path, parse_story, read_story, unknown_words,
 )

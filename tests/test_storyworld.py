@@ -89,8 +89,8 @@ def _figure_height(class_word: str) -> float:
     p = _panel(2, scene="snow", action="standing")
     p = dataclasses.replace(p, character=dataclasses.replace(p.character, class_word=class_word, hat="no hat"),
                             **sw.action_pose("standing"))
-    cv = sw._Canvas(64)
-    sw._draw_scene(cv, p.scene, p.backdrop)
+    cv = world._Canvas(64)
+    world._draw_scene(cv, p.scene, p.backdrop)
     diff = np.abs(sw.render(p).astype(np.int16) - cv.to_uint8().astype(np.int16)).max(-1)
     rows = np.nonzero((diff > 30).any(1))[0]
     return (rows.max() - rows.min() + 1) / 64
@@ -131,7 +131,7 @@ def test_caption_random_drops_states_kept_and_never_dropped():
             assert _said(text, a, p.character) == (a not in drop), (text, drop)
         # class word, action and scene always present
         assert text.startswith(f"a {p.character.class_word}")
-        assert f"{p.action} " in text and sw._SCENE_PHRASES[p.scene] in text
+        assert f"{p.action} " in text and sw.SCENE_PHRASES[p.scene] in text
         text = sw.caption(p, rng, drop_prob=0.5)
         for a in sw.IDENTITY_ATTRIBUTES:
             counts[a] += _said(text, a, p.character)
@@ -270,7 +270,10 @@ def test_bad_input_errors_name_the_fix():
 
 
 # ---------------------------------------------------------------- recognizer
-from sdlite import recognizer as rec  # noqa: E402
+from sdlite.images import as_batch
+from sdlite.storyworld import recognizer as rec
+from sdlite.storyworld import world
+from sdlite.train import recognizer as train_rec  # noqa: E402
 from sdlite.paths import data_dir  # noqa: E402
 
 
@@ -332,32 +335,31 @@ def test_predict_accepts_uint8_and_float_and_the_two_scorers_agree(heldout):
 
 
 def test_augment_is_seeded_bounded_and_degrades(heldout):
-    x = rec.as_batch(heldout[0][:8])
-    y1 = rec.augment(x, torch.Generator().manual_seed(0))
-    y2 = rec.augment(x, torch.Generator().manual_seed(0))
+    x = as_batch(heldout[0][:8])
+    y1 = train_rec.augment(x, torch.Generator().manual_seed(0))
+    y2 = train_rec.augment(x, torch.Generator().manual_seed(0))
     torch.testing.assert_close(y1, y2)
     assert y1.shape == x.shape and y1.min() >= -1 and y1.max() <= 1
     assert (y1 - x).abs().mean() > 0.02
-    assert (rec.augment(x, torch.Generator().manual_seed(1)) - y1).abs().mean() > 0.01
+    assert (train_rec.augment(x, torch.Generator().manual_seed(1)) - y1).abs().mean() > 0.01
 
 
 def test_recognizer_training_smoke(tmp_path):
-    model, history = rec.train_recognizer(steps=3, seed=0, arch="a", batch_size=8, n_train=16, log=None,
-                                          threads=None, log_every=1)
+    model, history = train_rec.train_recognizer(steps=3, seed=0, arch="a", batch_size=8, n_train=16, log=None, log_every=1)
     assert history["step"] == [1, 2, 3] and all(np.isfinite(history["loss"]))
-    path = rec.save_recognizer(model, tmp_path / "r.safetensors")
+    path = train_rec.save_recognizer(model, tmp_path / "r.safetensors")
     again = rec.load_recognizer(tmp_path / "r.safetensors")
     assert again.arch == "a"
-    x = rec.as_batch(rec.render_set(4, seed=3)[0])
+    x = as_batch(rec.render_set(4, seed=3)[0])
     for name in sw.ATTRIBUTES:  # float16 storage keeps the predictions
         torch.testing.assert_close(again(x)[name], model(x)[name], atol=0.05, rtol=0.05)
     with pytest.raises(FileExistsError, match="--force"):
-        rec.save_recognizer(model, path)
+        train_rec.save_recognizer(model, path)
 
 
 def test_colour_reader_fit_smoke():
     # 40 samples < features: the dual ridge solve
-    model, _ = rec.fit_colour_reader(seed=0, n_train=40, log=None, threads=None)
+    model, _ = train_rec.fit_colour_reader(seed=0, n_train=40, log=None)
     assert model.arch == "b"
     assert model.features(torch.zeros(2, 3, 64, 64)).shape == (2, model.features.out_features)
     images, labels = rec.render_set(40, seed=1000)  # the renders it was fitted on (before augmentation)
@@ -367,20 +369,20 @@ def test_colour_reader_fit_smoke():
 def test_recognizer_bad_input():
     with pytest.raises(ValueError, match="unknown recognizer arch 'c'"):
         rec.Recognizer("c")
-    with pytest.raises(FileNotFoundError, match="python -m sdlite.recognizer"):
+    with pytest.raises(FileNotFoundError, match="python -m sdlite.train recognizer"):
         rec.load_recognizer("/nonexistent/r.safetensors")
     with pytest.raises(TypeError, match="must be uint8"):
-        rec.as_batch(np.zeros((2, 64, 64, 3), np.float32))
+        as_batch(np.zeros((2, 64, 64, 3), np.float32))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
-        rec.as_batch(torch.zeros(2, 64, 64, 3))
+        as_batch(torch.zeros(2, 64, 64, 3))
     with pytest.raises(TypeError, match="numpy array or a float torch tensor"):
-        rec.as_batch([1, 2, 3])
+        as_batch([1, 2, 3])
     with pytest.raises(ValueError, match="n_train >= batch_size"):
-        rec.train_recognizer(steps=1, n_train=4, batch_size=8, log=None)
+        train_rec.train_recognizer(steps=1, n_train=4, batch_size=8, log=None)
 
 
 def test_storyworld_eval_quick_writes_every_bar_and_the_cross_check(tmp_path):
-    from sdlite.eval_storyworld import BARS, evaluate_storyworld, format_table
+    from sdlite.eval.storyworld import BARS, evaluate_storyworld, format_table
 
     torch.set_num_threads(1)
     res = evaluate_storyworld(tmp_path / "sw.json", quick=True, log=None)

@@ -1,4 +1,5 @@
 """sdlite.train: every loop runs a few steps on tiny models, resumes exactly, and exports a loadable pipeline."""
+import dataclasses
 import json
 
 import numpy as np
@@ -6,12 +7,21 @@ import pytest
 import torch
 
 from sdlite import storyworld as sw
-from sdlite.models import StoryworldSizes, assemble_pipeline, build_clip, build_unet, build_vae, load_storyworld
-from sdlite.models import storyworld_tokenizers, text_encoders_from_clip
-from sdlite.train import (
-    TrainConfig, _lr_at, _random_crops, character_mask, default_config, encode_text, main, read_log, train_clip, train_unet,
-    train_vae, train_vae_decoder,
+from sdlite.cli.train import build_parser, main, storyworld_config
+from sdlite.storyworld.datasets import character_mask
+from sdlite.storyworld.models import (
+    StoryworldSizes, assemble_pipeline, build_clip, build_unet, build_vae, load_storyworld, storyworld_tokenizers,
+    text_encoders_from_clip,
 )
+from sdlite.train.loop import read_log
+from sdlite.train.storyworld import (
+    STAGES, TrainConfig, _random_crops, default_config, train_clip, train_vae, train_vae_decoder,
+)
+from sdlite.train.unet import encode_text, train_unet
+
+
+def _lr_at(step, cfg):
+    return cfg.lr_at(step)
 
 TINY = StoryworldSizes.named("tiny")
 
@@ -62,7 +72,7 @@ def test_unet_loop_collage_pretraining_and_export(tmp_path, tokenizers):
         assert np.isfinite(log[col]).all() and (log[col] > 0).all(), col
     # joint attention really changes the prediction (the probe differs from plain attention)
     assert not np.allclose(log["probe_joint"], log["probe_plain"])
-    cfg.steps = 3
+    cfg = dataclasses.replace(cfg, steps=3)
     train_unet(tmp_path, TINY, cfg, tokenizers[0], resume=True, progress=False)
     assert list(read_log(tmp_path / "unet" / "log.csv")["step"]) == [1, 2, 3]
     pipe = load_storyworld(folder=tmp_path / "pipe")
@@ -73,11 +83,12 @@ def test_unet_loop_collage_pretraining_and_export(tmp_path, tokenizers):
     assert meta["parameters"]["unet"] > 0 and (tmp_path / "pipe" / "logs" / "unet.csv").is_file()
 
 
-def test_perceptual_loss_reads_labels_off_the_reconstruction(tmp_path):
+def test_perceptual_loss_reads_labels_off_the_reconstruction(tmp_path, capsys):
     """The decoder stage's perceptual term: 0 for a perfect reconstruction, > 0 for a blurred one, gradients reach
     the reconstruction (not the frozen recognizer); the stage logs it and asks for the recognizer file it needs."""
-    from sdlite.recognizer import Recognizer, load_recognizer, save_recognizer
-    from sdlite.train import perceptual_loss
+    from sdlite.storyworld.recognizer import Recognizer, load_recognizer
+    from sdlite.train.recognizer import save_recognizer
+    from sdlite.train.storyworld import perceptual_loss
 
     rec_net = load_recognizer().requires_grad_(False)  # a trained one, so labels mean something
     x = torch.stack([sw.ImageDataset(4, seed=3)[i]["pixel_values"] for i in range(4)])
@@ -90,16 +101,16 @@ def test_perceptual_loss_reads_labels_off_the_reconstruction(tmp_path):
     train_vae(tmp_path, TINY, _vae_cfg(1), progress=False)
     cfg = TrainConfig(steps=2, batch_size=2, lr=1e-2, warmup=1, log_every=1, ckpt_every=1, perceptual_weight=0.1,
                       perceptual_recognizer=str(tmp_path / "missing.safetensors"))
-    with pytest.raises(FileNotFoundError, match="python -m sdlite.recognizer"):
+    with pytest.raises(FileNotFoundError, match="python -m sdlite.train recognizer"):
         train_vae_decoder(tmp_path, cfg, progress=False)
     torch.manual_seed(0)
     save_recognizer(Recognizer("a"), tmp_path / "perceiver.safetensors")
-    cfg.perceptual_recognizer = str(tmp_path / "perceiver.safetensors")
+    cfg = dataclasses.replace(cfg, perceptual_recognizer=str(tmp_path / "perceiver.safetensors"))
     train_vae_decoder(tmp_path, cfg, progress=False)  # the failed call wrote nothing: no --resume needed
     log = read_log(tmp_path / "decoder" / "log.csv")
     assert list(log["step"]) == [1, 2] and (log["perceptual"] > 0).all()
-    with pytest.raises(ValueError, match="perceptual-weight"):
-        main(["storyworld", "--stage", "decoder", "--out", str(tmp_path), "--perceptual-weight", "-1"])
+    assert main(["storyworld", "--stage", "decoder", "--out", str(tmp_path), "--perceptual-weight", "-1"]) == 2
+    assert "perceptual_weight" in capsys.readouterr().err
 
 
 def test_decoder_stage_tunes_only_the_decoder_and_export_uses_it(tmp_path, tokenizers):
@@ -136,7 +147,7 @@ def test_decoder_stage_tunes_only_the_decoder_and_export_uses_it(tmp_path, token
     # a run stopped by hand after a checkpoint: export takes the checkpoint's EMA weights when they are newer
     from safetensors.torch import load_file, save_file
 
-    from sdlite.train import latest_unet_weights
+    from sdlite.train.storyworld import latest_unet_weights
 
     state, step = latest_unet_weights(tmp_path)
     assert step == 1 and set(state) == set(pipe.unet.state_dict())
@@ -196,27 +207,31 @@ def test_learning_rate_warms_up_holds_then_cools_down():
 
 
 def test_command_line_overrides_keep_defaults_and_honour_zero():
-    from sdlite.train import _parser, stage_config
-
-    args = lambda *a: _parser().parse_args(["storyworld", "--out", "runs/x", *a])  # noqa: E731
-    assert stage_config("unet", args()) == default_config("unet")
-    cfg = stage_config("unet", args("--group-fraction", "0", "--steps", "6000", "--decay-steps", "500"))
+    args = lambda *a: build_parser().parse_args(["storyworld", "--out", "runs/x", *a])  # noqa: E731
+    assert storyworld_config("unet", args()) == default_config("unet")
+    cfg = storyworld_config("unet", args("--group-fraction", "0", "--steps", "6000", "--decay-steps", "500"))
     assert (cfg.group_fraction, cfg.steps, cfg.decay_steps, cfg.batch_size) == (0.0, 6000, 500, 16)
-    with pytest.raises(ValueError, match="--group-fraction in"):
-        stage_config("unet", args("--group-fraction", "2"))
+    with pytest.raises(ValueError, match="group_fraction in"):
+        storyworld_config("unet", args("--group-fraction", "2"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.steps = 1  # a config is frozen: variants come from dataclasses.replace
+    from sdlite.cli.train import STAGES as CLI_STAGES
+
+    assert CLI_STAGES == STAGES  # the parser's copy of the stage names (kept light) matches
 
 
-def test_bad_input_errors_name_the_fix(tmp_path):
+def test_bad_input_errors_name_the_fix(tmp_path, capsys):
     with pytest.raises(ValueError, match="one of"):
         default_config("gan")
     (tmp_path / "exists").mkdir()
-    with pytest.raises(FileExistsError, match="--force"):
-        main(["storyworld", "--stage", "vae", "--out", str(tmp_path / "run"), "--export", str(tmp_path / "exists")])
+    assert main(["storyworld", "--stage", "vae", "--out", str(tmp_path / "run"), "--export",
+                 str(tmp_path / "exists")]) == 2
+    assert "--force" in capsys.readouterr().err
 
 
 def test_quick_checks_run_and_report_fractions(tokenizers):
-    from sdlite.recognizer import Recognizer
-    from sdlite.train import csa_check, prompt_following, prompt_following_scores, vae_check
+    from sdlite.eval.checks import csa_check, prompt_following, prompt_following_scores, vae_check
+    from sdlite.storyworld.recognizer import Recognizer
 
     torch.manual_seed(0)
     rec = Recognizer("a").eval()

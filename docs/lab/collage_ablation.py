@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from sdlite.models import ABLATION_UNETS, ablation_unet_dir, load_storyworld
-from sdlite.recognizer import load_recognizer
-from sdlite.train import csa_check, prompt_following
+from sdlite.storyworld.models import ABLATION_UNETS, ablation_unet_dir, load_storyworld
+from sdlite.storyworld.recognizer import load_recognizer
+from sdlite.eval.checks import csa_check, prompt_following
 
 torch.set_num_threads(1)
 out = sys.argv[1]

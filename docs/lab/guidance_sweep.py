@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from sdlite.models import load_storyworld
+from sdlite.storyworld.models import load_storyworld
 from sdlite.paths import data_dir
-from sdlite.recognizer import SEED1_FILE, load_recognizer
-from sdlite.train import prompt_following_scores
+from sdlite.storyworld.recognizer import SEED1_FILE, load_recognizer
+from sdlite.eval.checks import prompt_following_scores
 
 torch.set_num_threads(1)
 out = sys.argv[1]

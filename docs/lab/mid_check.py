@@ -5,9 +5,9 @@ guidance 5 and 8, CSA off / rate 0.5 / rate 1.0. Seeds differ from the evaluatio
 """
 import json, sys, time, torch
 torch.set_num_threads(1)
-from sdlite.models import load_storyworld
-from sdlite.recognizer import load_recognizer
-from sdlite.train import prompt_following, csa_check
+from sdlite.storyworld.models import load_storyworld
+from sdlite.storyworld.recognizer import load_recognizer
+from sdlite.eval.checks import csa_check, prompt_following
 folder, out = sys.argv[1], sys.argv[2]
 pipe = load_storyworld(folder=folder); pipe.set_progress_bar_config(disable=True)
 rec = load_recognizer(None)

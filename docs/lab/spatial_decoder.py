@@ -19,7 +19,9 @@ import time
 import torch
 
 from sdlite import video
-from sdlite.motion import load_cache
+from sdlite.eval import transitions
+from sdlite.train import video as train_video
+from sdlite.train.motion import load_cache
 
 torch.set_num_threads(1)
 cache_dir, motion_dir, out = sys.argv[1:4]
@@ -35,15 +37,15 @@ text = torch.cat([video.encode_prompts(models, caps[i : i + 256]) for i in range
 empty = video.encode_prompts(models, [""])
 dec = video.build_decoder("base", image_embed_dim=cache["embeds"].shape[-1], cross_attention_dim=text.shape[-1],
                           sample_size=cache["latents"].shape[-1], seed=0, image_grid=4, spatial_channels=CHANNELS)
-cfg = video.DecoderTrainConfig(steps=steps, batch_size=4, seed=0)
-dec, hist = video.train_decoder({"latents": cache["latents"], "embeds": cache["embeds"]}, text, empty, dec,
+cfg = train_video.DecoderTrainConfig(steps=steps, batch_size=4, seed=0)
+dec, hist = train_video.train_decoder({"latents": cache["latents"], "embeds": cache["embeds"]}, text, empty, dec,
                                 models.scheduler, cfg, progress=True)
 models.decoder = dec.eval()
 if save_to:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in dec.state_dict().items()}, save_to)
-res = video.evaluate(models, 100, steps=8, methods=("no_predictor", "temporal_only", "full", "true_embeddings"),
+res = transitions.evaluate(models, 100, steps=8, methods=("no_predictor", "temporal_only", "full", "true_embeddings"),
                      recognizer=None, progress=True)
 summary = {"command": "python docs/lab/spatial_decoder.py " + " ".join(sys.argv[1:]), "train_steps": steps,
            "psnr": {m: r["psnr"] for m, r in res["per_method"].items()},

@@ -15,8 +15,8 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from sdlite.paths import data_dir
-from sdlite.recognizer import SEED1_FILE, load_recognizer
-from sdlite.train import vae_check
+from sdlite.storyworld.recognizer import SEED1_FILE, load_recognizer
+from sdlite.eval.checks import vae_check
 
 torch.set_num_threads(1)
 out, sources = sys.argv[1], sys.argv[2:]

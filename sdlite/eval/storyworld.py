@@ -1,4 +1,4 @@
-"""The storyworld quality bars (issue: storyworld), measured in one command.
+"""The storyworld quality bars, measured in one command.
 
     python -m sdlite.eval storyworld            # prints the table, writes results/storyworld.json
 
@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import storyworld as sw
+from ..storyworld import world as sw
+from .checks import generate_images, prompt_following_scores, vae_check
 
 EVAL_SEED = 20_261_126  # held out: training uses small seeds
 BARS = {
@@ -57,26 +58,17 @@ def _panels(n: int, seed: int) -> list[sw.Panel]:
 @torch.no_grad()
 def recognizer_accuracy(recognizer, n: int = 1000, seed: int = EVAL_SEED) -> dict[str, float]:
     """Accuracy per attribute on n held-out renders."""
-    from .recognizer import accuracy, render_set
+    from ..storyworld.recognizer import accuracy, render_set
 
     images, labels = render_set(n, seed)
     return accuracy(recognizer, images, labels)
-
-
-@torch.no_grad()
-def _generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch: int = 25) -> np.ndarray:
-    """uint8 (n, H, W, 3), in batches (sdlite.train._generate does one batch)."""
-    from .train import _generate as generate_batch
-
-    return np.concatenate([generate_batch(pipe, prompts[i:i + batch], seeds[i:i + batch], steps, guidance)
-                           for i in range(0, len(prompts), batch)])
 
 
 def free_choice(pipe, recognizer, n: int = 200, steps: int = 25, guidance: float = 5.0, seed: int = EVAL_SEED) -> dict:
     """Prompts with every identity attribute unsaid: the share of the most frequent predicted value, per attribute."""
     panels = _panels(n, seed + 3)
     prompts = [sw.caption(p, drop=sw.IDENTITY_ATTRIBUTES) for p in panels]
-    images = _generate(pipe, prompts, [seed + 10_000 + i for i in range(n)], steps, guidance)
+    images = generate_images(pipe, prompts, [seed + 10_000 + i for i in range(n)], steps, guidance, batch=25)
     pred = recognizer.predict(images)
     shares = {}
     for name in sw.IDENTITY_ATTRIBUTES:
@@ -88,29 +80,26 @@ def free_choice(pipe, recognizer, n: int = 200, steps: int = 25, guidance: float
 def story4_seconds(pipe, steps: int = 25, repeats: int = 3) -> float:
     """Best-of-`repeats` wall time of one 4-image batch at the shipped resolution (no CSA), after a warm-up."""
     prompts = ["a girl, walking in the park"] * 4
-    _generate(pipe, prompts, [0, 1, 2, 3], 2, 5.0)  # warm-up
+    generate_images(pipe, prompts, [0, 1, 2, 3], 2, 5.0)  # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        _generate(pipe, prompts, [0, 1, 2, 3], steps, 5.0)
+        generate_images(pipe, prompts, [0, 1, 2, 3], steps, 5.0)
         times.append(time.perf_counter() - t0)
     return min(times)
 
 
 def evaluate_storyworld(out: str | Path | None = "results/storyworld.json", quick: bool = False,
-                        n_stories: int = 64, steps: int = 25, threads: int = 1, log=print,
+                        n_stories: int = 64, steps: int = 25, log=print,
                         folder: str | Path | None = None) -> dict:
     """Run every measurement and write the json (`quick`: tiny sizes, for tests and smoke runs; `folder`: another
     storyworld pipeline folder than the shipped data/storyworld, e.g. a new training run's export)."""
-    from .eval_story import run_consistency_eval
-    from .models import load_storyworld
-    from .pipeline import model_defaults
-    from .paths import data_dir
-    from .recognizer import SEED1_FILE, load_recognizer
-    from .train import prompt_following_scores, vae_check
+    from ..paths import data_dir
+    from ..pipeline import model_defaults
+    from ..storyworld.models import load_storyworld
+    from ..storyworld.recognizer import SEED1_FILE, load_recognizer
+    from .consistency import run_consistency_eval
 
-    # The storyworld models are tiny: one thread is fastest (two threads spin-wait on a busy 2-core machine).
-    torch.set_num_threads(threads)
     t_start = time.perf_counter()
     pipe = load_storyworld("cpu", folder=folder)
     pipe.set_progress_bar_config(disable=True)
@@ -188,28 +177,3 @@ def format_table(result: dict) -> str:
         value = result[name]
         lines.append(f"| {name} | {value:.3f} | {info['bar']} | {'yes' if info['met'] else '**no**'} |")
     return "\n".join(lines)
-
-
-def add_storyworld_parser(subparsers) -> None:
-    """`python -m sdlite.eval storyworld`: registered by sdlite.eval."""
-    p = subparsers.add_parser("storyworld", help="the storyworld quality bars: writes results/storyworld.json",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="results/storyworld.json", help="where the json goes (overwritten)")
-    p.add_argument("--stories", type=int, default=64, help="four-panel stories for the CSA bar (>= 64)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (the bars use 25)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not the bars")
-    p.add_argument("--model", default="storyworld", help="'storyworld' (the shipped data/storyworld) or another "
-                   "storyworld pipeline folder, e.g. a training run's export")
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    if args.stories < 1 or args.steps < 1 or args.threads < 1:
-        raise ValueError("--stories, --steps and --threads must be >= 1")
-    result = evaluate_storyworld(args.out, quick=args.quick, n_stories=args.stories, steps=args.steps,
-                                 threads=args.threads,
-                                 folder=None if args.model == "storyworld" else Path(args.model))
-    print(format_table(result))
-    print(f"wrote {args.out} in {result['seconds']} s")
-    return 0

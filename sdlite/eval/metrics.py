@@ -1,8 +1,9 @@
 """Consistency metrics for generated stories (the paper's Table 1, in storyworld).
 
-* **Identity agreement**: the attribute recognizer (:mod:`sdlite.recognizer`) reads hair, shirt, trousers and hat
+* **Identity agreement**: the attribute recognizer (:mod:`sdlite.storyworld.recognizer`) reads hair, shirt, trousers and hat
   off every panel; for one attribute, the fraction of panel *pairs* of a story whose predictions agree. 1.0: the
   character looks the same in every panel; about 1/(number of values) for panels drawn independently at random.
+  (Transitions have their own measure, the frame identity agreement of `sdlite.eval.video_metrics`.)
 * **Scene / action accuracy**: the recognizer's scene and action against the ones the prompt asked for.
 * **CLIP-T**: mean cosine similarity of each panel's storyworld-CLIP image embedding with its prompt's text
   embedding. **CLIP-I**: mean cosine similarity between the image embeddings of the panel pairs of a story
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import storyworld as sw
+from ..images import as_batch
+from ..storyworld import world as sw
 
 __all__ = [
     "clip_i",
@@ -67,8 +69,6 @@ def label_accuracy(predicted, target) -> float:
 def clip_image_embeddings(clip, images) -> torch.Tensor:
     """Unit-norm image embeddings (n, P). images: uint8 (n, H, W, 3) or float (n, 3, H, W) in [-1, 1]
     (storyworld's CLIP reads 64x64 in [-1, 1] without further normalisation)."""
-    from .recognizer import as_batch
-
     size = clip.config.vision_config.image_size
     x = as_batch(images)
     if x.shape[-1] != size:

@@ -1,9 +1,13 @@
-"""The ``sdlite`` command: ``sdlite <subcommand> ...``.
+"""sdlite's command lines: everything that parses argv or prints for a person.
 
-Each subcommand lives in its own module as ``add_<name>_parser(subparsers)``: it adds its parser and sets
-``func`` (called with the parsed arguments; returns the exit code). To add one, write that function and list
-it in :data:`SUBCOMMANDS` ("module:function"). Modules are imported when the parser is built, so keep their
-top-level imports light (torch/diffusers inside the run function).
+    sdlite story ... / sdlite video ...        the user's command (`cli.story`, `cli.video`)
+    python -m sdlite.train <what> ...          training (`cli.train`)
+    python -m sdlite.eval <table> ...          evaluations (`cli.eval`)
+
+Each command module has `add_<name>_parser(subparsers)`, which adds its parser and sets `func` (called with the
+parsed arguments; returns the exit code). Parsers are built with light imports only: torch, diffusers and the
+models are imported inside the `func`s, so `sdlite --help` answers at once. Bad input is one line on stderr and
+exit code 2 (`run_registry_parser`).
 """
 from __future__ import annotations
 
@@ -11,11 +15,11 @@ import argparse
 import importlib
 import sys
 
-__all__ = ["SUBCOMMANDS", "build_parser", "build_registry_parser", "main", "run_registry_parser"]
+__all__ = ["SUBCOMMANDS", "build_parser", "build_registry_parser", "main", "run_registry_parser", "set_threads"]
 
 SUBCOMMANDS: tuple[str, ...] = (
-    "sdlite.story:add_story_parser",
-    "sdlite.video:add_video_parser",
+    "sdlite.cli.story:add_story_parser",
+    "sdlite.cli.video:add_video_parser",
 )
 
 
@@ -43,13 +47,21 @@ def run_registry_parser(parser: argparse.ArgumentParser, dest: str, argv: list[s
         return 2
 
 
+def set_threads(args) -> None:
+    """An entry point's `--threads N`: torch.set_num_threads(N) (the library itself never sets global state).
+    The storyworld models are tiny: one thread is fastest (two spin-wait on a busy 2-core machine)."""
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads {threads}: use 1 or more")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def build_parser(subcommands: tuple[str, ...] = SUBCOMMANDS) -> argparse.ArgumentParser:
     return build_registry_parser("sdlite", "StoryDiffusion built from scratch (sdlite).", "command", subcommands)
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_registry_parser(build_parser(), "command", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,9 +3,9 @@
 A *character* (a class word and four identity attributes) stands in a *scene*, doing an *action* (a named
 preset of continuous pose parameters) at a horizontal position. `render` draws it with signed-distance
 shapes in pure numpy (anti-aliased, so a pose that moves a little changes the picture a little), `caption`
-describes it from a template, `labels` gives the indices the recognizer predicts. Three torch Datasets
-serve training: single images, collages (k panels of ONE character) and clips (one character moving
-smoothly between two panels). Every item is a pure function of (seed, index).
+describes it from a template, `labels` gives the indices the recognizer predicts; `sample_clip_endpoints` and
+`clip_panels` make one character move smoothly between two panels. The torch Datasets built on it are in
+`sdlite.storyworld.datasets`.
 
 Coordinates: x to the right, y downwards, both in [0, 1] of the image side; shapes are measured in pixels
 only when they are drawn, so any size that is a multiple of 8 renders the same picture.
@@ -18,8 +18,41 @@ import math
 from typing import Iterable, Sequence
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
+
+__all__ = [
+    "CLASS_WORDS",
+    "HAIR_COLOURS",
+    "SHIRT_COLOURS",
+    "TROUSERS_COLOURS",
+    "HATS",
+    "SCENES",
+    "ACTIONS",
+    "IDENTITY_ATTRIBUTES",
+    "ATTRIBUTES",
+    "HAIR_RGB",
+    "SHIRT_RGB",
+    "TROUSERS_RGB",
+    "HAT_RGB",
+    "SKIN_RGB",
+    "SHOES_RGB",
+    "SCENE_PHRASES",
+    "SCENE_KEY_RGB",
+    "POSE_RANGES",
+    "CLIP_KINDS",
+    "Character",
+    "Panel",
+    "sample_character",
+    "action_pose",
+    "sample_panel",
+    "interpolate",
+    "check_size",
+    "render",
+    "caption",
+    "all_words",
+    "labels",
+    "sample_clip_endpoints",
+    "clip_panels",
+]
 
 # ----------------------------------------------------------------------------------------------------------
 # Vocabulary
@@ -45,21 +78,32 @@ ATTRIBUTES = {
 }
 
 # Saturated, well separated RGB colours (identity colours never jitter).
-_HAIR_RGB = {"black": (22, 22, 26), "brown": (120, 62, 20), "blonde": (250, 222, 90),
+HAIR_RGB = {"black": (22, 22, 26), "brown": (120, 62, 20), "blonde": (250, 222, 90),
              "red": (214, 38, 24), "pink": (255, 112, 205)}
-_SHIRT_RGB = {"red": (220, 25, 35), "yellow": (255, 215, 0), "green": (20, 160, 60),
+SHIRT_RGB = {"red": (220, 25, 35), "yellow": (255, 215, 0), "green": (20, 160, 60),
               "blue": (30, 80, 230), "purple": (140, 40, 190), "white": (245, 245, 245)}
-_TROUSERS_RGB = {"black": (28, 28, 32), "blue": (25, 50, 160), "grey": (140, 140, 140),
+TROUSERS_RGB = {"black": (28, 28, 32), "blue": (25, 50, 160), "grey": (140, 140, 140),
                  "brown": (125, 75, 30)}
-_HAT_RGB = {"cap": (255, 130, 0), "top hat": (45, 40, 55), "crown": (250, 190, 0)}
-_SKIN = (242, 192, 150)
-_SHOES = (70, 45, 30)
+HAT_RGB = {"cap": (255, 130, 0), "top hat": (45, 40, 55), "crown": (250, 190, 0)}
+SKIN_RGB = (242, 192, 150)
+SHOES_RGB = (70, 45, 30)
 _EYES = (30, 30, 40)
 
-_SCENE_PHRASES = {"park": "in the park", "beach": "on the beach", "city": "in the city",
+SCENE_PHRASES = {"park": "in the park", "beach": "on the beach", "city": "in the city",
                   "snow": "in the snow", "night": "at night", "room": "in a room"}
 _HAT_PHRASES = {"no hat": "wearing no hat", "cap": "wearing a cap", "top hat": "wearing a top hat",
                 "crown": "wearing a crown"}
+
+# The large background colours of each scene (sky or wall, ground or floor, the biggest landmark): drawn by
+# `_draw_scene`, and counted by the second recognizer's colour reader (`sdlite.storyworld.recognizer`).
+SCENE_KEY_RGB = {
+    "park": {"sky": (95, 170, 255), "grass": (70, 175, 60), "tree": (25, 110, 35)},
+    "beach": {"sky": (120, 200, 255), "sea": (20, 110, 205), "sand": (240, 212, 140)},
+    "city": {"sky": (205, 215, 230), "house": (110, 110, 120), "road": (75, 75, 80), "window": (250, 225, 120)},
+    "snow": {"sky": (165, 180, 205), "snow": (250, 252, 255)},
+    "night": {"sky": (8, 12, 45), "grass": (25, 55, 40), "moon": (245, 245, 205)},
+    "room": {"wall": (236, 206, 160), "floor": (150, 95, 50)},
+}
 
 # Body proportions in units of the figure height h (feet to top of head, standing). Children are smaller
 # (h) and have relatively bigger heads; girls and women have long hair and a short skirt over the trousers.
@@ -327,52 +371,53 @@ class _Canvas:
 def _draw_scene(cv: _Canvas, scene: str, backdrop: float) -> None:
     """Large, recognisable background areas: sky / wall, ground / floor, and one or two landmarks."""
     b = backdrop
+    key = SCENE_KEY_RGB.get(scene, {})
     if scene == "park":
-        cv.gradient_rows(0.0, 0.62, (95, 170, 255), (170, 215, 255))
-        cv.fill_rows(0.6, 1.01, (70, 175, 60))
+        cv.gradient_rows(0.0, 0.62, key["sky"], (170, 215, 255))
+        cv.fill_rows(0.6, 1.01, key["grass"])
         tx = 0.1 + 0.8 * b
         cv.rect(tx - 0.03, 0.3, tx + 0.03, 0.64, (110, 70, 35))
-        cv.circle(tx, 0.27, 0.14, (25, 110, 35))
+        cv.circle(tx, 0.27, 0.14, key["tree"])
         cv.circle(0.88 - 0.7 * b, 0.1, 0.06, (255, 235, 80))
     elif scene == "beach":
-        cv.gradient_rows(0.0, 0.52, (120, 200, 255), (200, 235, 255))
-        cv.fill_rows(0.5, 0.68, (20, 110, 205))
-        cv.fill_rows(0.66, 1.01, (240, 212, 140))
+        cv.gradient_rows(0.0, 0.52, key["sky"], (200, 235, 255))
+        cv.fill_rows(0.5, 0.68, key["sea"])
+        cv.fill_rows(0.66, 1.01, key["sand"])
         cv.circle(0.12 + 0.76 * b, 0.12, 0.07, (255, 240, 60))
     elif scene == "city":
-        cv.fill_rows(-0.01, 1.01, (205, 215, 230))
+        cv.fill_rows(-0.01, 1.01, key["sky"])
         widths = (0.22, 0.17, 0.25, 0.2, 0.19, 0.23)
         tops = (0.18, 0.32, 0.1, 0.26, 0.14, 0.3)
-        greys = ((110, 110, 120), (150, 140, 135), (90, 95, 110), (135, 135, 145), (120, 105, 100),
+        greys = (key["house"], (150, 140, 135), (90, 95, 110), (135, 135, 145), (120, 105, 100),
                  (100, 110, 115))
         x0 = -0.25 * b
         for w, top, g in zip(widths, tops, greys):
             cv.rect(x0, top, x0 + w - 0.01, 0.75, g)
-            cv.windows(x0 + 0.04, top + 0.05, x0 + w - 0.05, 0.7, (250, 225, 120))
+            cv.windows(x0 + 0.04, top + 0.05, x0 + w - 0.05, 0.7, key["window"])
             x0 += w
-        cv.fill_rows(0.74, 1.01, (75, 75, 80))
+        cv.fill_rows(0.74, 1.01, key["road"])
         cv.fill_rows(0.85, 0.87, (230, 230, 230))
     elif scene == "snow":
-        cv.gradient_rows(0.0, 0.6, (165, 180, 205), (215, 222, 235))
-        cv.fill_rows(0.58, 1.01, (250, 252, 255))
+        cv.gradient_rows(0.0, 0.6, key["sky"], (215, 222, 235))
+        cv.fill_rows(0.58, 1.01, key["snow"])
         tx = 0.12 + 0.76 * b
         cv.polygon([(tx, 0.2), (tx + 0.11, 0.6), (tx - 0.11, 0.6)], (25, 95, 70))
-        cv.polygon([(tx, 0.2), (tx + 0.05, 0.36), (tx - 0.05, 0.36)], (250, 252, 255))
+        cv.polygon([(tx, 0.2), (tx + 0.05, 0.36), (tx - 0.05, 0.36)], key["snow"])
         for k in range(9):  # snowflakes
             fx = (0.07 + 0.113 * k + 0.5 * b) % 1.0
             fy = 0.05 + 0.5 * ((k * 0.37 + b) % 1.0)
             cv.circle(fx, fy, 0.012, (255, 255, 255))
     elif scene == "night":
-        cv.gradient_rows(0.0, 0.7, (8, 12, 45), (30, 40, 95))
-        cv.fill_rows(0.68, 1.01, (25, 55, 40))
-        cv.circle(0.15 + 0.7 * b, 0.15, 0.08, (245, 245, 205))
+        cv.gradient_rows(0.0, 0.7, key["sky"], (30, 40, 95))
+        cv.fill_rows(0.68, 1.01, key["grass"])
+        cv.circle(0.15 + 0.7 * b, 0.15, 0.08, key["moon"])
         for k in range(8):  # stars
             sx = (0.05 + 0.123 * k + 0.3 * b) % 1.0
             sy = 0.04 + 0.45 * ((k * 0.61 + 0.2) % 1.0)
             cv.circle(sx, sy, 0.01, (255, 255, 220))
     elif scene == "room":
-        cv.fill_rows(-0.01, 0.72, (236, 206, 160))
-        cv.fill_rows(0.7, 1.01, (150, 95, 50))
+        cv.fill_rows(-0.01, 0.72, key["wall"])
+        cv.fill_rows(0.7, 1.01, key["floor"])
         cv.fill_rows(0.7, 0.72, (110, 65, 35))
         wx = 0.08 + 0.64 * b
         cv.rect(wx - 0.01, 0.13, wx + 0.23, 0.45, (255, 255, 255))
@@ -410,9 +455,9 @@ def _draw_character(cv: _Canvas, p: Panel) -> None:
     sh_y = hip_y - torso
     head_cy = sh_y - 0.01 * h - rh
 
-    hair = _HAIR_RGB[ch.hair]
-    shirt = _SHIRT_RGB[ch.shirt]
-    trousers = _TROUSERS_RGB[ch.trousers]
+    hair = HAIR_RGB[ch.hair]
+    shirt = SHIRT_RGB[ch.shirt]
+    trousers = TROUSERS_RGB[ch.trousers]
 
     if long_hair:  # long hair hangs behind the head down to below the shoulders
         cv.rect(hip_x - rh * 1.2, head_cy - rh * 0.3, hip_x + rh * 1.2, sh_y + 0.16 * h, hair, r=rh * 0.5)
@@ -423,7 +468,7 @@ def _draw_character(cv: _Canvas, p: Panel) -> None:
         cv.capsule(hx, hip_y, hx + knee[0], hip_y + knee[1], leg_r, trousers)
         cv.capsule(hx + knee[0], hip_y + knee[1], hx + ankle[0], hip_y + ankle[1], leg_r, trousers)
         ax, ay = hx + ankle[0], hip_y + ankle[1]
-        cv.capsule(ax, ay + leg_r * 0.3, ax + f * leg_r * 1.3, ay + leg_r * 0.3, leg_r * 0.75, _SHOES)
+        cv.capsule(ax, ay + leg_r * 0.3, ax + f * leg_r * 1.3, ay + leg_r * 0.3, leg_r * 0.75, SHOES_RGB)
 
     if long_hair:  # a short skirt (trousers colour) over the hips: the girl / woman silhouette
         cv.polygon([(hip_x - hw * 0.95, hip_y - 0.04 * h), (hip_x + hw * 0.95, hip_y - 0.04 * h),
@@ -436,9 +481,9 @@ def _draw_character(cv: _Canvas, p: Panel) -> None:
         hx, hy = sx + side * arm_len * math.sin(ang), sy + arm_len * math.cos(ang)
         cv.capsule(sx, sy, hx, hy, arm_r, shirt)
         cv.circle(hx + side * 0.2 * arm_r * math.sin(ang), hy + 0.2 * arm_r * math.cos(ang), arm_r * 1.15,
-                  _SKIN)
+                  SKIN_RGB)
 
-    cv.circle(hip_x, head_cy, rh, _SKIN)
+    cv.circle(hip_x, head_cy, rh, SKIN_RGB)
     # hair on top of the head (and down the sides)
     cv.circle(hip_x, head_cy - 0.06 * rh, rh * 1.1, hair, above=head_cy - 0.25 * rh)
     cv.rect(hip_x - rh * 1.1, head_cy - 0.5 * rh, hip_x - rh * 0.75, head_cy + (0.6 if long_hair else 0.1) * rh,
@@ -450,18 +495,18 @@ def _draw_character(cv: _Canvas, p: Panel) -> None:
 
     top = head_cy - rh * 1.1
     if ch.hat == "cap":
-        c = _HAT_RGB["cap"]
+        c = HAT_RGB["cap"]
         cv.circle(hip_x, head_cy - 0.1 * rh, rh * 1.14, c, above=head_cy - 0.4 * rh)
         by = head_cy - 0.4 * rh
         x_in, x_out = hip_x + f * 0.3 * rh, hip_x + f * 1.75 * rh
         cv.rect(min(x_in, x_out), by - 0.2 * rh, max(x_in, x_out), by + 0.12 * rh, c, r=0.08 * rh)
     elif ch.hat == "top hat":
-        c = _HAT_RGB["top hat"]
+        c = HAT_RGB["top hat"]
         cv.rect(hip_x - 1.45 * rh, top + 0.05 * rh, hip_x + 1.45 * rh, top + 0.35 * rh, c, r=0.1 * rh)
         cv.rect(hip_x - 0.9 * rh, top - 1.25 * rh, hip_x + 0.9 * rh, top + 0.2 * rh, c)
         cv.rect(hip_x - 0.9 * rh, top - 0.15 * rh, hip_x + 0.9 * rh, top + 0.08 * rh, (200, 30, 40))
     elif ch.hat == "crown":
-        c = _HAT_RGB["crown"]
+        c = HAT_RGB["crown"]
         base0, base1 = top - 0.25 * rh, top + 0.35 * rh
         cv.rect(hip_x - 1.0 * rh, base0, hip_x + 1.0 * rh, base1, c)
         for k in (-1, 0, 1):
@@ -470,7 +515,7 @@ def _draw_character(cv: _Canvas, p: Panel) -> None:
                         (cx + 0.33 * rh, base0 + 0.05 * rh)], c)
 
 
-def _check_size(size) -> None:
+def check_size(size) -> None:
     if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 8 or size % 8:
         raise ValueError(f"size={size!r}: use a positive multiple of 8 (e.g. 64), "
                          "so the VAE's 8x downsampling divides it")
@@ -480,7 +525,7 @@ def render(panel: Panel, size: int = 64) -> np.ndarray:
     """Draw a panel. Returns uint8 (size, size, 3)."""
     if not isinstance(panel, Panel):
         raise TypeError(f"render needs a Panel, got {type(panel).__name__}: build one with sample_panel(rng)")
-    _check_size(size)
+    check_size(size)
     cv = _Canvas(int(size))
     _draw_scene(cv, panel.scene, panel.backdrop)
     _draw_character(cv, panel)
@@ -525,7 +570,7 @@ def caption(panel: Panel, rng: np.random.Generator | None = None, drop_prob: flo
         text += " with " + (parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1])
     if "hat" not in drop:
         text += ", " + _HAT_PHRASES[ch.hat]
-    return text + f", {panel.action} {_SCENE_PHRASES[panel.scene]}"
+    return text + f", {panel.action} {SCENE_PHRASES[panel.scene]}"
 
 
 def all_words() -> tuple[str, ...]:
@@ -533,7 +578,7 @@ def all_words() -> tuple[str, ...]:
     words = {"a", "with", "and", "hair", "shirt", "trousers", "then"}
     for values in (CLASS_WORDS, HAIR_COLOURS, SHIRT_COLOURS, TROUSERS_COLOURS, ACTIONS):
         words.update(values)
-    for phrase in list(_SCENE_PHRASES.values()) + list(_HAT_PHRASES.values()):
+    for phrase in list(SCENE_PHRASES.values()) + list(_HAT_PHRASES.values()):
         words.update(phrase.split())
     return tuple(sorted(words))
 
@@ -544,17 +589,6 @@ def labels(panel: Panel) -> dict[str, int]:
     values = {"class_word": ch.class_word, "hair": ch.hair, "shirt": ch.shirt, "trousers": ch.trousers,
               "hat": ch.hat, "scene": panel.scene, "action": panel.action}
     return {name: ATTRIBUTES[name].index(values[name]) for name in ATTRIBUTES}
-
-
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1]."""
-    return torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1.0)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float (..., 3, H, W) in [-1, 1] -> uint8 (..., H, W, 3)."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.movedim(-3, -1).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -614,128 +648,3 @@ def clip_panels(a: Panel, b: Panel, frames: int = 16, gait_cycles: int = 0) -> l
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Datasets (item i is a pure function of (seed, i))
-# ----------------------------------------------------------------------------------------------------------
-def _item_rng(seed: int, index: int, stream: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed), int(index), stream])
-
-
-def _check_len(n, what: str) -> int:
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"{what}={n!r}: use a non-negative integer")
-    return int(n)
-
-
-def _check_index(i, n: int) -> int:
-    if not isinstance(i, (int, np.integer)):
-        raise TypeError(f"index must be an integer, got {type(i).__name__}")
-    if i < 0:
-        i += n
-    if not 0 <= i < n:
-        raise IndexError(f"index {i} out of range for a dataset of {n} items")
-    return int(i)
-
-
-def _stack_labels(panels: Sequence[Panel]) -> dict[str, torch.Tensor]:
-    labs = [labels(p) for p in panels]
-    return {name: torch.tensor([lab[name] for lab in labs], dtype=torch.long) for name in ATTRIBUTES}
-
-
-class ImageDataset(Dataset):
-    """Single panels: {"pixel_values": float32 (3, H, W) in [-1, 1], "caption": str, "labels": {name: int}}."""
-
-    def __init__(self, n: int, seed: int = 0, size: int = 64, drop_prob: float = 0.5):
-        self.n = _check_len(n, "n")
-        _check_size(size)
-        if not 0.0 <= drop_prob <= 1.0:
-            raise ValueError(f"drop_prob={drop_prob} is outside [0, 1]")
-        self.seed, self.size, self.drop_prob = int(seed), int(size), float(drop_prob)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def panel(self, i: int) -> tuple[Panel, np.random.Generator]:
-        rng = _item_rng(self.seed, _check_index(i, self.n), 1)
-        return sample_panel(rng), rng
-
-    def __getitem__(self, i: int) -> dict:
-        p, rng = self.panel(i)
-        return {"pixel_values": to_tensor(render(p, self.size)),
-                "caption": caption(p, rng, self.drop_prob), "labels": labels(p)}
-
-
-class CollageDataset(Dataset):
-    """Groups of k panels of ONE character in different scenes / actions.
-
-    Item: {"pixel_values": (k, 3, H, W), "captions": list of k str, "labels": {name: LongTensor (k,)}}.
-    With `identity_in_one_caption`, one caption of the group (at a random place) states every identity
-    attribute and the others state none, so a model can only get the identity right by copying it across
-    the group; otherwise each caption drops attributes independently with `drop_prob`.
-    """
-
-    def __init__(self, n_groups: int, k: int = 4, seed: int = 0, size: int = 64, drop_prob: float = 0.5,
-                 identity_in_one_caption: bool = False):
-        self.n = _check_len(n_groups, "n_groups")
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k={k!r}: a collage needs k >= 1 panels (e.g. k=4)")
-        _check_size(size)
-        if not 0.0 <= drop_prob <= 1.0:
-            raise ValueError(f"drop_prob={drop_prob} is outside [0, 1]")
-        self.k, self.seed, self.size, self.drop_prob = int(k), int(seed), int(size), float(drop_prob)
-        self.identity_in_one_caption = bool(identity_in_one_caption)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def panels(self, i: int) -> tuple[list[Panel], np.random.Generator]:
-        rng = _item_rng(self.seed, _check_index(i, self.n), 2)
-        ch = sample_character(rng)
-        # different scenes (cycling through a permutation when k > number of scenes), random actions
-        order = [SCENES[j] for j in rng.permutation(len(SCENES))]
-        return [sample_panel(rng, ch, scene=order[j % len(order)]) for j in range(self.k)], rng
-
-    def __getitem__(self, i: int) -> dict:
-        panels, rng = self.panels(i)
-        if self.identity_in_one_caption:
-            stated = int(rng.integers(self.k))
-            caps = [caption(p, drop=() if j == stated else IDENTITY_ATTRIBUTES) for j, p in enumerate(panels)]
-        else:
-            caps = [caption(p, rng, self.drop_prob) for p in panels]
-        return {"pixel_values": torch.stack([to_tensor(render(p, self.size)) for p in panels]),
-                "captions": caps, "labels": _stack_labels(panels)}
-
-
-class ClipDataset(Dataset):
-    """One character moving smoothly between two panels, every in-between frame rendered.
-
-    Item: {"frames": float32 (L, 3, H, W) in [-1, 1], "caption": str (the first panel, fully described,
-    then the last action), "captions": [first, last] panel captions, "labels": {name: LongTensor (L,)}
-    (per frame; the action switches at the midpoint), "kind": str}.
-    """
-
-    def __init__(self, n: int, frames: int = 16, seed: int = 0, size: int = 64):
-        self.n = _check_len(n, "n")
-        if not isinstance(frames, (int, np.integer)) or frames < 2:
-            raise ValueError(f"frames={frames!r}: a clip needs at least 2 frames (its two endpoints)")
-        _check_size(size)
-        self.frames, self.seed, self.size = int(frames), int(seed), int(size)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def panels(self, i: int) -> tuple[list[Panel], str]:
-        rng = _item_rng(self.seed, _check_index(i, self.n), 3)
-        kind = CLIP_KINDS[rng.integers(len(CLIP_KINDS))]
-        a, b, cycles = sample_clip_endpoints(rng, kind=kind)
-        return clip_panels(a, b, self.frames, cycles), kind
-
-    def __getitem__(self, i: int) -> dict:
-        panels, kind = self.panels(i)
-        a, b = panels[0], panels[-1]
-        text = caption(a)
-        if b.action != a.action:
-            text += f", then {b.action}"
-        return {"frames": torch.stack([to_tensor(render(p, self.size)) for p in panels]),
-                "caption": text, "captions": [caption(a), caption(b)], "labels": _stack_labels(panels),
-                "kind": kind}

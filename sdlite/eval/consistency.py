@@ -14,7 +14,7 @@ hair, clothes and hat itself, so only CSA can make the panels agree. Every story
     bank8_no_csa / bank8     8-panel stories: no CSA vs 4 references written + 4 panels read from the bank
 
 each with independent noise per panel ("per_panel") and with one shared seed for all panels ("shared", the
-official demo's habit), and scored with :mod:`sdlite.metrics` (recognizer + storyworld CLIP).
+official demo's habit), and scored with :mod:`sdlite.eval.metrics` (recognizer + storyworld CLIP).
 Bars (per_panel rows): default raises mean identity agreement by >= 0.30 over no_csa, with scene accuracy within
 5 points of no_csa.
 """
@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import storyworld as sw
+from ..attention import install_consistent_attention
+from ..pipeline import CSAConfig, generate_story, model_defaults, panel_seeds
+from ..story import parse_story
+from ..storyworld import world as sw
 from .metrics import mean_rows, score_story
-from .pipeline import CSAConfig, generate_story
-from .story import parse_story
 
-__all__ = ["BARS", "EvalStory", "SETTINGS", "add_consistency_parser", "check_bars", "make_eval_stories",
-           "run_consistency_eval", "table_markdown"]
+__all__ = ["BARS", "EvalStory", "SETTINGS", "check_bars", "make_eval_stories", "run_consistency_eval",
+           "run_consistency_table", "table_markdown"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def make_eval_stories(n: int, seed: int = 0, panels: tuple[int, int] = (4, 6)) -
         scenes = [sw.SCENES[i] for i in rng.integers(len(sw.SCENES), size=k)]
         actions = [sw.ACTIONS[i] for i in rng.integers(len(sw.ACTIONS), size=k)]
         lines = [f"[Hero] a {cls}"]
-        lines += [f"[Hero] {a} {sw._SCENE_PHRASES[s]}" for s, a in zip(scenes, actions)]
+        lines += [f"[Hero] {a} {sw.SCENE_PHRASES[s]}" for s, a in zip(scenes, actions)]
         text = "\n".join(lines)
         story = parse_story(text)
         out.append(EvalStory(text, tuple(story.prompts), tuple(scenes), tuple(actions), cls))
@@ -86,8 +87,6 @@ def generate_stories_batched(pipe, stories: list[EvalStory], csa: CSAConfig, *, 
     or a divisor of it), so no story sees another; this is what generate_story does for a story that is one CSA
     batch (id_length >= its panels). Returns one uint8 (n, H, W, 3) per story.
     """
-    from .attention import install_consistent_attention
-    from .pipeline import model_defaults, panel_seeds
 
     n = len(stories[0].prompts)
     if any(len(st.prompts) != n for st in stories) or not _batchable(csa, n):
@@ -163,7 +162,6 @@ def run_consistency_eval(pipe, recognizer, clip=None, clip_tokenizer=None, *, n_
     """
     from tqdm.auto import tqdm
 
-    from .pipeline import model_defaults
 
     names = list(SETTINGS) if settings is None else list(settings)
     unknown = [s for s in names + list(shared_settings or []) if s not in SETTINGS]
@@ -272,64 +270,31 @@ def table_markdown(rows: list[dict]) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Command line: python -m sdlite.eval consistency ...
 # ----------------------------------------------------------------------------------------------------
-def add_consistency_parser(subparsers) -> None:
-    p = subparsers.add_parser("consistency", help="the consistency evaluation (identity agreement with/without CSA)",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="storyworld", help="'storyworld' or a storyworld-style pipeline folder")
-    p.add_argument("--stories", type=int, default=50, help="stories per setting (default 50)")
-    p.add_argument("--settings", default=None, help=f"comma-separated subset of {','.join(SETTINGS)}")
-    p.add_argument("--seed-policies", default="per_panel,shared", help="per_panel,shared (default both)")
-    p.add_argument("--shared-settings", default=None,
-                   help="run the shared-seed policy only for these settings (comma-separated; default: all)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    p.add_argument("--panels", type=int, nargs=2, default=(4, 6), metavar=("MIN", "MAX"),
-                   help="panels per story (default 4 6)")
-    p.add_argument("--batch-stories", type=int, default=1,
-                   help="stories per pipeline call where the setting allows (faster on CPU; default 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--recognizer", default=None, help="recognizer file (default: data/recognizer.safetensors)")
-    p.add_argument("--out", default="results/consistency.json", help="rows as JSON (+ a .md table next to it)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--force", action="store_true", help="overwrite --out")
-    p.set_defaults(func=_run)
 
 
-def _run(args) -> int:
-    import torch
+def run_consistency_table(out: str | Path, command: str, model: str = "storyworld", recognizer=None,
+                          log=print, **options) -> list[dict]:
+    """The job behind `python -m sdlite.eval consistency`: load the storyworld pipeline (or the folder `model`), its
+    CLIP and the recognizer, run `run_consistency_eval(**options)`, and write the rows (`out`, JSON, each with the
+    `command`) and the table with its bars (`out` with .md). The caller checks that both may be written."""
+    from ..storyworld.models import load_storyworld, load_storyworld_clip
+    from ..storyworld.recognizer import load_recognizer
 
-    from .models import load_storyworld, load_storyworld_clip
-    from .paths import check_writable
-    from .recognizer import load_recognizer
-
-    out = check_writable(args.out, args.force)
-    md = check_writable(Path(out).with_suffix(".md"), args.force)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    folder = None if args.model == "storyworld" else Path(args.model)
+    folder = None if model == "storyworld" else Path(model)
     pipe = load_storyworld("cpu", folder=folder)
     clip, clip_tok = load_storyworld_clip("cpu", folder=folder)
-    recognizer = load_recognizer(args.recognizer)
-    settings = args.settings.split(",") if args.settings else None
     t0 = time.perf_counter()
-    rows = run_consistency_eval(pipe, recognizer, clip, clip_tok, n_stories=args.stories, settings=settings,
-                                seed_policies=tuple(args.seed_policies.split(",")), steps=args.steps, seed=args.seed,
-                                shared_settings=args.shared_settings.split(",") if args.shared_settings else None,
-                                short_panels=tuple(args.panels), batch_stories=args.batch_stories)
-    def fmt(v):
-        return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
-
-    command = "python -m sdlite.eval consistency " + " ".join(
-        f"--{k.replace('_', '-')} {fmt(v)}" for k, v in vars(args).items()
-        if k not in ("func", "force", "evaluation") and v is not None)
+    rows = run_consistency_eval(pipe, load_recognizer(recognizer), clip, clip_tok, **options)
     for r in rows:
         r["command"] = command
+    out = Path(out)
     out.write_text(json.dumps(rows, indent=1) + "\n")
     text = f"Command: `{command}` ({time.perf_counter() - t0:.0f} s)\n\n"
     try:
         text += table_markdown(rows)
-        print(json.dumps(check_bars(rows)))
+        if log:
+            log(json.dumps(check_bars(rows)))
     except ValueError as err:  # a subset without default/no_csa: table without bars
         text += f"(no bars: {err})\n"
-    md.write_text(text)
-    print(f"wrote {out} and {md}")
-    return 0
+    out.with_suffix(".md").write_text(text)
+    return rows

@@ -1,0 +1,203 @@
+"""`python -m sdlite.eval <table>`: every evaluation that generates in order to score, or writes results/.
+
+    python -m sdlite.eval storyworld            the storyworld quality bars -> results/storyworld.json
+    python -m sdlite.eval consistency ...       the paper's Table 1 in storyworld -> results/consistency.json
+    python -m sdlite.eval transitions ...       the paper's Table 2 in storyworld -> results/motion.json
+    python -m sdlite.eval predictor-errors ...  the motion predictor's error against linear interpolation
+    python -m sdlite.eval check ...             quick checks of a training run's export
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import build_registry_parser, run_registry_parser, set_threads
+
+TABLES: tuple[str, ...] = tuple(f"sdlite.cli.eval:add_{name}_parser" for name in (
+    "storyworld", "consistency", "transitions", "predictor_errors", "check"))
+# sdlite.eval.transitions.METHODS / EVAL_SEED (a test keeps them equal): the parser imports no torch
+TRANSITION_METHODS = ("latent_interpolation", "no_predictor", "temporal_only", "full", "true_embeddings")
+TRANSITION_SEED = 777
+
+
+def _threads(p: argparse.ArgumentParser, default: int | None = None) -> None:
+    p.add_argument("--threads", type=int, default=default, help="torch threads (1 is fastest on a busy 2-core CPU)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# storyworld
+# ----------------------------------------------------------------------------------------------------------
+def add_storyworld_parser(sub) -> None:
+    p = sub.add_parser("storyworld", help="the storyworld quality bars: writes results/storyworld.json",
+                       description="The storyworld quality bars, measured in one command (sdlite.eval.storyworld).")
+    p.add_argument("--out", default="results/storyworld.json", help="where the json goes (overwritten)")
+    p.add_argument("--stories", type=int, default=64, help="four-panel stories for the CSA bar (>= 64)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (the bars use 25)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not the bars")
+    p.add_argument("--model", default="storyworld", help="'storyworld' (the shipped data/storyworld) or another "
+                   "storyworld pipeline folder, e.g. a training run's export")
+    _threads(p, default=1)
+    p.set_defaults(func=run_storyworld)
+
+
+def run_storyworld(args) -> int:
+    from ..eval.storyworld import evaluate_storyworld, format_table
+
+    if args.stories < 1 or args.steps < 1:
+        raise ValueError("--stories and --steps must be >= 1")
+    set_threads(args)
+    result = evaluate_storyworld(args.out, quick=args.quick, n_stories=args.stories, steps=args.steps,
+                                 folder=None if args.model == "storyworld" else Path(args.model))
+    print(format_table(result))
+    print(f"wrote {args.out} in {result['seconds']} s")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# consistency (Table 1)
+# ----------------------------------------------------------------------------------------------------------
+def add_consistency_parser(sub) -> None:
+    p = sub.add_parser("consistency", help="the consistency evaluation (identity agreement with/without CSA)",
+                       description="The consistency evaluation, the paper's Table 1 in storyworld "
+                                   "(sdlite.eval.consistency).")
+    p.add_argument("--model", default="storyworld", help="'storyworld' or a storyworld-style pipeline folder")
+    p.add_argument("--stories", type=int, default=50, help="stories per setting (default 50)")
+    p.add_argument("--settings", default=None, help="comma-separated subset of the settings (default: all)")
+    p.add_argument("--seed-policies", default="per_panel,shared", help="per_panel,shared (default both)")
+    p.add_argument("--shared-settings", default=None,
+                   help="run the shared-seed policy only for these settings (comma-separated; default: all)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--panels", type=int, nargs=2, default=(4, 6), metavar=("MIN", "MAX"),
+                   help="panels per story (default 4 6)")
+    p.add_argument("--batch-stories", type=int, default=1,
+                   help="stories per pipeline call where the setting allows (faster on CPU; default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recognizer", default=None, help="recognizer file (default: data/recognizer.safetensors)")
+    p.add_argument("--out", default="results/consistency.json", help="rows as JSON (+ a .md table next to it)")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    _threads(p)
+    p.set_defaults(func=run_consistency)
+
+
+def run_consistency(args) -> int:
+    from ..eval.consistency import run_consistency_table
+    from ..paths import check_writable
+
+    out = check_writable(args.out, args.force)
+    check_writable(Path(out).with_suffix(".md"), args.force)
+    set_threads(args)
+
+    def fmt(v):
+        return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+    command = "python -m sdlite.eval consistency " + " ".join(
+        f"--{k.replace('_', '-')} {fmt(v)}" for k, v in vars(args).items()
+        if k not in ("func", "force", "evaluation") and v is not None)
+    run_consistency_table(
+        out, command, model=args.model, recognizer=args.recognizer, n_stories=args.stories,
+        settings=args.settings.split(",") if args.settings else None,
+        seed_policies=tuple(args.seed_policies.split(",")), steps=args.steps, seed=args.seed,
+        shared_settings=args.shared_settings.split(",") if args.shared_settings else None,
+        short_panels=tuple(args.panels), batch_stories=args.batch_stories)
+    print(f"wrote {out} and {Path(out).with_suffix('.md')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transitions (Table 2) and the predictor's errors
+# ----------------------------------------------------------------------------------------------------------
+def add_transitions_parser(sub) -> None:
+    e = sub.add_parser("transitions", help="Table 2 in storyworld: write results/motion.json",
+                       description="Transition videos against the true in-between frames (sdlite.eval.transitions).")
+    e.add_argument("--clips", type=int, default=100)
+    e.add_argument("--seed", type=int, default=TRANSITION_SEED)
+    e.add_argument("--frames", type=int, default=16)
+    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--strength", type=float, default=1.0)
+    e.add_argument("--no-pin", action="store_true", help="do not hold the first/last latents on the keyframes")
+    e.add_argument("--methods", default=",".join(TRANSITION_METHODS),
+                   help=f"comma-separated subset of {TRANSITION_METHODS}")
+    e.add_argument("--decoder", default=None, help="decoder folder (default data/motion/decoder)")
+    e.add_argument("--out", default="results/motion.json")
+    e.add_argument("--force", action="store_true")
+    e.add_argument("--storyworld", default=None, help="folder with vae/ and clip/ (default data/storyworld)")
+    e.add_argument("--motion", default=None, help="folder with predictor/ and decoder/ (default data/motion)")
+    _threads(e)
+    e.set_defaults(func=run_transitions)
+
+
+def run_transitions(args) -> int:
+    from ..eval.transitions import run_transitions_eval
+    from ..paths import check_writable
+
+    check_writable(args.out, args.force)
+    set_threads(args)
+    methods = tuple(args.methods.split(","))
+    unknown = set(methods) - set(TRANSITION_METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}: choose from {TRANSITION_METHODS}")
+    res = run_transitions_eval(args.out, args.command_line, n_clips=args.clips, seed=args.seed, frames=args.frames,
+                               steps=args.steps, strength=args.strength, pin=not args.no_pin, methods=methods,
+                               storyworld=args.storyworld, motion=args.motion, decoder=args.decoder)
+    print(json.dumps({k: res[k] for k in ("predictor_error_ratio_vs_linear", "psnr", "bars")}, indent=1))
+    return 0
+
+
+def add_predictor_errors_parser(sub) -> None:
+    e = sub.add_parser("predictor-errors", help="the predictor's error vs linear interpolation on a cache")
+    e.add_argument("--cache", required=True)
+    e.add_argument("--predictor", default=None, help="default: data/motion/predictor")
+    _threads(e)
+    e.set_defaults(func=run_predictor_errors)
+
+
+def run_predictor_errors(args) -> int:
+    from ..motion import SemanticMotionPredictor, predictor_errors
+    from ..train.motion import load_cache
+
+    set_threads(args)
+    pred = SemanticMotionPredictor.storyworld(args.predictor)
+    print(json.dumps(predictor_errors(pred, load_cache(args.cache)["embeds"]), indent=1))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# check: quick checks of a training run's export
+# ----------------------------------------------------------------------------------------------------------
+def add_check_parser(sub) -> None:
+    p = sub.add_parser("check", help="prompt following, VAE and CSA checks of a storyworld pipeline folder")
+    p.add_argument("--export", default=None, help="the pipeline folder (default: the shipped data/storyworld)")
+    p.add_argument("--out", required=True, help="folder for check.json / check_rates.json, e.g. the run folder")
+    p.add_argument("--prompts", type=int, default=120, help="prompts for prompt following")
+    p.add_argument("--stories", type=int, default=32, help="4-panel stories for the CSA check")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--recognizer", default=None, help="recognizer file (default: the shipped one)")
+    p.add_argument("--rates", default=None, help="only sweep these CSA rates, e.g. 0.3,0.7,1.0")
+    p.add_argument("--seed", type=int, default=0)
+    _threads(p)
+    p.set_defaults(func=lambda args: run_check(args, args.command_line))
+
+
+def run_check(args, command: str) -> int:
+    """`python -m sdlite.eval check` (and the older `python -m sdlite.train storyworld --stage check`)."""
+    from ..eval.checks import run_checks
+
+    set_threads(args)
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else None
+    res = run_checks(args.export, args.out, args.recognizer, prompts=args.prompts, stories=args.stories,
+                     guidance=args.guidance, seed=args.seed, rates=rates, command=command)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def build_parser(entries: tuple[str, ...] = TABLES) -> argparse.ArgumentParser:
+    return build_registry_parser("python -m sdlite.eval", "sdlite evaluations", "evaluation", entries)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(argv if argv is not None else sys.argv[1:])
+    parser.set_defaults(command_line="python -m sdlite.eval " + " ".join(argv))  # recorded in the results
+    return run_registry_parser(parser, "evaluation", argv)

@@ -1,0 +1,88 @@
+"""`sdlite story`: a story file -> consistent panels -> a comic page (and, with --video, a story video)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+# sdlite.story.STYLES's names, listed here so that building the parser imports no torch (a test keeps them equal).
+STYLE_NAMES = ("plain", "comic", "photo", "cinematic", "watercolour", "manga")
+
+
+def add_story_parser(subparsers) -> None:
+    """Register ``sdlite story`` on an argparse subparsers object (see sdlite/cli/__init__.py)."""
+    p = subparsers.add_parser(
+        "story", help="story text -> consistent panels -> a comic page (PNG)",
+        description="Generate a comic page from a story file with consistent self-attention. Without STORY, the "
+                    "bundled example (data/stories/example.txt) is used. Writes the page and the single panels "
+                    "(<out stem>_panels/panel_NN.png); never overwrites a file unless --force.")
+    p.add_argument("story", nargs="?", default=None, help="story file (default: the bundled example story)")
+    p.add_argument("--out", default="out/page.png", help="page PNG to write (default: out/page.png)")
+    p.add_argument("--model", default="storyworld",
+                   help="'storyworld' (default, CPU), a pipeline folder, or a hub id such as "
+                        "stabilityai/stable-diffusion-xl-base-1.0 (fp16 on CUDA)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps ...")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 20 storyworld, 35 SDXL)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed: panel i uses seed + i (default 0)")
+    p.add_argument("--shared-seed", action="store_true", help="the same noise seed for every panel (official demo)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="CSA sampling rate in [0, 1] (default: 1.0 on storyworld, 0.5 on SDXL as the paper)")
+    p.add_argument("--tile", type=int, default=None, help="CSA window size in images (default: the whole batch)")
+    p.add_argument("--layers", choices=["up", "all"], default=None,
+                   help="self-attention layers with CSA (default: all on storyworld, up on SDXL)")
+    p.add_argument("--id-length", type=int, default=4, help="reference panels per character (default 4)")
+    p.add_argument("--no-csa", action="store_true", help="plain generation, no consistent self-attention")
+    p.add_argument("--style", default=None, help=f"style template: one of {sorted(STYLE_NAMES)} or text with {{prompt}} "
+                                                 "(default: the story's, else plain)")
+    p.add_argument("--size", type=int, default=None, help="image height = width in px (default: the model's)")
+    p.add_argument("--layout", choices=["grid", "classic"], default="grid", help="page layout (default grid)")
+    p.add_argument("--columns", type=int, default=2, help="panels per row in the grid layout (default 2)")
+    p.add_argument("--panel-size", type=int, default=256, help="panel size on the page in px (default 256)")
+    p.add_argument("--title", default=None, help="a title above the panels")
+    p.add_argument("--video", default=None,
+                   help="also write the whole story as one video (.mp4/.gif): panels as keyframes joined by "
+                        "transitions of the semantic motion predictor + video decoder (sdlite.video)")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_story_command)
+
+
+def run_story_command(args) -> int:
+    """``sdlite story``: parse, check outputs, load the model, generate, write page + panels, print the paths."""
+    from ..comic import make_page
+    from ..paths import check_writable
+    from ..pipeline import CSAConfig, generate_story, load_pipeline
+    from ..story import example_story_path, read_story
+
+    path = Path(args.story) if args.story else example_story_path()
+    story = read_story(path, style=args.style)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out {out}: the page is a PNG, use a path ending in .png")
+    panel_dir = out.with_name(out.stem + "_panels")
+    panel_paths = [panel_dir / f"panel_{i + 1:02d}.png" for i in range(len(story))]
+    video_path = Path(args.video) if getattr(args, "video", None) else None
+    if video_path is not None and video_path.suffix.lower() not in (".mp4", ".gif"):
+        raise ValueError(f"--video {video_path}: use a path ending in .mp4 or .gif")
+    if video_path is not None and len(story) < 2:
+        raise ValueError("--video needs a story of at least 2 panels (one transition)")
+    for target in [out, *panel_paths, *([video_path] if video_path else [])]:  # fail before the slow part
+        check_writable(target, args.force)
+    csa = CSAConfig(rate=args.rate, tile=args.tile, layers=args.layers, id_length=args.id_length,
+                    enabled=not args.no_csa)
+    pipe = load_pipeline(args.model, args.device)
+    result = generate_story(pipe, story, csa=csa, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                            seed_policy="shared" if args.shared_seed else "per_panel", height=args.size,
+                            width=args.size, progress=not args.quiet)
+    page = make_page(result.images, story.captions, layout=args.layout, columns=args.columns,
+                     panel_size=args.panel_size, title=args.title)
+    page.save(out, format="PNG")
+    for target, image in zip(panel_paths, result.images):
+        image.save(target, format="PNG")
+    print(f"page: {out}")
+    print(f"panels: {panel_dir}/ ({len(panel_paths)} files: {panel_paths[0].name} .. {panel_paths[-1].name})")
+    if video_path is not None:
+        from ..video import story_video, write_video
+
+        video = story_video(result.images, seed=args.seed)
+        print(f"video: {write_video(video_path, video, force=args.force)}")
+    return 0

@@ -1,0 +1,47 @@
+"""`sdlite video START END --out clip.gif`: a transition video between two keyframes."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# sdlite.video.MODES without the ceiling mode (a user has no true embeddings), listed here to keep imports light.
+USER_MODES = ("full", "no_predictor", "temporal_only")
+
+
+def add_video_parser(subparsers, name: str = "video") -> argparse.ArgumentParser:
+    """Register the `video` command on an argparse subparsers object (sdlite.cli does this)."""
+    p = subparsers.add_parser(name, help="a transition video between two keyframes",
+                              description="Generate a transition video between two keyframes with the semantic "
+                                          "motion predictor and the video decoder (storyworld models by default).")
+    p.add_argument("start", help="start keyframe (PNG/JPEG)")
+    p.add_argument("end", help="end keyframe (PNG/JPEG)")
+    p.add_argument("--frames", type=int, default=16, help="frames of the transition, keyframes included")
+    p.add_argument("--out", required=True, help="output .mp4, .gif or .png (a strip of frames)")
+    p.add_argument("--prompt", default="", help="what the clip shows (optional)")
+    p.add_argument("--mode", default="full", choices=USER_MODES)
+    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strength", type=float, default=1.0, help="1: start from noise; <1: from the noised "
+                                                                "latent interpolation")
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--scale", type=int, default=4, help="upscale frames this many times (nearest) when writing")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.set_defaults(func=run_video)
+    return p
+
+
+def run_video(args) -> int:
+    from ..motion import check_frames
+    from ..paths import check_writable
+    from ..video import generate_transition, write_video
+
+    check_writable(args.out, args.force)  # refuse before any work
+    for key in (args.start, args.end):
+        if not Path(key).is_file():
+            raise FileNotFoundError(f"keyframe {key} does not exist: pass the path of a PNG/JPEG picture")
+    check_frames(args.frames)
+    video = generate_transition(args.start, args.end, args.frames, prompt=args.prompt, mode=args.mode,
+                                steps=args.steps, seed=args.seed, strength=args.strength)
+    path = write_video(args.out, video, fps=args.fps, scale=args.scale, force=args.force)
+    print(f"wrote {path} ({video.shape[0]} frames)")
+    return 0

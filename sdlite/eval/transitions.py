@@ -1,0 +1,167 @@
+"""The paper's Table 2 in storyworld: transition videos against the true in-between frames.
+
+Four methods make the frames between two keyframes of held-out clips (`ClipDataset(n, seed=EVAL_SEED)`):
+(a) `latent_interpolation`, the cross-fade of the keyframes' latents, no model; (b) `no_predictor`, the decoder fed
+linearly interpolated embeddings; (c) `temporal_only`, the decoder without embeddings; (d) `full`, the decoder fed
+the semantic motion predictor's embeddings; and `true_embeddings`, the decoder fed the true ones (a ceiling).
+`python -m sdlite.eval transitions` writes results/motion.json (`summarize` gives its shape).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..motion import linear_interpolation, motion_dir
+from ..storyworld.datasets import ClipDataset
+from ..video import VideoModels, decode_latents, latent_interpolation_video, transition_latents
+from .video_metrics import (
+    IDENTITY_LABELS, clip_similarities, frame_identity_agreement, motion_amount, paired_difference_ci, video_metrics,
+)
+
+METHODS = ("latent_interpolation", "no_predictor", "temporal_only", "full", "true_embeddings")
+EVAL_SEED = 777  # held-out clips: ClipDataset(n, seed=EVAL_SEED); training caches use other seeds
+
+
+def _truth_stats(models: VideoModels, x: torch.Tensor, true_e: torch.Tensor, recognizer) -> dict[str, torch.Tensor]:
+    """What the true clips (B, L, 3, H, W) themselves score: motion, CLIPSIM, frame identity agreement."""
+    b, frames = x.shape[:2]
+    sims = clip_similarities(models.embedder.pooled(true_e))
+    out = {"motion": motion_amount(x), "clipsim_first": sims["first"], "clipsim_frames": sims["frames"]}
+    if recognizer is not None:
+        pred = recognizer.predict(x.reshape(-1, *x.shape[2:]))
+        out["identity_agreement"] = frame_identity_agreement({k: pred[k].view(b, frames) for k in IDENTITY_LABELS})
+    return out
+
+
+def _embedding_errors(models: VideoModels, true_e: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per clip, the squared error of the predicted and of the interpolated embeddings over the in-between frames
+    (all parts, and the pooled part alone)."""
+    frames = true_e.shape[1]
+    out = {}
+    for name, e in (("predictor", models.predictor(true_e[:, 0], true_e[:, -1], frames)),
+                    ("linear", linear_interpolation(true_e[:, 0], true_e[:, -1], frames))):
+        err = (e - true_e)[:, 1:-1]  # (B, L - 2, E): the in-between frames
+        out[name] = err.pow(2).mean(dim=(1, 2))
+        out[name + "_pooled"] = models.embedder.pooled(err).pow(2).mean(dim=(1, 2))
+    return out
+
+
+def _method_video(models: VideoModels, method: str, x: torch.Tensor, prompts: list[str], true_e: torch.Tensor,
+                  steps: int, seed: int, strength: float, pin: bool) -> torch.Tensor:
+    frames = x.shape[1]
+    if method == "latent_interpolation":
+        return latent_interpolation_video(models, x[:, 0], x[:, -1], frames)
+    z = transition_latents(models, x[:, 0], x[:, -1], frames, prompts, method, steps, seed, strength,
+                           frame_embeds=true_e if method == "true_embeddings" else None, pin=pin)
+    return decode_latents(models.vae, z)
+
+
+def _means(values: dict[str, list]) -> dict[str, float]:
+    return {k: float(torch.cat(v).mean()) for k, v in values.items()}
+
+
+@torch.no_grad()
+def evaluate(models: VideoModels, n_clips: int = 100, seed: int = EVAL_SEED, frames: int = 16, steps: int = 20,
+             strength: float = 1.0, batch_size: int = 10, recognizer=None, methods=METHODS,
+             progress: bool = False, pin: bool = True) -> dict:
+    """Compare the methods on `n_clips` held-out clips `ClipDataset(n_clips, frames, seed)` against their true
+    frames. Returns {"per_method": {method: {metric: mean}}, "per_kind_psnr": {method: {kind: mean}},
+    "truth": {metric: mean of the true clips}, "predictor": errors of the predicted embeddings, ...}."""
+    data = ClipDataset(n_clips, frames=frames, seed=seed)
+    per: dict[str, dict[str, list]] = {m: {} for m in methods}
+    truth: dict[str, list] = {}
+    errors: dict[str, list] = {}
+    kinds: list[str] = []
+    t0 = time.time()
+    for first in range(0, n_clips, batch_size):
+        items = [data[i] for i in range(first, min(n_clips, first + batch_size))]
+        x = torch.stack([it["frames"] for it in items]).to(models.device)  # (B, L, 3, H, W)
+        b = x.shape[0]
+        kinds += [it["kind"] for it in items]
+        true_e = models.embedder(x.reshape(-1, *x.shape[2:])).reshape(b, frames, -1)  # (B, L, E)
+        if models.predictor is not None:
+            for k, v in _embedding_errors(models, true_e).items():
+                errors.setdefault(k, []).append(v)
+        for k, v in _truth_stats(models, x, true_e, recognizer).items():
+            truth.setdefault(k, []).append(v.cpu())
+        for m in methods:
+            video = _method_video(models, m, x, [it["caption"] for it in items], true_e, steps, seed + first,
+                                  strength, pin)
+            for k, v in video_metrics(video, x, models.embedder, true_e, recognizer).items():
+                per[m].setdefault(k, []).append(v.cpu())
+        if progress:
+            print(f"evaluated {first + b}/{n_clips} clips ({time.time() - t0:.0f}s)", flush=True)
+    result = {"per_method": {m: _means(d) for m, d in per.items()}, "truth": _means(truth)}
+    kinds_arr = np.array(kinds)
+    result["per_kind_psnr"] = {m: {kind: float(torch.cat(per[m]["psnr"])[torch.from_numpy(kinds_arr == kind)].mean())
+                                   for kind in sorted(set(kinds))} for m in methods}
+    result["kind_counts"] = {kind: int((kinds_arr == kind).sum()) for kind in sorted(set(kinds))}
+    if "full" in methods:  # (d)'s lead over every other method, per clip, with a bootstrap interval
+        full = torch.cat(per["full"]["psnr"])
+        result["psnr_lead_of_full"] = {m: paired_difference_ci(full, torch.cat(per[m]["psnr"]), seed=seed)
+                                       for m in methods if m != "full"}
+    if errors:
+        e = {k: torch.cat(v).mean().item() for k, v in errors.items()}
+        result["predictor"] = {"mse_predictor": e["predictor"], "mse_linear": e["linear"],
+                               "ratio": e["predictor"] / e["linear"],
+                               "ratio_pooled_part": e["predictor_pooled"] / e["linear_pooled"],
+                               "image_grid": models.embedder.grid}
+    result["seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+def summarize(res: dict, command: str, **settings) -> dict:
+    """The evaluation in results/motion.json's shape: the names the checks use, plus every metric and the bars.
+    (`identity_agreement_full` is the frame identity agreement of (d); the key keeps its recorded name.)"""
+    pm = res["per_method"]
+    psnrs = {m: pm[m]["psnr"] for m in pm}
+    ratio = res.get("predictor", {}).get("ratio", float("nan"))
+    ident = pm.get("full", {}).get("identity_agreement", float("nan"))
+    needed = ("full", "latent_interpolation", "no_predictor", "temporal_only")
+    beats = all(psnrs["full"] > psnrs[m] for m in needed[1:]) if set(needed) <= set(psnrs) else None  # None: not run
+    return {
+        "command": command, **settings,
+        "predictor_error_ratio_vs_linear": ratio,
+        "psnr": psnrs,
+        "identity_agreement_full": ident,
+        "bars": {
+            "predictor_error_ratio_le_0.7": bool(ratio <= 0.7),
+            "full_beats_a_b_c_in_psnr": beats,
+            "identity_agreement_full_ge_0.9": bool(ident >= 0.9),
+        },
+        "metrics": pm, "truth": res["truth"], "per_kind_psnr": res["per_kind_psnr"],
+        "kind_counts": res["kind_counts"], "psnr_lead_of_full": res.get("psnr_lead_of_full"),
+        "predictor_errors": res.get("predictor"), "seconds": res["seconds"],
+    }
+
+
+def run_transitions_eval(out: str | os.PathLike | None, command: str, n_clips: int = 100, seed: int = EVAL_SEED,
+                         frames: int = 16, steps: int = 20, strength: float = 1.0, pin: bool = True,
+                         methods=METHODS, storyworld: str | os.PathLike | None = None,
+                         motion: str | os.PathLike | None = None, decoder: str | os.PathLike | None = None) -> dict:
+    """The job behind `python -m sdlite.eval transitions`: load the shipped models (or the given folders), evaluate,
+    summarize, attach the models' training records, and write the json to `out` (when not None)."""
+    from ..storyworld.recognizer import load_recognizer
+    from ..video import VideoDecoder, load_video_models
+
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}: choose from {METHODS}")
+    models = load_video_models(storyworld_folder=storyworld, motion_folder=motion)
+    if decoder:
+        models.decoder = VideoDecoder.storyworld(decoder)
+    res = evaluate(models, n_clips, seed, frames, steps, strength, recognizer=load_recognizer(),
+                   methods=tuple(methods), progress=True, pin=pin)
+    res = summarize(res, command, n_clips=n_clips, seed=seed, steps=steps, strength=strength, pin=pin)
+    mf = Path(motion) if motion else motion_dir()
+    for part, folder in (("predictor", mf / "predictor"), ("decoder", Path(decoder or mf / "decoder"))):
+        if (folder / "training.json").is_file():
+            res[f"{part}_training"] = json.loads((folder / "training.json").read_text())
+    if out is not None:
+        Path(out).write_text(json.dumps(res, indent=1) + "\n")
+    return res

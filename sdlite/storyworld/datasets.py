@@ -1,0 +1,166 @@
+"""storyworld's training data as torch Datasets: single images, collages (k panels of one character) and clips
+(one character moving smoothly between two panels). Item i is a pure function of (seed, i)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ..images import to_tensor
+from .world import (
+    ATTRIBUTES, CLIP_KINDS, HAIR_COLOURS, HATS, IDENTITY_ATTRIBUTES, SCENES, SHIRT_COLOURS, TROUSERS_COLOURS,
+    Character, Panel, caption, check_size, clip_panels, labels, render, sample_character, sample_clip_endpoints,
+    sample_panel,
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where the character is (training weighs its loss up there)
+# ----------------------------------------------------------------------------------------------------------
+def _contrast_character(ch: Character) -> Character:
+    """The same class word with every identity attribute changed (to find the character's pixels)."""
+    def other(values, v):
+        return values[(values.index(v) + 1) % len(values)]
+    return dataclasses.replace(ch, hair=other(HAIR_COLOURS, ch.hair), shirt=other(SHIRT_COLOURS, ch.shirt),
+                               trousers=other(TROUSERS_COLOURS, ch.trousers), hat=other(HATS, ch.hat))
+
+
+def character_mask(panel: Panel, size: int = 64, latent_size: int = 16) -> torch.Tensor:
+    """(latent_size, latent_size) float in {0, 1}: latent cells that show the character's identity attributes
+    (hair, shirt, trousers, hat): where the render changes when those attributes change."""
+    a = render(panel, size).astype(np.int16)
+    b = render(dataclasses.replace(panel, character=_contrast_character(panel.character)), size).astype(np.int16)
+    diff = torch.from_numpy((np.abs(a - b).sum(-1) > 30).astype(np.float32))[None, None]  # (1,1,H,W)
+    return (F.adaptive_max_pool2d(diff, latent_size)[0, 0] > 0).float()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets (item i is a pure function of (seed, i))
+# ----------------------------------------------------------------------------------------------------------
+def _item_rng(seed: int, index: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(index), stream])
+
+
+def _check_len(n, what: str) -> int:
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"{what}={n!r}: use a non-negative integer")
+    return int(n)
+
+
+def _check_index(i, n: int) -> int:
+    if not isinstance(i, (int, np.integer)):
+        raise TypeError(f"index must be an integer, got {type(i).__name__}")
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"index {i} out of range for a dataset of {n} items")
+    return int(i)
+
+
+def _stack_labels(panels: Sequence[Panel]) -> dict[str, torch.Tensor]:
+    labs = [labels(p) for p in panels]
+    return {name: torch.tensor([lab[name] for lab in labs], dtype=torch.long) for name in ATTRIBUTES}
+
+
+class ImageDataset(Dataset):
+    """Single panels: {"pixel_values": float32 (3, H, W) in [-1, 1], "caption": str, "labels": {name: int}}."""
+
+    def __init__(self, n: int, seed: int = 0, size: int = 64, drop_prob: float = 0.5):
+        self.n = _check_len(n, "n")
+        check_size(size)
+        if not 0.0 <= drop_prob <= 1.0:
+            raise ValueError(f"drop_prob={drop_prob} is outside [0, 1]")
+        self.seed, self.size, self.drop_prob = int(seed), int(size), float(drop_prob)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def panel(self, i: int) -> tuple[Panel, np.random.Generator]:
+        rng = _item_rng(self.seed, _check_index(i, self.n), 1)
+        return sample_panel(rng), rng
+
+    def __getitem__(self, i: int) -> dict:
+        p, rng = self.panel(i)
+        return {"pixel_values": to_tensor(render(p, self.size)),
+                "caption": caption(p, rng, self.drop_prob), "labels": labels(p)}
+
+
+class CollageDataset(Dataset):
+    """Groups of k panels of ONE character in different scenes / actions.
+
+    Item: {"pixel_values": (k, 3, H, W), "captions": list of k str, "labels": {name: LongTensor (k,)}}.
+    With `identity_in_one_caption`, one caption of the group (at a random place) states every identity
+    attribute and the others state none, so a model can only get the identity right by copying it across
+    the group; otherwise each caption drops attributes independently with `drop_prob`.
+    """
+
+    def __init__(self, n_groups: int, k: int = 4, seed: int = 0, size: int = 64, drop_prob: float = 0.5,
+                 identity_in_one_caption: bool = False):
+        self.n = _check_len(n_groups, "n_groups")
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k={k!r}: a collage needs k >= 1 panels (e.g. k=4)")
+        check_size(size)
+        if not 0.0 <= drop_prob <= 1.0:
+            raise ValueError(f"drop_prob={drop_prob} is outside [0, 1]")
+        self.k, self.seed, self.size, self.drop_prob = int(k), int(seed), int(size), float(drop_prob)
+        self.identity_in_one_caption = bool(identity_in_one_caption)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def panels(self, i: int) -> tuple[list[Panel], np.random.Generator]:
+        rng = _item_rng(self.seed, _check_index(i, self.n), 2)
+        ch = sample_character(rng)
+        # different scenes (cycling through a permutation when k > number of scenes), random actions
+        order = [SCENES[j] for j in rng.permutation(len(SCENES))]
+        return [sample_panel(rng, ch, scene=order[j % len(order)]) for j in range(self.k)], rng
+
+    def __getitem__(self, i: int) -> dict:
+        panels, rng = self.panels(i)
+        if self.identity_in_one_caption:
+            stated = int(rng.integers(self.k))
+            caps = [caption(p, drop=() if j == stated else IDENTITY_ATTRIBUTES) for j, p in enumerate(panels)]
+        else:
+            caps = [caption(p, rng, self.drop_prob) for p in panels]
+        return {"pixel_values": torch.stack([to_tensor(render(p, self.size)) for p in panels]),
+                "captions": caps, "labels": _stack_labels(panels)}
+
+
+class ClipDataset(Dataset):
+    """One character moving smoothly between two panels, every in-between frame rendered.
+
+    Item: {"frames": float32 (L, 3, H, W) in [-1, 1], "caption": str (the first panel, fully described,
+    then the last action), "captions": [first, last] panel captions, "labels": {name: LongTensor (L,)}
+    (per frame; the action switches at the midpoint), "kind": str}.
+    """
+
+    def __init__(self, n: int, frames: int = 16, seed: int = 0, size: int = 64):
+        self.n = _check_len(n, "n")
+        if not isinstance(frames, (int, np.integer)) or frames < 2:
+            raise ValueError(f"frames={frames!r}: a clip needs at least 2 frames (its two endpoints)")
+        check_size(size)
+        self.frames, self.seed, self.size = int(frames), int(seed), int(size)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def panels(self, i: int) -> tuple[list[Panel], str]:
+        rng = _item_rng(self.seed, _check_index(i, self.n), 3)
+        kind = CLIP_KINDS[rng.integers(len(CLIP_KINDS))]
+        a, b, cycles = sample_clip_endpoints(rng, kind=kind)
+        return clip_panels(a, b, self.frames, cycles), kind
+
+    def __getitem__(self, i: int) -> dict:
+        panels, kind = self.panels(i)
+        a, b = panels[0], panels[-1]
+        text = caption(a)
+        if b.action != a.action:
+            text += f", then {b.action}"
+        return {"frames": torch.stack([to_tensor(render(p, self.size)) for p in panels]),
+                "caption": text, "captions": [caption(a), caption(b)], "labels": _stack_labels(panels),
+                "kind": kind}
