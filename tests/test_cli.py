@@ -92,3 +92,37 @@ def test_video_subcommand_is_registered():
     assert "video" in parser.format_help()
     args = parser.parse_args(["video", "a.png", "b.png", "--out", "c.mp4"])
     assert args.frames == 16 and args.func.__name__ == "run_video"
+
+
+def test_the_light_parsers_copies_match_the_library():
+    """The command lines list a few library names themselves (so building a parser imports no torch): they must
+    stay the library's."""
+    from sdlite.cli import eval as cli_eval
+    from sdlite.cli import story as cli_story
+    from sdlite.cli import video as cli_video
+    from sdlite.eval import transitions
+    from sdlite.story import STYLES
+    from sdlite.video import MODES
+
+    assert cli_story.STYLE_NAMES == tuple(STYLES)
+    assert cli_eval.TRANSITION_METHODS == transitions.METHODS and cli_eval.TRANSITION_SEED == transitions.EVAL_SEED
+    assert cli_video.USER_MODES == MODES[:3] and "true_embeddings" not in cli_video.USER_MODES
+
+
+def test_train_and_eval_commands_list_their_jobs_and_reject_bad_input(capsys, tmp_path):
+    from sdlite.cli.eval import main as eval_main
+    from sdlite.cli.train import main as train_main
+
+    for main_, names in ((train_main, ("storyworld", "recognizer", "motion-cache", "motion-predictor",
+                                       "video-decoder")),
+                         (eval_main, ("storyworld", "consistency", "transitions", "predictor-errors", "check"))):
+        with pytest.raises(SystemExit):
+            main_(["--help"])
+        help_text = capsys.readouterr().out
+        assert all(name in help_text for name in names)
+    out = tmp_path / "motion.json"
+    assert eval_main(["transitions", "--methods", "full,magic", "--out", str(out)]) == 2
+    assert "magic" in capsys.readouterr().err and not out.exists()  # refused before any model loads
+    rec = tmp_path / "r.safetensors"
+    assert train_main(["recognizer", "--threads", "0", "--out", str(rec)]) == 2
+    assert "--threads" in capsys.readouterr().err and not rec.exists()

@@ -255,3 +255,32 @@ def test_quick_checks_run_and_report_fractions(tokenizers):
     assert not any("Consistent" in type(p).__name__ for p in pipe.unet.attn_processors.values())  # removed
     v = vae_check(pipe.vae, rec, n=4)
     assert v["l1"] > 0 and set(v["accuracy_reconstructions"]) == set(sw.ATTRIBUTES)
+
+
+def test_loop_checkpoint_round_trips_and_refuses_a_second_run(tmp_path):
+    """train/loop.py: one checkpoint format (model, optimizer, extra tensors, JSON state), written atomically."""
+    from sdlite.train.loop import load_checkpoint, save_checkpoint, start_run, warmup_cosine, warmup_hold_cooldown
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "run" / "checkpoint", 7, model, opt, tensors={"ema": {"w": torch.ones(2)}},
+                    state={"history": {"loss": [0.5]}})
+    assert not (tmp_path / "run" / "checkpoint.tmp").exists()
+    other = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.AdamW(other.parameters(), lr=0.1)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint", other, opt2)
+    assert ckpt.step == 7 and ckpt.state == {"history": {"loss": [0.5]}}
+    torch.testing.assert_close(ckpt.tensors["ema"]["w"], torch.ones(2))
+    torch.testing.assert_close(other.weight, model.weight)
+    assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+    assert start_run(tmp_path / "run", True, other, opt2).step == 7
+    (tmp_path / "run" / "log.csv").write_text("step\n1\n")
+    with pytest.raises(FileExistsError, match="--resume"):
+        start_run(tmp_path / "run", False, other, opt2)
+    assert start_run(tmp_path / "fresh", True, other, opt2).step == 0  # nothing to resume: a fresh start
+    # schedules: warm-up, hold, cool-down to 0; cosine from 1 to the floor
+    assert [warmup_hold_cooldown(s, 10, 2, 4) for s in (0, 1, 5, 9)] == [0.5, 1.0, 1.0, 0.25]
+    assert warmup_cosine(0, 100, 1) == 1.0 and warmup_cosine(100, 100, 1, floor=0.1) == pytest.approx(0.1)
