@@ -15,7 +15,8 @@ import argparse
 import importlib
 import sys
 
-__all__ = ["SUBCOMMANDS", "build_parser", "build_registry_parser", "main", "run_registry_parser", "set_threads"]
+__all__ = ["SUBCOMMANDS", "add_threads_option", "build_parser", "build_registry_parser", "main", "run_module_command",
+           "run_registry_parser", "set_threads"]
 
 SUBCOMMANDS: tuple[str, ...] = (
     "sdlite.cli.story:add_story_parser",
@@ -45,6 +46,19 @@ def run_registry_parser(parser: argparse.ArgumentParser, dest: str, argv: list[s
         # bad input: one clear line, no traceback (the message names the fix)
         print(f"{parser.prog} {getattr(args, dest)}: error: {err}", file=sys.stderr)
         return 2
+
+
+def add_threads_option(parser: argparse.ArgumentParser, default: int | None = None) -> None:
+    parser.add_argument("--threads", type=int, default=default,
+                        help="torch threads (1 is fastest for the tiny models on a busy 2-core CPU)")
+
+
+def run_module_command(parser: argparse.ArgumentParser, dest: str, argv: list[str] | None = None) -> int:
+    """`python -m sdlite.<room> ...`: like `run_registry_parser`, and the command line itself is handed to the job
+    as `args.command_line` (recorded next to the weights or results it writes)."""
+    argv = list(argv if argv is not None else sys.argv[1:])
+    parser.set_defaults(command_line=f"{parser.prog} " + " ".join(argv))
+    return run_registry_parser(parser, dest, argv)
 
 
 def set_threads(args) -> None:

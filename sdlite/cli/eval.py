@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from . import build_registry_parser, run_registry_parser, set_threads
+from . import add_threads_option, build_registry_parser, run_module_command, set_threads
 
 TABLES: tuple[str, ...] = tuple(f"sdlite.cli.eval:add_{name}_parser" for name in (
     "storyworld", "consistency", "transitions", "predictor_errors", "check"))
@@ -21,9 +20,6 @@ TABLES: tuple[str, ...] = tuple(f"sdlite.cli.eval:add_{name}_parser" for name in
 TRANSITION_METHODS = ("latent_interpolation", "no_predictor", "temporal_only", "full", "true_embeddings")
 TRANSITION_SEED = 777
 
-
-def _threads(p: argparse.ArgumentParser, default: int | None = None) -> None:
-    p.add_argument("--threads", type=int, default=default, help="torch threads (1 is fastest on a busy 2-core CPU)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -38,7 +34,7 @@ def add_storyworld_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not the bars")
     p.add_argument("--model", default="storyworld", help="'storyworld' (the shipped data/storyworld) or another "
                    "storyworld pipeline folder, e.g. a training run's export")
-    _threads(p, default=1)
+    add_threads_option(p, default=1)
     p.set_defaults(func=run_storyworld)
 
 
@@ -77,7 +73,7 @@ def add_consistency_parser(sub) -> None:
     p.add_argument("--recognizer", default=None, help="recognizer file (default: data/recognizer.safetensors)")
     p.add_argument("--out", default="results/consistency.json", help="rows as JSON (+ a .md table next to it)")
     p.add_argument("--force", action="store_true", help="overwrite --out")
-    _threads(p)
+    add_threads_option(p)
     p.set_defaults(func=run_consistency)
 
 
@@ -124,7 +120,7 @@ def add_transitions_parser(sub) -> None:
     e.add_argument("--force", action="store_true")
     e.add_argument("--storyworld", default=None, help="folder with vae/ and clip/ (default data/storyworld)")
     e.add_argument("--motion", default=None, help="folder with predictor/ and decoder/ (default data/motion)")
-    _threads(e)
+    add_threads_option(e)
     e.set_defaults(func=run_transitions)
 
 
@@ -149,7 +145,7 @@ def add_predictor_errors_parser(sub) -> None:
     e = sub.add_parser("predictor-errors", help="the predictor's error vs linear interpolation on a cache")
     e.add_argument("--cache", required=True)
     e.add_argument("--predictor", default=None, help="default: data/motion/predictor")
-    _threads(e)
+    add_threads_option(e)
     e.set_defaults(func=run_predictor_errors)
 
 
@@ -176,7 +172,7 @@ def add_check_parser(sub) -> None:
     p.add_argument("--recognizer", default=None, help="recognizer file (default: the shipped one)")
     p.add_argument("--rates", default=None, help="only sweep these CSA rates, e.g. 0.3,0.7,1.0")
     p.add_argument("--seed", type=int, default=0)
-    _threads(p)
+    add_threads_option(p)
     p.set_defaults(func=lambda args: run_check(args, args.command_line))
 
 
@@ -197,7 +193,4 @@ def build_parser(entries: tuple[str, ...] = TABLES) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = list(argv if argv is not None else sys.argv[1:])
-    parser.set_defaults(command_line="python -m sdlite.eval " + " ".join(argv))  # recorded in the results
-    return run_registry_parser(parser, "evaluation", argv)
+    return run_module_command(build_parser(), "evaluation", argv)

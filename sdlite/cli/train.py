@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from . import build_registry_parser, run_registry_parser, set_threads
+from . import add_threads_option, build_registry_parser, run_module_command, set_threads
 
 STAGES = ("vae", "clip", "unet", "decoder")  # sdlite.train.storyworld.STAGES (a test keeps them equal)
 JOBS: tuple[str, ...] = tuple(f"sdlite.cli.train:add_{name}_parser" for name in (
     "storyworld", "recognizer", "motion_cache", "motion_predictor", "video_decoder"))
 
-
-def _threads(p: argparse.ArgumentParser, default: int | None = None) -> None:
-    p.add_argument("--threads", type=int, default=default, help="torch threads (1 is fastest on a busy 2-core CPU)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -56,7 +52,7 @@ def add_storyworld_parser(sub) -> None:
     ap.add_argument("--guidance", type=float, default=5.0, help="check: classifier-free guidance scale")
     ap.add_argument("--recognizer", default=None, help="check: recognizer file (default: the shipped one)")
     ap.add_argument("--rates", default=None, help="check: only sweep these CSA rates, e.g. 0.3,0.7,1.0")
-    _threads(ap)
+    add_threads_option(ap)
     ap.set_defaults(func=run_storyworld)
 
 
@@ -101,7 +97,7 @@ def add_recognizer_parser(sub) -> None:
     ap.add_argument("--n-test", type=int, default=2000)
     ap.add_argument("--out", default=None, help="default: data/recognizer.safetensors (b: recognizer_b...)")
     ap.add_argument("--force", action="store_true", help="overwrite --out")
-    _threads(ap, default=2)
+    add_threads_option(ap, default=2)
     ap.set_defaults(func=run_recognizer)
 
 
@@ -138,7 +134,7 @@ def add_motion_cache_parser(sub) -> None:
     c.add_argument("--grid", type=int, default=0, help="also embed g x g cells of each frame (ImageEmbedder grid)")
     c.add_argument("--max-chunks", type=int, default=None, help="stop after this many parts of 200 clips")
     c.add_argument("--storyworld", default=None, help="folder with vae/ and clip/ (default data/storyworld)")
-    _threads(c)
+    add_threads_option(c)
     c.set_defaults(func=run_motion_cache)
 
 
@@ -167,7 +163,7 @@ def add_motion_predictor_parser(sub) -> None:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--stop-at", type=int, default=None, help="stop after this step (checkpointed; --resume later)")
     t.add_argument("--force", action="store_true", help="overwrite --export")
-    _threads(t)
+    add_threads_option(t)
     t.set_defaults(func=run_motion_predictor)
 
 
@@ -220,7 +216,7 @@ def add_video_decoder_parser(sub) -> None:
     t.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed, exported) after this long")
     t.add_argument("--force", action="store_true")
     t.add_argument("--storyworld", default=None, help="folder with vae/ and clip/ (default data/storyworld)")
-    _threads(t)
+    add_threads_option(t)
     t.set_defaults(func=run_video_decoder)
 
 
@@ -246,7 +242,4 @@ def build_parser(entries: tuple[str, ...] = JOBS) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = list(argv if argv is not None else sys.argv[1:])
-    parser.set_defaults(command_line="python -m sdlite.train " + " ".join(argv))  # recorded next to the weights
-    return run_registry_parser(parser, "job", argv)
+    return run_module_command(build_parser(), "job", argv)
