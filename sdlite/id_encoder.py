@@ -102,13 +102,22 @@ def fuse_id_embeddings(
     return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class IDEncoderConfig:
-    """The vision tower and the two projection widths (SDXL: 768 and 1280, whose sum is the fused width)."""
+    """The vision tower and the two projection widths (SDXL: 768 and 1280, whose sum is the fused width).
+    Frozen and validated; named presets `photomaker_v1()` and `tiny()`."""
 
     vision: dict = field(default_factory=dict)  # CLIPVisionConfig keyword arguments
     projection_dim: int = 768  # visual_projection: hidden -> text_encoder width
     projection_dim_2: int = 1280  # visual_projection_2: hidden -> text_encoder_2 width
+
+    def __post_init__(self):
+        for name in ("projection_dim", "projection_dim_2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int (SDXL: 768 and 1280)")
+        if not isinstance(self.vision, dict):
+            raise TypeError(f"vision must be a dict of CLIPVisionConfig arguments, got {type(self.vision).__name__}")
 
     @classmethod
     def photomaker_v1(cls) -> "IDEncoderConfig":

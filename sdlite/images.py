@@ -25,6 +25,11 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.movedim(-3, -1).cpu().numpy()
 
 
+def unit_to_uint8(images: np.ndarray) -> np.ndarray:
+    """float numpy in [0, 1] (a pipeline's `output_type="np"`) -> uint8, rounded, clipped."""
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
 def as_batch(images, size: int = 64) -> torch.Tensor:
     """uint8 numpy (H, W, 3) / (B, H, W, 3), or float tensor (3, H, W) / (B, 3, H, W) in [-1, 1] ->
     float32 (B, 3, size, size) in [-1, 1] (larger images are area-averaged down, smaller ones resized bilinearly)."""

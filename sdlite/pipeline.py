@@ -333,6 +333,33 @@ def _attention_mode(handle, csa: CSAConfig, batch: Batch, seed: int, n: int):
     return handle.off()
 
 
+def _batch_embeds(pipe, story: Story, ids: list[int], do_cfg: bool, device, id_images, id_encoder, merge: int):
+    """The prompt embeddings of one batch of panels: (prompt, negative, pooled, negative pooled, ID-fused or None).
+    With the PhotoMaker path and no delay (`merge` 0), the fused embeddings are the prompt from the start."""
+    prompts = [story.panels[i].prompt for i in ids]
+    pe, npe, pooled, npooled = _encode(pipe, prompts, story.negative_prompt, do_cfg, device)
+    fused = None
+    if id_images is not None:
+        fused = _fused_embeds(pipe, story, ids, id_encoder, id_images, device, pe)
+    if fused is not None and merge == 0:
+        pe, fused = fused, None
+    return pe, npe, pooled, npooled, fused
+
+
+def _step_callback(handle, fused, npe, merge: int, do_cfg: bool):
+    """The pipeline's `callback_on_step_end`: tells CSA the next step's index (it keys the bank and drives the
+    skips) and, at step `merge`, switches to the ID-fused prompt (PhotoMaker's delayed conditioning)."""
+
+    def on_step_end(_pipe, i, _t, kwargs):
+        if handle is not None:
+            handle.set_step(i + 1)
+        if fused is not None and i + 1 == merge:
+            return {"prompt_embeds": torch.cat([npe, fused]) if do_cfg else fused}
+        return {}
+
+    return on_step_end
+
+
 @torch.no_grad()
 def generate_story(
     pipe,
@@ -390,24 +417,11 @@ def generate_story(
     try:
         for b, batch in enumerate(plan):
             ids = list(batch.panels)
-            prompts = [story.panels[i].prompt for i in ids]
-            pe, npe, pooled, npooled = _encode(pipe, prompts, story.negative_prompt, do_cfg, device)
-            fused = None
-            if id_images is not None:
-                fused = _fused_embeds(pipe, story, ids, id_encoder, id_images, device, pe)
-            if fused is not None and merge == 0:
-                pe, fused = fused, None
+            pe, npe, pooled, npooled, fused = _batch_embeds(pipe, story, ids, do_cfg, device, id_images, id_encoder,
+                                                            merge)
             generators = [torch.Generator().manual_seed(s) for s in (seeds[i] for i in ids)]
-
-            def on_step_end(_pipe, i, _t, kwargs, fused=fused, npe=npe):
-                if handle is not None:
-                    handle.set_step(i + 1)  # the next step's index (keys the bank, drives the skips)
-                if fused is not None and i + 1 == merge:  # delayed conditioning: switch to the ID-fused prompt
-                    return {"prompt_embeds": torch.cat([npe, fused]) if do_cfg else fused}
-                return {}
-
-            ctx = _attention_mode(handle, csa, batch, seed * 1_000_003 + b, len(ids))
-            with ctx:
+            on_step_end = _step_callback(handle, fused, npe, merge, do_cfg)
+            with _attention_mode(handle, csa, batch, seed * 1_000_003 + b, len(ids)):
                 out = pipe(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=pooled,
                            negative_pooled_prompt_embeds=npooled, num_inference_steps=steps,
                            guidance_scale=guidance_scale, height=height, width=width, generator=generators,

@@ -191,13 +191,52 @@ def _join(descriptions: list[str], text: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Parsing
 # ----------------------------------------------------------------------------------------------------
-def parse_story(text: str, style: str | StyleTemplate | None = None) -> Story:
-    """Parse story text (format in the module doc) into a :class:`Story`. ``style`` overrides the file's."""
-    if not isinstance(text, str):
-        raise TypeError(f"parse_story needs the story text as a str, got {type(text).__name__}: "
-                        "use read_story(path) for a file")
+def _split_line(line: str, number: int) -> tuple[str, str | None, list[str], str]:
+    """A story line -> (body before the first '#', caption after the last '#' or None, [Name] tags, the text
+    without tags)."""
+    body, caption = line, None
+    if "#" in line:
+        caption = " ".join(line.rsplit("#", 1)[1].split())  # after the last '#'
+        body = line.split("#", 1)[0].strip()  # the prompt: before the first '#'
+    names = [t.strip() for t in _TAG.findall(body)]
+    for name in names:
+        if not _NAME.match(name):
+            raise ValueError(f"line {number}: bad character name [{name}]: use letters, digits, _ or - "
+                             "(e.g. [Lily]), and [NC] for a panel without a character")
+    if "[" in _TAG.sub("", body) or "]" in _TAG.sub("", body):
+        raise ValueError(f"line {number}: unbalanced brackets in {line!r}: write character tags as [Name]")
+    rest = " ".join(_TAG.sub(" ", body).split())
+    return body, caption, names, re.sub(r"^[,;:]\s*", "", rest)
+
+
+def _panel_names(names: list[str], rest: str, line: str, number: int,
+                 characters: dict[str, StoryCharacter]) -> tuple[str, ...]:
+    """The characters a panel line names, checked: defined, each once, or [NC] alone (-> no character)."""
+    if not names:
+        raise ValueError(f"line {number}: a panel line must name its characters as [Name] or start with [NC] "
+                         f"(no character), got {line!r}")
+    if NO_CHARACTER in names:
+        if names != [NO_CHARACTER]:
+            raise ValueError(f"line {number}: [NC] means no character, but the line also names "
+                             f"{[n for n in names if n != NO_CHARACTER]}: remove [NC] or the names")
+        if not rest:
+            raise ValueError(f"line {number}: an [NC] panel needs a text, e.g. [NC] the park at night")
+        return ()
+    for name in names:
+        if name not in characters:
+            known = ", ".join(f"[{c}]" for c in characters) or "none"
+            where = f"define it at the top, before the first panel, with a line `[{name}] description`"
+            raise ValueError(f"line {number}: unknown character [{name}] (known: {known}): {where}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"line {number}: a panel names the same character twice: name each once")
+    return tuple(names)
+
+
+def _read_lines(text: str):
+    """Step 1 of `parse_story`: the lines -> (characters, panel rows (line, text, names, caption), the file's style,
+    its negative prompt)."""
     characters: dict[str, StoryCharacter] = {}
-    rows: list[tuple[int, str, tuple[str, ...], str]] = []  # (line, text, names, caption)
+    rows: list[tuple[int, str, tuple[str, ...], str | None]] = []
     file_style: StyleTemplate | None = None
     negative: str | None = None
     for number, raw in enumerate(text.splitlines(), start=1):
@@ -211,20 +250,7 @@ def parse_story(text: str, style: str | StyleTemplate | None = None) -> Story:
         if low.startswith("negative:"):
             negative = line[9:].strip()
             continue
-        body, caption = line, None
-        if "#" in line:
-            caption = " ".join(line.rsplit("#", 1)[1].split())  # after the last '#'
-            body = line.split("#", 1)[0].strip()  # the prompt: before the first '#'
-        tags = _TAG.findall(body)
-        names = [t.strip() for t in tags]
-        for name in names:
-            if not _NAME.match(name):
-                raise ValueError(f"line {number}: bad character name [{name}]: use letters, digits, _ or - "
-                                 "(e.g. [Lily]), and [NC] for a panel without a character")
-        if "[" in _TAG.sub("", body) or "]" in _TAG.sub("", body):
-            raise ValueError(f"line {number}: unbalanced brackets in {line!r}: write character tags as [Name]")
-        rest = " ".join(_TAG.sub(" ", body).split())
-        rest = re.sub(r"^[,;:]\s*", "", rest)
+        body, caption, names, rest = _split_line(line, number)
         is_definition = (not rows and len(names) == 1 and body.startswith("[") and names[0] != NO_CHARACTER
                          and names[0] not in characters)
         if is_definition:
@@ -236,32 +262,23 @@ def parse_story(text: str, style: str | StyleTemplate | None = None) -> Story:
                                  f"[{names[0]}] a girl")
             characters[names[0]] = StoryCharacter(names[0], rest, number)
             continue
-        if not names:
-            raise ValueError(f"line {number}: a panel line must name its characters as [Name] or start with [NC] "
-                             f"(no character), got {line!r}")
-        if NO_CHARACTER in names:
-            if names != [NO_CHARACTER]:
-                raise ValueError(f"line {number}: [NC] means no character, but the line also names "
-                                 f"{[n for n in names if n != NO_CHARACTER]}: remove [NC] or the names")
-            names = []
-            if not rest:
-                raise ValueError(f"line {number}: an [NC] panel needs a text, e.g. [NC] the park at night")
-        for name in names:
-            if name not in characters:
-                known = ", ".join(f"[{c}]" for c in characters) or "none"
-                where = (f"define it at the top, before the first panel, with a line `[{name}] description`")
-                raise ValueError(f"line {number}: unknown character [{name}] (known: {known}): {where}")
-        if len(set(names)) != len(names):
-            raise ValueError(f"line {number}: a panel names the same character twice: name each once")
-        rows.append((number, rest, tuple(names), caption))
+        rows.append((number, rest, _panel_names(names, rest, line, number, characters), caption))
+    return characters, rows, file_style, negative
 
+
+def parse_story(text: str, style: str | StyleTemplate | None = None) -> Story:
+    """Parse story text (format in the module doc) into a :class:`Story`. ``style`` overrides the file's."""
+    if not isinstance(text, str):
+        raise TypeError(f"parse_story needs the story text as a str, got {type(text).__name__}: "
+                        "use read_story(path) for a file")
+    characters, rows, file_style, negative = _read_lines(text)
     if not rows:
         raise ValueError("the story is empty: it has no panel lines. Add one line per panel after the character "
                          "lines, e.g. `[Lily] a girl` then `[Lily] walking in the park # Lily goes out.`")
     st = STYLES["plain"] if file_style is None else file_style
     if style is not None:
         st = style if isinstance(style, StyleTemplate) else _resolve_style(style, 0)
-    panels = []
+    panels = []  # step 2: the prompts, before and after the style template, with and without the trigger word
     for index, (number, rest, names, caption) in enumerate(rows):
         descs = [characters[n].description for n in names]
         id_raw = _join(descs, rest)
@@ -270,7 +287,7 @@ def parse_story(text: str, style: str | StyleTemplate | None = None) -> Story:
             caption = _join(list(names), rest) if names else rest
         panels.append(StoryPanel(index, number, rest, names, caption, st.apply(raw), st.apply(id_raw), raw))
     story = Story(characters, tuple(panels), st, negative if negative is not None else st.negative)
-    for name, ch in characters.items():
+    for name, ch in characters.items():  # step 3: every character has a reference panel
         if not story.solo_panels(name):
             raise ValueError(f"line {ch.line}: character [{name}] has no solo panel (a panel naming only [{name}]) "
                              f"to serve as its reference: add a line like `[{name}] standing in the park`, or "

@@ -89,7 +89,7 @@ def _figure_height(class_word: str) -> float:
     p = _panel(2, scene="snow", action="standing")
     p = dataclasses.replace(p, character=dataclasses.replace(p.character, class_word=class_word, hat="no hat"),
                             **sw.action_pose("standing"))
-    cv = world._Canvas(64)
+    cv = sw.Canvas(64)
     world._draw_scene(cv, p.scene, p.backdrop)
     diff = np.abs(sw.render(p).astype(np.int16) - cv.to_uint8().astype(np.int16)).max(-1)
     rows = np.nonzero((diff > 30).any(1))[0]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..attention import install_consistent_attention
-from ..images import to_uint8
+from ..images import to_uint8, unit_to_uint8
 from ..storyworld import world as sw
 from ..storyworld.datasets import ImageDataset
 
@@ -29,7 +29,7 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], steps: int, guid
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch]]
         images = pipe(prompt=prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance,
                       generator=gens, output_type="np").images
-        out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
+        out.append(unit_to_uint8(images))
     return np.concatenate(out)
 
 

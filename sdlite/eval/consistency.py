@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..attention import install_consistent_attention
+from ..images import unit_to_uint8
 from ..pipeline import CSAConfig, generate_story, model_defaults, panel_seeds
 from ..story import parse_story
 from ..storyworld import world as sw
@@ -119,7 +120,7 @@ def generate_stories_batched(pipe, stories: list[EvalStory], csa: CSAConfig, *, 
     finally:
         if handle is not None:
             handle.remove()
-    images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    images = unit_to_uint8(images)
     return [images[k * n:(k + 1) * n] for k in range(len(stories))]
 
 

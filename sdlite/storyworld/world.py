@@ -39,6 +39,7 @@ __all__ = [
     "SCENE_KEY_RGB",
     "POSE_RANGES",
     "CLIP_KINDS",
+    "Canvas",
     "Character",
     "Panel",
     "sample_character",
@@ -260,7 +261,7 @@ def interpolate(a: Panel, b: Panel, t: float) -> Panel:
 # ----------------------------------------------------------------------------------------------------------
 # Rendering: anti-aliased signed-distance shapes on a float canvas
 # ----------------------------------------------------------------------------------------------------------
-class _Canvas:
+class Canvas:
     """A float32 (S, S, 3) image; each shape is evaluated only inside its bounding box."""
 
     def __init__(self, size: int):
@@ -368,7 +369,7 @@ class _Canvas:
         return np.clip(self.img + 0.5, 0, 255).astype(np.uint8)
 
 
-def _draw_scene(cv: _Canvas, scene: str, backdrop: float) -> None:
+def _draw_scene(cv: Canvas, scene: str, backdrop: float) -> None:
     """Large, recognisable background areas: sky / wall, ground / floor, and one or two landmarks."""
     b = backdrop
     key = SCENE_KEY_RGB.get(scene, {})
@@ -426,7 +427,7 @@ def _draw_scene(cv: _Canvas, scene: str, backdrop: float) -> None:
         raise ValueError(f"unknown scene {scene!r}")
 
 
-def _draw_character(cv: _Canvas, p: Panel) -> None:
+def _draw_character(cv: Canvas, p: Panel) -> None:
     ch = p.character
     child = ch.class_word in ("boy", "girl")
     long_hair = ch.class_word in ("girl", "woman")
@@ -526,7 +527,7 @@ def render(panel: Panel, size: int = 64) -> np.ndarray:
     if not isinstance(panel, Panel):
         raise TypeError(f"render needs a Panel, got {type(panel).__name__}: build one with sample_panel(rng)")
     check_size(size)
-    cv = _Canvas(int(size))
+    cv = Canvas(int(size))
     _draw_scene(cv, panel.scene, panel.backdrop)
     _draw_character(cv, panel)
     return cv.to_uint8()
