@@ -1,6 +1,7 @@
 # sdlite: the commands the README uses.
 #   make test   create .venv if missing, install sdlite with its dev extras, run unit tests + every notebook (nbval)
 #   make lab    open JupyterLab on notebooks/
+#   make student  student versions of the notebooks in student/ (exercises without solutions, no outputs)
 #   make demo   the main job: the bundled example story -> a comic page (CPU, storyworld, about a minute)
 #   make train-storyworld  rebuild every shipped checkpoint in data/storyworld from scratch (2-core CPU, about 2.8 h)
 #   make eval / make benchmarks   the committed results/ and benchmarks/ figures
@@ -17,7 +18,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install test unit notebooks lab demo clean-venv execute-notebook train-storyworld train-motion eval benchmarks
+.PHONY: install test unit notebooks lab demo clean-venv execute-notebook train-storyworld train-motion eval benchmarks student browser-test
 
 $(PY):
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -39,6 +40,16 @@ unit: install
 
 notebooks: install
 	$(PY) -m pytest -q --nbval-lax --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg notebooks
+
+# Student versions of the notebooks (nbgrader's preprocessors): solutions replaced by the placeholder, outputs cleared.
+student: install
+	$(PY) classroom/student.py --out student
+
+# The notebooks as a student uses them: JupyterLab driven by Playwright in Debian's chromium (outside `make test`;
+# needs `apt-get install chromium`). Runs every notebook through the UI, moves every slider, fails on any error.
+browser-test: install
+	$(PY) -m pip install -q "playwright>=1.40"
+	$(PY) classroom/browser_test.py
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks/

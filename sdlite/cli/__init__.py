@@ -40,6 +40,9 @@ def run_registry_parser(parser: argparse.ArgumentParser, dest: str, argv: list[s
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    from ..quiet import quiet_libraries
+
+    quiet_libraries()  # a person reads this output: sdlite's progress and messages, not the libraries' loading bars
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileExistsError, FileNotFoundError, TypeError) as err:
