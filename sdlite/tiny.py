@@ -12,7 +12,7 @@ import torch
 
 from .seeds import seeded
 
-__all__ = ["tiny_sd15_unet", "tiny_sdxl_pipeline", "tiny_sdxl_unet", "tiny_storyworld_pipeline", "tiny_unet_inputs"]
+__all__ = ["tiny_sd15_unet", "tiny_sdxl_pipeline", "tiny_sdxl_unet", "tiny_unet_inputs"]
 
 SDXL_TEXT_DIM = 64  # cross-attention width of the tiny SDXL UNet (real SDXL: 2048)
 SDXL_POOLED_DIM = 32  # pooled text embedding width (real SDXL: 1280)

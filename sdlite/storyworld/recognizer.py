@@ -17,7 +17,6 @@ Two independent scorers ship, so labels of generated images can be cross-checked
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
