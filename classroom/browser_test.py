@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".browser-test"  # beside notebooks/, so their relative paths (../results, ../data) still resolve
 SHOTS = WORK / "screenshots"
+PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook on screen
 
 # The text an output widget shows, without the controls themselves (a slider's own readout always changes).
 OUTPUT_STATE_JS = """
@@ -67,8 +68,8 @@ def wait_idle(page, timeout_s: float) -> None:
     deadline = time.time() + timeout_s
     time.sleep(2)
     while time.time() < deadline:
-        busy = page.evaluate("""() => Array.from(document.querySelectorAll('.jp-InputArea-prompt'))
-                                   .some(p => p.innerText.includes('*'))""")
+        busy = page.evaluate("""(panel) => Array.from(document.querySelectorAll(panel + ' .jp-InputArea-prompt'))
+                                   .some(p => p.innerText.includes('*'))""", PANEL)
         if not busy:
             return
         time.sleep(1)
@@ -103,7 +104,7 @@ def errors_in(path: Path) -> list[str]:
 def exercise_widgets(page, name: str) -> list[str]:
     """Move every slider and type into every text box; returns the controls whose output did not change."""
     dead = []
-    controls = page.locator(".jp-Cell .widget-slider .noUi-handle, .jp-Cell .widget-text input")
+    controls = page.locator(f"{PANEL} .jp-Cell .widget-slider .noUi-handle, {PANEL} .jp-Cell .widget-text input")
     for k in range(controls.count()):
         control = controls.nth(k)
         cell = control.locator("xpath=ancestor::div[contains(@class,'jp-Cell')][1]")
@@ -155,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             for name in names:
                 t0 = time.time()
-                page.goto(f"http://127.0.0.1:{port}/lab/tree/{name}?token={token}")
-                page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
+                page.goto(f"http://127.0.0.1:{port}/lab/tree/{name}?reset&token={token}")  # reset: this tab only
+                page.wait_for_selector(f"{PANEL} .jp-Cell", timeout=60_000)
                 dismiss_dialogs(page)
-                page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+                page.wait_for_selector(f"{PANEL} .jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
                 run_all(page)
                 wait_idle(page, args.timeout)
                 page.keyboard.press("Control+s")

@@ -32,19 +32,38 @@ def bundled_font(size: int = 16) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(data_file("fonts", "DejaVuSans.ttf")), size)
 
 
+def _longest_fitting_prefix(word: str, font: ImageFont.FreeTypeFont, width: int) -> int:
+    """The largest k >= 1 with ``font.getlength(word[:k]) <= width`` (1 when even one letter is wider). A line of
+    ``width`` px holds at most ``width`` letters (every letter is at least a pixel wide), so a binary search over
+    k <= width + 1 measures O(log width) prefixes, however long the word."""
+    lo, hi = 1, min(len(word), width + 1)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if font.getlength(word[:mid]) <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def wrap_text(text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
-    """Greedy word wrap to lines no wider than ``width`` px (a single too-long word is cut letter by letter)."""
+    """Greedy word wrap to lines no wider than ``width`` px (a single too-long word is cut letter by letter).
+
+    Linear in the text's length: a trial line is measured only while it can still fit, and a long word is cut with a
+    binary search instead of measuring every prefix."""
     lines: list[str] = []
     current = ""
     for word in text.split():
         trial = f"{current} {word}".strip()
-        if font.getlength(trial) <= width:
+        if len(trial) <= width + 1 and font.getlength(trial) <= width:
             current = trial
             continue
         if current:
             lines.append(current)
-        while font.getlength(word) > width and len(word) > 1:  # break a word longer than the line
-            cut = max(1, max(k for k in range(1, len(word) + 1) if font.getlength(word[:k]) <= width or k == 1))
+        while len(word) > 1:  # break a word longer than the line
+            cut = _longest_fitting_prefix(word, font, width)
+            if cut == len(word) and font.getlength(word) <= width:
+                break
             lines.append(word[:cut])
             word = word[cut:]
         current = word
