@@ -130,6 +130,18 @@ def model_defaults(pipe) -> dict:
     return {"steps": 35, "guidance_scale": 5.0, "layers": "up", "first_steps_without_csa": 1, "rate": 0.5}
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def is_hub_id(model: str) -> bool:
+    """True for `namespace/name` that is not a local path: a mistyped local folder (`./m/nope`, `runs/x/export`,
+    `m/nope` where `m/` exists) is never sent to the Hub."""
+    if not _HUB_ID.match(model) or model.startswith("."):
+        return False
+    namespace = model.split("/", 1)[0]
+    return not Path(namespace).exists()
+
+
 def load_pipeline(model: str | Path = "storyworld", device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """``"storyworld"`` (the shipped tiny model), a local pipeline folder, or a hub id such as
     ``"stabilityai/stable-diffusion-xl-base-1.0"`` (needs the weights in the local cache or a network).
@@ -160,9 +172,10 @@ def load_pipeline(model: str | Path = "storyworld", device: str | torch.device =
             return load_storyworld(device, folder=path)
         pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
     else:
-        if "/" not in str(model):
-            raise ValueError(f"--model {model!r} is neither 'storyworld', an existing folder, nor a hub id like "
-                             "'stabilityai/stable-diffusion-xl-base-1.0'")
+        if not is_hub_id(str(model)):
+            raise FileNotFoundError(f"--model {model!r}: no such folder (and not a hub id of the form 'namespace/name'"
+                                    "): check the path, or pass 'storyworld' or a hub id like "
+                                    "'stabilityai/stable-diffusion-xl-base-1.0'")
         try:
             try:  # the fp16 weight files when asking for fp16 (half the download), else the default ones
                 pipe = StableDiffusionXLPipeline.from_pretrained(str(model), dtype=dtype, use_safetensors=True,
@@ -173,7 +186,8 @@ def load_pipeline(model: str | Path = "storyworld", device: str | torch.device =
                 pipe = StableDiffusionXLPipeline.from_pretrained(str(model), dtype=dtype, use_safetensors=True)
         except OSError as err:
             raise FileNotFoundError(
-                f"could not load {model!r} ({err.__class__.__name__}): without a network the weights must be in the "
+                f"--model {model!r} was taken as a hub id (no local folder of that name), and could not be loaded "
+                f"({err.__class__.__name__}): without a network the weights must be in the "
                 "Hugging Face cache (run once online: `huggingface-cli download stabilityai/stable-diffusion-xl-base"
                 "-1.0`) or in a local folder passed as --model PATH") from err
     return pipe.to(device)

@@ -239,7 +239,8 @@ def _read_lines(text: str):
     rows: list[tuple[int, str, tuple[str, ...], str | None]] = []
     file_style: StyleTemplate | None = None
     negative: str | None = None
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # only "\n" ends a line (str.splitlines would also split at U+2028, NEL, ... and shift the line numbers)
+    for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
         if not line or line.startswith("//"):
             continue
@@ -296,12 +297,19 @@ def parse_story(text: str, style: str | StyleTemplate | None = None) -> Story:
 
 
 def read_story(path: str | Path, style: str | StyleTemplate | None = None) -> Story:
-    """Parse a story file (UTF-8)."""
+    """Parse a story file (UTF-8, with or without a byte-order mark)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no story file at {path}: write one (see sdlite/story.py for the format) or "
                                 f"start from {example_story_path()}")
-    return parse_story(path.read_text(encoding="utf-8"), style=style)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows Notepad) is not part of the first line
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line}: byte {raw[err.start]:#04x} is not UTF-8: save the story as UTF-8 "
+                         "text") from None
+    return parse_story(text, style=style)
 
 
 def example_story_path() -> Path:

@@ -191,7 +191,7 @@ def test_bad_calls(sw_pipe):
         generate_story(sw_pipe, "[A] a boy\n[A] walking")
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         generate_story(sw_pipe, parse_story(FOUR), steps=0)
-    with pytest.raises(ValueError, match="neither 'storyworld', an existing folder, nor a hub id"):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
         load_pipeline("no-such-model")
 
 

@@ -18,6 +18,7 @@ import sys
 __all__ = ["SUBCOMMANDS", "add_threads_option", "build_parser", "build_registry_parser", "main", "run_module_command",
            "run_registry_parser", "set_threads"]
 
+MAX_MESSAGE = 400  # characters of an error line (a 1 MB story line is not echoed back)
 SUBCOMMANDS: tuple[str, ...] = (
     "sdlite.cli.story:add_story_parser",
     "sdlite.cli.video:add_video_parser",
@@ -45,9 +46,19 @@ def run_registry_parser(parser: argparse.ArgumentParser, dest: str, argv: list[s
     quiet_libraries()  # a person reads this output: sdlite's progress and messages, not the libraries' loading bars
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileExistsError, FileNotFoundError, TypeError) as err:
-        # bad input: one clear line, no traceback (the message names the fix)
-        print(f"{parser.prog} {getattr(args, dest)}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; nothing new was written", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - a person reads this: one line, the traceback only with --debug
+        if getattr(args, "debug", False):
+            raise
+        expected = isinstance(err, (ValueError, FileExistsError, FileNotFoundError, TypeError, PermissionError))
+        message = " ".join(str(err).split())
+        if len(message) > MAX_MESSAGE:
+            message = message[: MAX_MESSAGE - 20] + " ... (shortened)"
+        kind = "" if expected else f"{type(err).__name__}: "
+        hint = "" if expected or not hasattr(args, "debug") else " (run again with --debug for the traceback)"
+        print(f"{parser.prog} {getattr(args, dest)}: error: {kind}{message}{hint}", file=sys.stderr)
         return 2
 
 

@@ -43,46 +43,87 @@ def add_story_parser(subparsers) -> None:
                         "transitions of the semantic motion predictor + video decoder (sdlite.video)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     p.set_defaults(func=run_story_command)
 
 
+MAX_CAPTION = 1000  # characters: a caption is a line under a panel, not a chapter
+
+
+def check_story_options(args) -> None:
+    """Every number the command takes, checked before anything is loaded (one clear error naming the option)."""
+    import math
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(message)
+
+    need(args.columns >= 1, f"--columns {args.columns}: use 1 or more panels per row")
+    need(32 <= args.panel_size <= 4096, f"--panel-size {args.panel_size}: use 32 to 4096 px")
+    need(args.steps is None or args.steps >= 1, f"--steps {args.steps}: use 1 or more denoising steps")
+    need(args.guidance is None or (math.isfinite(args.guidance) and args.guidance >= 0),
+         f"--guidance {args.guidance}: use a finite scale >= 0 (1 or less turns guidance off; 5 is the default)")
+    need(args.size is None or (args.size >= 64 and args.size % 8 == 0),
+         f"--size {args.size}: use a multiple of 8, at least 64 (storyworld: 64; SDXL: 1024)")
+    need(args.rate is None or 0.0 <= args.rate <= 1.0, f"--rate {args.rate}: the sampling rate is in [0, 1]")
+    need(args.tile is None or args.tile >= 1, f"--tile {args.tile}: use 1 or more images per window")
+    need(args.id_length >= 1, f"--id-length {args.id_length}: use 1 or more reference panels")
+
+
 def run_story_command(args) -> int:
-    """``sdlite story``: parse, check outputs, load the model, generate, write page + panels, print the paths."""
+    """``sdlite story``: check everything cheap first (options, story, output paths), load the models (the video
+    decoder too, when --video is asked), generate, then write page, panels and video as one unit."""
     from ..comic import make_page
-    from ..paths import check_writable
+    from ..paths import check_target, write_all_or_nothing
     from ..pipeline import CSAConfig, generate_story, load_pipeline
     from ..story import example_story_path, read_story
 
+    check_story_options(args)
     path = Path(args.story) if args.story else example_story_path()
     story = read_story(path, style=args.style)
+    for panel in story.panels:
+        if len(panel.caption) > MAX_CAPTION:
+            raise ValueError(f"{path}: line {panel.line}: the caption is {len(panel.caption)} characters; keep it "
+                             f"under {MAX_CAPTION} (it is printed under one panel)")
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out {out}: the page is a PNG, use a path ending in .png")
     panel_dir = out.with_name(out.stem + "_panels")
-    panel_paths = [panel_dir / f"panel_{i + 1:02d}.png" for i in range(len(story))]
+    if panel_dir.exists() and not panel_dir.is_dir():
+        raise FileExistsError(f"{panel_dir} is a file, where the panels' folder goes: move it or choose another --out")
+    width = max(2, len(str(len(story))))  # panel_01 .. panel_99, panel_001 .. for longer stories: names sort
+    panel_paths = [panel_dir / f"panel_{i + 1:0{width}d}.png" for i in range(len(story))]
     video_path = Path(args.video) if getattr(args, "video", None) else None
     if video_path is not None and video_path.suffix.lower() not in (".mp4", ".gif"):
         raise ValueError(f"--video {video_path}: use a path ending in .mp4 or .gif")
     if video_path is not None and len(story) < 2:
         raise ValueError("--video needs a story of at least 2 panels (one transition)")
     for target in [out, *panel_paths, *([video_path] if video_path else [])]:  # fail before the slow part
-        check_writable(target, args.force)
+        check_target(target, args.force, "--video" if target == video_path else "--out")
     csa = CSAConfig(rate=args.rate, tile=args.tile, layers=args.layers, id_length=args.id_length,
                     enabled=not args.no_csa)
+    video_models = None
+    if video_path is not None:  # a broken decoder fails now, not after every panel was generated
+        from ..video import load_video_models
+
+        video_models = load_video_models()
     pipe = load_pipeline(args.model, args.device)
     result = generate_story(pipe, story, csa=csa, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                             seed_policy="shared" if args.shared_seed else "per_panel", height=args.size,
                             width=args.size, progress=not args.quiet)
     page = make_page(result.images, story.captions, layout=args.layout, columns=args.columns,
                      panel_size=args.panel_size, title=args.title)
-    page.save(out, format="PNG")
-    for target, image in zip(panel_paths, result.images):
-        image.save(target, format="PNG")
-    print(f"page: {out}")
-    print(f"panels: {panel_dir}/ ({len(panel_paths)} files: {panel_paths[0].name} .. {panel_paths[-1].name})")
+    writers = {out: lambda p: page.save(p, format="PNG")}
+    writers.update({target: (lambda p, im=image: im.save(p, format="PNG"))
+                    for target, image in zip(panel_paths, result.images)})
     if video_path is not None:
         from ..video import story_video, write_video
 
-        video = story_video(result.images, seed=args.seed)
-        print(f"video: {write_video(video_path, video, force=args.force)}")
+        video = story_video(result.images, video_models, seed=args.seed)
+        writers[video_path] = lambda p: write_video(p, video, force=True)
+    write_all_or_nothing(writers, force=args.force)
+    print(f"page: {out}")
+    print(f"panels: {panel_dir}/ ({len(panel_paths)} files: {panel_paths[0].name} .. {panel_paths[-1].name})")
+    if video_path is not None:
+        print(f"video: {video_path}")
     return 0

@@ -26,22 +26,48 @@ def add_video_parser(subparsers, name: str = "video") -> argparse.ArgumentParser
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--scale", type=int, default=4, help="upscale frames this many times (nearest) when writing")
     p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     p.set_defaults(func=run_video)
     return p
 
 
+def check_keyframe(path: str) -> None:
+    """A keyframe must be a readable picture of a sane size; checked before any model loads."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        what = "is a folder" if p.is_dir() else "does not exist"
+        raise FileNotFoundError(f"keyframe {p} {what}: pass the path of a PNG/JPEG picture")
+    try:
+        with Image.open(p) as im:
+            size = im.size
+            im.verify()  # reads the whole file: a truncated picture fails here
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"keyframe {p} is not a readable picture ({err}): pass a PNG/JPEG file") from None
+    except Image.DecompressionBombError:
+        raise ValueError(f"keyframe {p} is far too large to be a keyframe: resize it (e.g. to 512 x 512)") from None
+    if max(size) > 8192:
+        raise ValueError(f"keyframe {p} is {size[0]} x {size[1]} px: resize it to at most 8192 px a side "
+                         "(it is scaled to the model's size anyway)")
+
+
 def run_video(args) -> int:
     from ..motion import check_frames
-    from ..paths import check_writable
+    from ..paths import check_target, write_all_or_nothing
     from ..video import generate_transition, write_video
 
-    check_writable(args.out, args.force)  # refuse before any work
+    out = check_target(args.out, args.force)  # refuse before any work
+    if out.suffix.lower() not in (".mp4", ".gif", ".png"):
+        raise ValueError(f"--out {out}: write .mp4, .gif or .png (a strip of frames)")
+    if args.fps < 1 or args.scale < 1 or args.steps < 1:
+        raise ValueError(f"--fps {args.fps}, --scale {args.scale}, --steps {args.steps}: each must be 1 or more")
     for key in (args.start, args.end):
-        if not Path(key).is_file():
-            raise FileNotFoundError(f"keyframe {key} does not exist: pass the path of a PNG/JPEG picture")
+        check_keyframe(key)
     check_frames(args.frames)
     video = generate_transition(args.start, args.end, args.frames, prompt=args.prompt, mode=args.mode,
                                 steps=args.steps, seed=args.seed, strength=args.strength)
-    path = write_video(args.out, video, fps=args.fps, scale=args.scale, force=args.force)
-    print(f"wrote {path} ({video.shape[0]} frames)")
+    write_all_or_nothing({out: lambda p: write_video(p, video, fps=args.fps, scale=args.scale, force=True)},
+                         force=args.force)
+    print(f"wrote {out} ({video.shape[0]} frames)")
     return 0

@@ -1,0 +1,180 @@
+"""The `sdlite` command as a careless user and a hostile file meet it: every expected failure is one line on stderr
+and exit code 2, before any model loads where it can be, and leaves no new file behind; outputs appear whole or not
+at all; nothing existing is overwritten without --force. Generation is replaced by a fast fake where the test is
+about the command, not the model."""
+import os
+import types
+
+import pytest
+from PIL import Image
+
+import sdlite.pipeline
+from sdlite.cli import main
+
+STORY = "[Lily] a girl\n[Lily] standing in the park # Hi.\n[Lily] walking in the city # Go.\n"
+
+
+@pytest.fixture
+def fake_model(monkeypatch):
+    """load_pipeline and generate_story replaced: a panel is a 64x64 picture of its index. Records the calls."""
+    calls = {"load": 0, "generate": 0}
+
+    def load(model, device="cpu", dtype=None):
+        calls["load"] += 1
+        return object()
+
+    def generate(pipe, story, **kw):
+        calls["generate"] += 1
+        return types.SimpleNamespace(images=[Image.new("RGB", (64, 64), (10 * i, 0, 0)) for i in range(len(story))])
+
+    monkeypatch.setattr(sdlite.pipeline, "load_pipeline", load)
+    monkeypatch.setattr(sdlite.pipeline, "generate_story", generate)
+    return calls
+
+
+def story_file(tmp_path, text=STORY, name="s.txt", encoding="utf-8"):
+    path = tmp_path / name
+    path.write_bytes(text.encode(encoding) if isinstance(text, str) else text)
+    return path
+
+
+def files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_a_good_run_writes_page_and_panels(tmp_path, fake_model, capsys):
+    assert main(["story", str(story_file(tmp_path)), "--out", str(tmp_path / "o" / "page.png")]) == 0
+    assert files(tmp_path / "o") == ["page.png", "page_panels", "page_panels/panel_01.png", "page_panels/panel_02.png"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--columns", "0"], "--columns"), (["--panel-size", "8"], "--panel-size"), (["--size", "0"], "--size"),
+    (["--size", "100"], "multiple of 8"), (["--guidance", "nan"], "--guidance"), (["--steps", "0"], "--steps"),
+    (["--rate", "1.5"], "--rate"), (["--out", "x.jpg"], ".png"), (["--video", "v.avi"], ".mp4 or .gif"),
+])
+def test_bad_options_fail_before_the_model_loads_and_leave_nothing(tmp_path, fake_model, capsys, options, message):
+    story = story_file(tmp_path)
+    out = tmp_path / "o" / "page.png"
+    args = ["story", str(story), "--out", str(out), *options]
+    if "--out" in options:
+        args = ["story", str(story), *options]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert fake_model["load"] == 0 and not (tmp_path / "o").exists()
+
+
+def test_story_errors_name_the_file_and_line_and_leave_no_panel_folder(tmp_path, fake_model, capsys):
+    out = tmp_path / "o" / "page.png"
+    bad = story_file(tmp_path, b"[Lily] a girl\n[Lily] standing in the p\xe4rk # Hi.\n", "latin1.txt")
+    assert main(["story", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "latin1.txt: line 2" in err and "UTF-8" in err
+    long_caption = STORY + "[Lily] waving at night # " + "word " * 300_000 + "\n"
+    assert main(["story", str(story_file(tmp_path, long_caption, "long.txt")), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "caption" in err and len(err) < 600  # the 1.5 MB line is not echoed back
+    assert fake_model["load"] == 0 and not (tmp_path / "o").exists()
+
+
+def test_a_story_saved_with_a_byte_order_mark_reads_and_line_numbers_ignore_unicode_breaks(tmp_path, fake_model):
+    assert main(["story", str(story_file(tmp_path, "\ufeff" + STORY, "bom.txt")), "--out",
+                 str(tmp_path / "a.png")]) == 0
+    from sdlite.story import parse_story
+
+    with pytest.raises(ValueError, match="line 3: unknown character"):
+        parse_story("[Lily] a girl\u2028with a cap\n[Lily] standing in the park\n[Bob] waving\n")
+
+
+def test_existing_outputs_are_refused_without_force_and_replaced_with_it(tmp_path, fake_model, capsys):
+    story, out = story_file(tmp_path), tmp_path / "page.png"
+    out.write_bytes(b"mine")
+    assert main(["story", str(story), "--out", str(out)]) == 2 and "--force" in capsys.readouterr().err
+    assert out.read_bytes() == b"mine" and not (tmp_path / "page_panels").exists() and fake_model["load"] == 0
+    assert main(["story", str(story), "--out", str(out), "--force"]) == 0
+    assert Image.open(out).size[0] > 64
+    (tmp_path / "dir.png").mkdir()
+    assert main(["story", str(story), "--out", str(tmp_path / "dir.png"), "--force"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_a_file_created_during_generation_is_never_overwritten(tmp_path, monkeypatch, fake_model, capsys):
+    out = tmp_path / "page.png"
+    real = sdlite.pipeline.generate_story
+
+    def generate_while_someone_writes(pipe, story, **kw):
+        (tmp_path / "page_panels").mkdir()
+        (tmp_path / "page_panels" / "panel_02.png").write_bytes(b"theirs")  # appears after the checks
+        return real(pipe, story, **kw)
+
+    monkeypatch.setattr(sdlite.pipeline, "generate_story", generate_while_someone_writes)
+    assert main(["story", str(story_file(tmp_path)), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "page_panels" / "panel_02.png").read_bytes() == b"theirs"
+    assert files(tmp_path) == ["page_panels", "page_panels/panel_02.png", "s.txt"]  # nothing of ours, no temps
+
+
+def test_a_failure_while_writing_leaves_nothing_new(tmp_path, monkeypatch, fake_model, capsys):
+    calls = {"n": 0}
+    real_save = Image.Image.save
+
+    def save_fails_on_the_second_panel(self, fp, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return real_save(self, fp, *a, **kw)
+
+    monkeypatch.setattr(Image.Image, "save", save_fails_on_the_second_panel)
+    assert main(["story", str(story_file(tmp_path)), "--out", str(tmp_path / "o" / "page.png")]) == 2
+    err = capsys.readouterr().err
+    assert "No space left" in err and "--debug" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # no page, no panel, no empty folder, no temporary file
+
+
+def test_debug_shows_the_traceback(tmp_path, fake_model, monkeypatch):
+    monkeypatch.setattr(sdlite.pipeline, "generate_story", lambda *a, **k: 1 / 0)
+    args = ["story", str(story_file(tmp_path)), "--out", str(tmp_path / "p.png")]
+    assert main(args) == 2
+    with pytest.raises(ZeroDivisionError):
+        main([*args, "--debug"])
+
+
+def test_panel_names_sort_in_story_order(tmp_path, fake_model):
+    lines = "[Lily] a girl\n" + "".join(f"[Lily] standing in the park # {i}\n" for i in range(101))
+    assert main(["story", str(story_file(tmp_path, lines)), "--out", str(tmp_path / "p.png")]) == 0
+    names = sorted(os.listdir(tmp_path / "p_panels"))
+    assert names[0] == "panel_001.png" and names[-1] == "panel_101.png" and len(names) == 101
+
+
+def test_a_mistyped_local_model_folder_never_reaches_the_hub(tmp_path, monkeypatch):
+    from sdlite.pipeline import is_hub_id, load_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    assert not is_hub_id("m/nope") and not is_hub_id("./x/y") and not is_hub_id("runs/a/export")
+    assert is_hub_id("stabilityai/stable-diffusion-xl-base-1.0")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load_pipeline("m/nope")
+
+
+@pytest.mark.parametrize("content, message", [(b"not a picture", "not a readable picture"), (None, "is a folder")])
+def test_video_keyframes_are_checked_before_any_model(tmp_path, capsys, content, message, monkeypatch):
+    import sdlite.video
+
+    monkeypatch.setattr(sdlite.video, "load_video_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    good = tmp_path / "a.png"
+    Image.new("RGB", (64, 64)).save(good)
+    bad = tmp_path / "b.png"
+    if content is None:
+        bad.mkdir()
+    else:
+        bad.write_bytes(content)
+    assert main(["video", str(good), str(bad), "--out", str(tmp_path / "v.gif")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "v.gif").exists()
+    truncated = tmp_path / "t.png"
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:-40])
+    assert main(["video", str(good), str(truncated), "--out", str(tmp_path / "v.gif")]) == 2
+    assert "not a readable picture" in capsys.readouterr().err
+    assert main(["video", str(good), str(good), "--out", str(tmp_path / "v.gif"), "--fps", "0"]) == 2
+    assert "--fps" in capsys.readouterr().err
