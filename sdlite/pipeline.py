@@ -170,7 +170,11 @@ def load_pipeline(model: str | Path = "storyworld", device: str | torch.device =
             from .storyworld.models import load_storyworld
 
             return load_storyworld(device, folder=path)
+        from .checkpoints import check_loaded_weights, check_pipeline_folder
+
+        check_pipeline_folder(path)
         pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
+        check_loaded_weights(pipe, path)
     else:
         if not is_hub_id(str(model)):
             raise FileNotFoundError(f"--model {model!r}: no such folder (and not a hub id of the form 'namespace/name'"

@@ -178,3 +178,41 @@ def test_video_keyframes_are_checked_before_any_model(tmp_path, capsys, content,
     assert "not a readable picture" in capsys.readouterr().err
     assert main(["video", str(good), str(good), "--out", str(tmp_path / "v.gif"), "--fps", "0"]) == 2
     assert "--fps" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from sdlite.storyworld.models import tiny_storyworld_pipeline
+
+    folder = tmp_path_factory.mktemp("sw") / "pipe"
+    tiny_storyworld_pipeline(folder)
+    return folder
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("layers", "text_encoder: the weights do not match"),
+    ("truncate", "text_encoder/model.safetensors is not a readable safetensors file"),
+    ("empty", "unet/diffusion_pytorch_model.safetensors is not a readable safetensors file"),
+    ("json", "vae/config.json is not valid JSON"),
+])
+def test_damaged_model_folders_are_one_line_naming_the_component(tmp_path, tiny_folder, capsys, damage, message):
+    import json
+    import shutil
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny_folder, folder)
+    if damage == "layers":  # a config that disagrees with its weights: once a silently random layer
+        config = json.loads((folder / "text_encoder" / "config.json").read_text())
+        config["num_hidden_layers"] += 1
+        (folder / "text_encoder" / "config.json").write_text(json.dumps(config))
+    elif damage == "truncate":
+        f = folder / "text_encoder" / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:100])
+    elif damage == "empty":
+        (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    else:
+        (folder / "vae" / "config.json").write_text("{not json")
+    out = tmp_path / "o" / "page.png"
+    assert main(["story", str(story_file(tmp_path)), "--model", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "o").exists()

@@ -24,6 +24,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, U
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from transformers import CLIPTokenizer, CLIPVisionConfig
 
+from ..checkpoints import check_loaded_weights, check_pipeline_folder
 from ..paths import data_dir
 from ..seeds import seeded
 from ..tokenization import BOS, EOS, TRIGGER_WORD, add_trigger_word, clip_vocab_and_merges
@@ -279,7 +280,10 @@ def load_storyworld(device: str | torch.device = "cpu", folder: str | os.PathLik
             raise FileNotFoundError(f"{unet} holds no UNet (config.json missing): pass a folder written by "
                                     "UNet2DConditionModel.save_pretrained")
         extra["unet"] = UNet2DConditionModel.from_pretrained(unet, dtype=dtype, local_files_only=True)
+    check_pipeline_folder(folder)
     pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
+    if unet is None:
+        check_loaded_weights(pipe, folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
