@@ -19,10 +19,48 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .paths import check_writable, data_file
 
-__all__ = ["LAYOUTS", "PanelBox", "bundled_font", "classic_rows", "layout_boxes", "make_page", "save_page", "wrap_text"]
+__all__ = ["LAYOUTS", "MAX_PAGE_PIXELS", "PageGeometry", "PanelBox", "bundled_font", "classic_rows", "layout_boxes",
+           "load_font", "make_page", "missing_glyphs", "page_geometry", "save_page", "wrap_text"]
 
 LAYOUTS = ("grid", "classic")
 _CLASSIC_RHYTHM = (2, 1, 3, 2)  # panels per row, repeated
+
+
+MAX_PAGE_PIXELS = 80_000_000  # a larger page is refused (image viewers and Pillow itself give up around 90 M)
+
+
+def load_font(size: int = 16, path: str | Path | None = None) -> ImageFont.FreeTypeFont:
+    """The bundled DejaVu Sans, or the TrueType/OpenType font at ``path`` (e.g. one with CJK or emoji glyphs)."""
+    if path is None:
+        return bundled_font(size)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no font file at {path}: pass a .ttf/.otf file (--font PATH)")
+    try:
+        return ImageFont.truetype(str(path), size)
+    except OSError as err:
+        raise ValueError(f"{path} is not a font Pillow can read ({err}): pass a .ttf or .otf file") from None
+
+
+def missing_glyphs(text: str, font: ImageFont.FreeTypeFont) -> list[str]:
+    """The characters of ``text`` the font has no glyph for (they would print as empty boxes), in order, once each.
+    A character is missing when it renders exactly like a code point no font covers (plane 16's last one)."""
+    side = 2 * int(font.size) + 4
+
+    def pixels(ch: str) -> bytes:
+        canvas = Image.new("L", (side, side))
+        ImageDraw.Draw(canvas).text((2, 2), ch, fill=255, font=font)
+        return canvas.tobytes()
+
+    notdef = pixels("\U0010fffd")
+    seen, missing = set(), []
+    for ch in text:
+        if ch in seen or ch.isspace() or not ch.isprintable():
+            continue
+        seen.add(ch)
+        if pixels(ch) == notdef:
+            missing.append(ch)
+    return missing
 
 
 def bundled_font(size: int = 16) -> ImageFont.FreeTypeFont:
@@ -132,6 +170,49 @@ def layout_boxes(n: int, layout: str = "grid", panel_size: int = 256, columns: i
     return page_w, y, boxes
 
 
+@dataclass(frozen=True)
+class PageGeometry:
+    """Where everything goes on a page, computed from the captions alone (before any panel exists)."""
+
+    font: ImageFont.FreeTypeFont
+    font_size: int
+    line_h: int
+    width: int
+    height: int  # without the title
+    boxes: list
+    title_font: ImageFont.FreeTypeFont | None
+    title_lines: list[str]
+    title_h: int
+
+
+def page_geometry(captions: list[str], layout: str = "grid", panel_size: int = 256, columns: int = 2,
+                  title: str | None = None, font_size: int | None = None, seed: int | None = None,
+                  font_path: str | Path | None = None) -> PageGeometry:
+    """The page's size and boxes for these captions; a ValueError, before any work, when the page would be larger
+    than MAX_PAGE_PIXELS."""
+    font_size = font_size or max(10, panel_size // 16)
+    font = load_font(font_size, font_path)
+    line_h = int(font_size * 1.25)
+    # enough caption lines for the longest caption at the narrowest panel width
+    lines = 1
+    for _ in range(3):
+        page_w, page_h, boxes = layout_boxes(len(captions), layout, panel_size, columns, 12, lines, font_size, seed)
+        need = max(len(wrap_text(c, font, b.w - 4)) for b, c in zip(boxes, captions)) if any(captions) else 0
+        if need <= lines:
+            break
+        lines = need
+    title_font, title_lines, title_h = None, [], 0
+    if title:
+        title_font = load_font(int(font_size * 1.5), font_path)
+        title_lines = wrap_text(title, title_font, page_w - 24)
+        title_h = len(title_lines) * int(font_size * 1.9) + 12
+    if page_w * (page_h + title_h) > MAX_PAGE_PIXELS:
+        raise ValueError(f"the page would be {page_w} x {page_h + title_h} px ({page_w * (page_h + title_h) / 1e6:.0f} "
+                         f"megapixels, at most {MAX_PAGE_PIXELS / 1e6:.0f}): use fewer panels per page, a smaller "
+                         "--panel-size, or shorter captions")
+    return PageGeometry(font, font_size, line_h, page_w, page_h, boxes, title_font, title_lines, title_h)
+
+
 def make_page(
     images,
     captions: list[str] | None = None,
@@ -143,8 +224,10 @@ def make_page(
     seed: int | None = None,
     resample: str = "nearest",
     background: tuple[int, int, int] = (255, 255, 255),
+    font_path: str | Path | None = None,
 ) -> Image.Image:
-    """Lay out panels (PIL images or uint8 (H, W, 3) arrays) with their captions on one RGB page."""
+    """Lay out panels (PIL images or uint8 (H, W, 3) arrays) with their captions on one RGB page (captions in the
+    bundled font, or the one at ``font_path``)."""
     images = list(images)
     if not images:
         raise ValueError("make_page needs at least one panel image")
@@ -157,22 +240,9 @@ def make_page(
     if resample not in ("nearest", "lanczos"):
         raise ValueError(f"resample must be 'nearest' (crisp pixels) or 'lanczos' (smooth), got {resample!r}")
     pil = [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images]
-    font_size = font_size or max(10, panel_size // 16)
-    font = bundled_font(font_size)
-    line_h = int(font_size * 1.25)
-    # enough caption lines for the longest caption at the narrowest panel width
-    lines = 1
-    for _ in range(3):
-        page_w, page_h, boxes = layout_boxes(len(pil), layout, panel_size, columns, 12, lines, font_size, seed)
-        need = max(len(wrap_text(c, font, b.w - 4)) for b, c in zip(boxes, captions)) if any(captions) else 0
-        if need <= lines:
-            break
-        lines = need
-    title_h = 0
-    if title:
-        title_font = bundled_font(int(font_size * 1.5))
-        title_lines = wrap_text(title, title_font, page_w - 24)
-        title_h = len(title_lines) * int(font_size * 1.9) + 12
+    g = page_geometry(captions, layout, panel_size, columns, title, font_size, seed, font_path)
+    font, font_size, line_h, page_w, page_h, boxes = g.font, g.font_size, g.line_h, g.width, g.height, g.boxes
+    title_font, title_lines, title_h = g.title_font, g.title_lines, g.title_h
     page = Image.new("RGB", (page_w, page_h + title_h), background)
     draw = ImageDraw.Draw(page)
     if title:

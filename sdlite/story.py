@@ -4,7 +4,7 @@ A story is a small text file, close in spirit to the official StoryDiffusion dem
 
     // lines starting with // are comments; blank lines are ignored
     style: plain                       (optional: a named style, or a template containing {prompt})
-    negative: blurry                   (optional: the negative prompt; a named style brings its own)
+    negative: a crown                  (optional: the negative prompt; a named style brings its own)
     [Lily] a girl                      a character line: [Name] description (class word, trigger word ...)
     [Tom] a boy
     [Lily] walking in the park # Lily goes out.      one line per panel; after the last `#`: the caption
@@ -144,7 +144,8 @@ class Story:
     characters: dict[str, StoryCharacter]  # in definition order
     panels: tuple[StoryPanel, ...]
     style: StyleTemplate = field(default_factory=lambda: STYLES["plain"])
-    negative_prompt: str = ""
+    negative_prompt: str = ""  # what generation uses: the story's own `negative:` line, else the style's
+    own_negative: str | None = None  # the story's `negative:` line (None: none), kept when the style changes
 
     def __len__(self) -> int:
         return len(self.panels)
@@ -173,7 +174,8 @@ class Story:
         st = style if isinstance(style, StyleTemplate) else _resolve_style(style, 0)
         panels = tuple(StoryPanel(p.index, p.line, p.text, p.characters, p.caption, st.apply(p.raw_prompt),
                                   st.apply(_id_raw(p, self.characters)), p.raw_prompt) for p in self.panels)
-        return Story(self.characters, panels, st, self.negative_prompt or st.negative)
+        negative = self.own_negative if self.own_negative is not None else st.negative
+        return Story(self.characters, panels, st, negative, self.own_negative)
 
 
 def _id_raw(panel: StoryPanel, characters: dict[str, StoryCharacter]) -> str:
@@ -287,7 +289,7 @@ def parse_story(text: str, style: str | StyleTemplate | None = None) -> Story:
         if caption is None:
             caption = _join(list(names), rest) if names else rest
         panels.append(StoryPanel(index, number, rest, names, caption, st.apply(raw), st.apply(id_raw), raw))
-    story = Story(characters, tuple(panels), st, negative if negative is not None else st.negative)
+    story = Story(characters, tuple(panels), st, negative if negative is not None else st.negative, negative)
     for name, ch in characters.items():  # step 3: every character has a reference panel
         if not story.solo_panels(name):
             raise ValueError(f"line {ch.line}: character [{name}] has no solo panel (a panel naming only [{name}]) "
@@ -323,7 +325,7 @@ def example_story_path() -> Path:
 # Checks against a tokenizer
 # ----------------------------------------------------------------------------------------------------
 FULL_CLIP_VOCABULARY = 49408
-_WORD = re.compile(r"[A-Za-z]+|\d+|[^\sA-Za-z\d]")
+_WORD = re.compile(r"[^\W\d_]+|\d+|[^\w\s]|_")  # a word of letters in any script ("Zürich"), a number, a sign
 
 
 def is_small_vocabulary(tokenizer) -> bool:

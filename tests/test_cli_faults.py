@@ -216,3 +216,25 @@ def test_damaged_model_folders_are_one_line_naming_the_component(tmp_path, tiny_
     assert main(["story", str(story_file(tmp_path)), "--model", str(folder), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_a_page_too_large_and_a_font_lacking_glyphs_are_caught_before_generation(tmp_path, fake_model, capsys):
+    many = "[Lily] a girl\n" + "".join(f"[Lily] standing in the park # {i}\n" for i in range(60))
+    out = tmp_path / "o" / "p.png"
+    assert main(["story", str(story_file(tmp_path, many)), "--out", str(out), "--panel-size", "4096"]) == 2
+    assert "megapixels" in capsys.readouterr().err and fake_model["load"] == 0 and not (tmp_path / "o").exists()
+    cjk = STORY.replace("# Hi.", "# 猫が好き 🙂")
+    assert main(["story", str(story_file(tmp_path, cjk, "cjk.txt")), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "no glyph for 5 character(s) (猫が好き🙂)" in err and "--font PATH" in err
+    assert main(["story", str(story_file(tmp_path, cjk, "cjk.txt")), "--out", str(tmp_path / "q.png"), "--font",
+                 str(tmp_path / "nope.ttf")]) == 2
+    assert "no font file" in capsys.readouterr().err
+
+
+def test_missing_glyphs_finds_exactly_the_uncovered_characters():
+    from sdlite.comic import bundled_font, missing_glyphs
+
+    font = bundled_font(16)
+    assert missing_glyphs("Lily goes out, déjà vu! 42", font) == []
+    assert missing_glyphs("a猫b猫c", font) == ["猫"]

@@ -145,3 +145,27 @@ def test_other_bad_lines():
         parse_story(b"[A] a man")
     with pytest.raises(FileNotFoundError, match="no story file"):
         read_story("/nonexistent/story.txt")
+
+
+def test_with_style_takes_the_new_styles_negative_unless_the_story_wrote_its_own():
+    text = "[Lily] a girl\n[Lily] walking in the park\n"
+    comic = parse_story(text, style="comic")
+    assert comic.negative_prompt == STYLES["comic"].negative != ""
+    for name in ("plain", "photo"):  # the same as parsing with that style from the start
+        assert comic.with_style(name).negative_prompt == parse_story(text, style=name).negative_prompt
+        assert comic.with_style(name).negative_prompt == STYLES[name].negative
+    own = parse_story("negative: a crown\n" + text, style="comic")
+    assert own.negative_prompt == "a crown" and own.with_style("photo").negative_prompt == "a crown"
+
+
+def test_the_format_example_in_the_module_doc_runs_on_storyworld_and_non_ascii_words_stay_whole():
+    import sdlite.story as story_module
+    from sdlite.storyworld.models import build_storyworld_tokenizer
+
+    block = story_module.__doc__.split("::", 1)[1].split("\n\n")[1]
+    lines = [line.strip().split("   ")[0].strip() for line in block.splitlines() if line.strip()]
+    story = parse_story("\n".join(lines))
+    check_story_prompts(story, build_storyworld_tokenizer())  # raises on a word storyworld does not know
+    assert len(story) == 4 and story.negative_prompt == "a crown"
+    tok = build_storyworld_tokenizer()
+    assert unknown_words(tok, "walking in Zürich, 2 km") == ["Zürich", "2", "km"]  # not ["ü", "rich"]

@@ -1,6 +1,7 @@
 """`sdlite story`: a story file -> consistent panels -> a comic page (and, with --video, a story video)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 # sdlite.story.STYLES's names, listed here so that building the parser imports no torch (a test keeps them equal).
@@ -38,6 +39,9 @@ def add_story_parser(subparsers) -> None:
     p.add_argument("--columns", type=int, default=2, help="panels per row in the grid layout (default 2)")
     p.add_argument("--panel-size", type=int, default=256, help="panel size on the page in px (default 256)")
     p.add_argument("--title", default=None, help="a title above the panels")
+    p.add_argument("--font", default=None, metavar="PATH",
+                   help="a .ttf/.otf font for captions and title (default: the bundled DejaVu Sans, which has no CJK "
+                        "or emoji)")
     p.add_argument("--video", default=None,
                    help="also write the whole story as one video (.mp4/.gif): panels as keyframes joined by "
                         "transitions of the semantic motion predictor + video decoder (sdlite.video)")
@@ -73,7 +77,7 @@ def check_story_options(args) -> None:
 def run_story_command(args) -> int:
     """``sdlite story``: check everything cheap first (options, story, output paths), load the models (the video
     decoder too, when --video is asked), generate, then write page, panels and video as one unit."""
-    from ..comic import make_page
+    from ..comic import make_page, missing_glyphs, page_geometry
     from ..paths import check_target, write_all_or_nothing
     from ..pipeline import CSAConfig, generate_story, load_pipeline
     from ..story import example_story_path, read_story
@@ -100,6 +104,13 @@ def run_story_command(args) -> int:
         raise ValueError("--video needs a story of at least 2 panels (one transition)")
     for target in [out, *panel_paths, *([video_path] if video_path else [])]:  # fail before the slow part
         check_target(target, args.force, "--video" if target == video_path else "--out")
+    geometry = page_geometry(story.captions, args.layout, args.panel_size, args.columns, args.title,
+                             font_path=args.font)  # a page too large, or a bad font file, fails now
+    lacking = missing_glyphs(" ".join([*story.captions, args.title or ""]), geometry.font)
+    if lacking:
+        shown = "".join(lacking[:10]) + (" ..." if len(lacking) > 10 else "")
+        print(f"sdlite story: warning: the caption font has no glyph for {len(lacking)} character(s) ({shown}): they "
+              "print as empty boxes; pass --font PATH to a font that has them", file=sys.stderr)
     csa = CSAConfig(rate=args.rate, tile=args.tile, layers=args.layers, id_length=args.id_length,
                     enabled=not args.no_csa)
     video_models = None
@@ -112,7 +123,7 @@ def run_story_command(args) -> int:
                             seed_policy="shared" if args.shared_seed else "per_panel", height=args.size,
                             width=args.size, progress=not args.quiet)
     page = make_page(result.images, story.captions, layout=args.layout, columns=args.columns,
-                     panel_size=args.panel_size, title=args.title)
+                     panel_size=args.panel_size, title=args.title, font_path=args.font)
     writers = {out: lambda p: page.save(p, format="PNG")}
     writers.update({target: (lambda p, im=image: im.save(p, format="PNG"))
                     for target, image in zip(panel_paths, result.images)})
