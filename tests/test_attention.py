@@ -675,3 +675,14 @@ def test_bad_install(sdxl_unet):
             h.write("")
     with pytest.raises(ValueError, match="SkipSchedule.early_prob"):
         SkipSchedule(early_prob=2.0)
+
+
+def test_sampled_token_count_rounds_half_up_at_inexact_products():
+    """k = floor(rate * pool + 0.5): at rate * pool = 3.5, 2.5 and 0.35 (not only at exact products)."""
+    from sdlite.attention import num_sampled_tokens
+
+    assert num_sampled_tokens(2, 7, 0.5) == 4  # pool 7, 3.5 -> 4 (half up, not banker's 4 / floor 3)
+    assert num_sampled_tokens(2, 5, 0.5) == 3  # 2.5 -> 3 (banker's rounding would give 2)
+    assert num_sampled_tokens(3, 7, 0.25) == 4  # pool 14, 3.5 -> 4
+    assert num_sampled_tokens(2, 1, 0.35) == 0 and num_sampled_tokens(2, 3, 0.35) == 1  # 0.35 -> 0, 1.05 -> 1
+    assert num_sampled_tokens(2, 4, 0.5, include_self_in_sample=True) == 4  # pool 8 with the image itself

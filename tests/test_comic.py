@@ -141,3 +141,19 @@ def test_wrap_text_is_linear_and_matches_the_plain_greedy_wrap():
     lines = wrap_text("a" * 6000, Counting(), 240)
     assert "".join(lines) == "a" * 6000 and all(real(line) <= 240 for line in lines)
     assert calls < 6000  # O(log width) measurements per line, not one per prefix (the old wrap: millions)
+
+
+def test_layout_margins_gaps_and_centring_exactly():
+    """Every box of both layouts at its exact place: a 12 px margin and gap, a short last row centred, a classic
+    row of one panel capped at 1.25x and centred (these slipped through an earlier overlap-only test)."""
+    w, h, boxes = layout_boxes(3, "grid", panel_size=100, columns=2, gap=12, caption_lines=2, font_size=16)
+    cap = 2 * 20 + 6
+    assert w == 2 * 100 + 3 * 12 == 236
+    assert [(b.x, b.y, b.w, b.h, b.caption_h) for b in boxes] == [
+        (12, 12, 100, 100, cap), (124, 12, 100, 100, cap), (68, 12 + 100 + cap + 12, 100, 100, cap)]
+    assert h == 12 + 2 * (100 + cap + 12)
+    w, h, boxes = layout_boxes(1, "classic", panel_size=100, gap=12, caption_lines=1, font_size=16)
+    assert w == 236 and [(b.x, b.w) for b in boxes] == [((236 - 125) // 2, 125)]  # 1.25 x 100, centred
+    w, h, boxes = layout_boxes(2, "classic", panel_size=100, gap=12, caption_lines=1, font_size=16, seed=0)
+    assert classic_rows(2, 0) == [2]  # two panels in one row share the width: (236 - 3 * 12) // 2 each
+    assert [(b.x, b.y, b.w) for b in boxes] == [(12, 12, 100), (124, 12, 100)]

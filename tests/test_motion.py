@@ -657,3 +657,24 @@ def test_evaluate_and_summary_have_the_checked_names(tiny_models):
     sub = transitions.summarize(part, "test", n_clips=2)
     assert set(sub["psnr"]) == {"temporal_only", "true_embeddings"}
     assert sub["bars"]["full_beats_a_b_c_in_psnr"] is None
+
+
+def test_predictor_errors_are_the_mean_squared_errors_themselves():
+    """Not only their ratio: on clips whose frames are exactly the cross-fade, interpolation's error is 0 and a
+    predictor that outputs a constant offset c has error c**2 (mean over the in-between frames and dimensions)."""
+    class Offset(torch.nn.Module):
+        dtype, device = torch.float32, torch.device("cpu")
+
+        def forward(self, start, end, frames):
+            return linear_interpolation(start, end, frames) + 0.5
+
+    e0, e1 = torch.randn(6, 8, generator=torch.Generator().manual_seed(2)).chunk(2)
+    clips = linear_interpolation(e0, e1, 5)  # (3, 5, 8): the cross-fade is the truth
+    err = predictor_errors(Offset(), clips)
+    assert err["mse_linear"] == 0.0 and err["mse_predictor"] == pytest.approx(0.25)
+    noisy = clips + torch.randn(clips.shape, generator=torch.Generator().manual_seed(3))
+    err = predictor_errors(Offset(), noisy)
+    miss = (linear_interpolation(noisy[:, 0], noisy[:, -1], 5) - noisy)[:, 1:-1]  # interpolation's own miss
+    assert err["mse_linear"] == pytest.approx(float(miss.pow(2).mean()), rel=1e-5)
+    assert err["mse_predictor"] == pytest.approx(float((miss + 0.5).pow(2).mean()), rel=1e-5)
+    assert err["ratio"] == pytest.approx(err["mse_predictor"] / err["mse_linear"])

@@ -142,3 +142,17 @@ def test_properties(tokenizers, before, after, class_word, num_id_images, tokens
     without = [t for t in tokenizers[0].encode(prompt) if t != 49408]
     assert tokenizers[0].encode(enc.text_only_prompt) == without
     assert enc.input_ids[0] == 49406 and 49407 in enc.input_ids.tolist()
+
+
+def test_class_tokens_may_fill_exactly_up_to_the_last_free_slot_before_eos():
+    """77 positions: BOS, 'a' at 1, the class token from 2; 74 ID images put the last class token at 75 (the last
+    free slot) and EOS at 76; 75 images do not fit (an off-by-one at this limit once went unnoticed)."""
+    from sdlite.tokenization import encode_with_trigger, load_clip_tokenizers
+
+    tok = load_clip_tokenizers()[0]
+    enc = encode_with_trigger(tok, "a man img", num_id_images=74)
+    ids, mask = enc.input_ids.tolist(), enc.class_tokens_mask.tolist()
+    assert len(ids) == 77 and ids[75] == ids[2] and ids[76] == tok.eos_token_id
+    assert mask[2:76] == [True] * 74 and not mask[76] and not mask[1]
+    with pytest.raises(ValueError, match="last free position 75"):
+        encode_with_trigger(tok, "a man img", num_id_images=75)
