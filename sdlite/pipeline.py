@@ -142,6 +142,22 @@ def is_hub_id(model: str) -> bool:
     return not Path(namespace).exists()
 
 
+def load_tokenizer(model: str | Path = "storyworld"):
+    """Only the (first) tokenizer of a pipeline: 'storyworld', or a local pipeline folder's `tokenizer/`; None for a
+    hub id (nothing is fetched). Cheap: a story's words and prompt lengths are checked with it before the model loads."""
+    from transformers import CLIPTokenizer
+
+    if str(model) == "storyworld":
+        from .storyworld.models import storyworld_dir
+
+        folder = storyworld_dir() / "tokenizer"
+    else:
+        folder = Path(model) / "tokenizer"
+    if not (folder / "tokenizer_config.json").is_file():
+        return None
+    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
 def load_pipeline(model: str | Path = "storyworld", device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """``"storyworld"`` (the shipped tiny model), a local pipeline folder, or a hub id such as
     ``"stabilityai/stable-diffusion-xl-base-1.0"`` (needs the weights in the local cache or a network).

@@ -238,3 +238,14 @@ def test_missing_glyphs_finds_exactly_the_uncovered_characters():
     font = bundled_font(16)
     assert missing_glyphs("Lily goes out, déjà vu! 42", font) == []
     assert missing_glyphs("a猫b猫c", font) == ["猫"]
+
+
+def test_unknown_words_and_long_prompts_fail_before_the_model_loads(tmp_path, fake_model, capsys):
+    out = tmp_path / "o" / "p.png"
+    bad = STORY.replace("walking in the city", "skateboarding in the city")
+    assert main(["story", str(story_file(tmp_path, bad)), "--out", str(out)]) == 2
+    assert "skateboarding" in capsys.readouterr().err
+    long = STORY.replace("walking in the city", "walking " * 40 + "in the city")
+    assert main(["story", str(story_file(tmp_path, long, "long.txt")), "--out", str(out)]) == 2
+    assert "tokens" in capsys.readouterr().err
+    assert fake_model["load"] == 0 and not (tmp_path / "o").exists()

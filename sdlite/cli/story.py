@@ -79,8 +79,8 @@ def run_story_command(args) -> int:
     decoder too, when --video is asked), generate, then write page, panels and video as one unit."""
     from ..comic import make_page, missing_glyphs, page_geometry
     from ..paths import check_target, write_all_or_nothing
-    from ..pipeline import CSAConfig, generate_story, load_pipeline
-    from ..story import example_story_path, read_story
+    from ..pipeline import CSAConfig, generate_story, load_pipeline, load_tokenizer
+    from ..story import check_story_prompts, example_story_path, read_story
 
     check_story_options(args)
     path = Path(args.story) if args.story else example_story_path()
@@ -113,6 +113,9 @@ def run_story_command(args) -> int:
               "print as empty boxes; pass --font PATH to a font that has them", file=sys.stderr)
     csa = CSAConfig(rate=args.rate, tile=args.tile, layers=args.layers, id_length=args.id_length,
                     enabled=not args.no_csa)
+    tokenizer = load_tokenizer(args.model)  # words and prompt lengths checked before the model loads
+    if tokenizer is not None:
+        check_story_prompts(story, tokenizer)
     video_models = None
     if video_path is not None:  # a broken decoder fails now, not after every panel was generated
         from ..video import load_video_models
