@@ -32,10 +32,8 @@ def data_file(*parts: str) -> Path:
 
 
 def check_writable(path: str | os.PathLike, force: bool = False) -> Path:
-    """Refuse to overwrite an existing file unless `force`; create the parent folder."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} already exists; choose another output path or pass --force to overwrite it")
+    """`check_target`, then create the parent folder (for writers that write the file in place)."""
+    path = check_target(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -35,15 +35,19 @@ def build_registry_parser(prog: str, description: str, dest: str, entries: tuple
     return parser
 
 
-def run_registry_parser(parser: argparse.ArgumentParser, dest: str, argv: list[str] | None = None) -> int:
-    """Parse, call the chosen subcommand's ``func``; bad input becomes one clear line on stderr and exit code 2."""
+def run_registry_parser(parser: argparse.ArgumentParser, dest: str, argv: list[str] | None = None,
+                        quiet: bool = True) -> int:
+    """Parse, call the chosen subcommand's ``func``; bad input becomes one clear line on stderr and exit code 2.
+    ``quiet``: silence the libraries first (it imports them: the `sdlite` command's jobs do it themselves, after
+    their cheap checks, so a bad option is answered at once)."""
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    from ..quiet import quiet_libraries
+    if quiet:
+        from ..quiet import quiet_libraries
 
-    quiet_libraries()  # a person reads this output: sdlite's progress and messages, not the libraries' loading bars
+        quiet_libraries()  # a person reads this output: sdlite's progress and messages, not the libraries' bars
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -92,4 +96,4 @@ def build_parser(subcommands: tuple[str, ...] = SUBCOMMANDS) -> argparse.Argumen
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_registry_parser(build_parser(), "command", argv)
+    return run_registry_parser(build_parser(), "command", argv, quiet=False)

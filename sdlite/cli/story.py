@@ -77,12 +77,12 @@ def check_story_options(args) -> None:
 def run_story_command(args) -> int:
     """``sdlite story``: check everything cheap first (options, story, output paths), load the models (the video
     decoder too, when --video is asked), generate, then write page, panels and video as one unit."""
+    check_story_options(args)  # before any import of torch: a bad option is answered at once
     from ..comic import make_page, missing_glyphs, page_geometry
     from ..paths import check_target, write_all_or_nothing
-    from ..pipeline import CSAConfig, generate_story, load_pipeline, load_tokenizer
+    from ..quiet import quiet_libraries
     from ..story import check_story_prompts, example_story_path, read_story
 
-    check_story_options(args)
     path = Path(args.story) if args.story else example_story_path()
     story = read_story(path, style=args.style)
     for panel in story.panels:
@@ -111,8 +111,12 @@ def run_story_command(args) -> int:
         shown = "".join(lacking[:10]) + (" ..." if len(lacking) > 10 else "")
         print(f"sdlite story: warning: the caption font has no glyph for {len(lacking)} character(s) ({shown}): they "
               "print as empty boxes; pass --font PATH to a font that has them", file=sys.stderr)
+    quiet_libraries()  # the cheap checks are done: from here on, libraries load (without their bars)
+    from ..pipeline import CSAConfig, generate_story, load_pipeline, load_tokenizer
+
     csa = CSAConfig(rate=args.rate, tile=args.tile, layers=args.layers, id_length=args.id_length,
                     enabled=not args.no_csa)
+
     tokenizer = load_tokenizer(args.model)  # words and prompt lengths checked before the model loads
     if tokenizer is not None:
         check_story_prompts(story, tokenizer)

@@ -53,9 +53,8 @@ def check_keyframe(path: str) -> None:
 
 
 def run_video(args) -> int:
-    from ..motion import check_frames
     from ..paths import check_target, write_all_or_nothing
-    from ..video import generate_transition, write_video
+    from ..quiet import quiet_libraries
 
     out = check_target(args.out, args.force)  # refuse before any work
     if out.suffix.lower() not in (".mp4", ".gif", ".png"):
@@ -64,6 +63,10 @@ def run_video(args) -> int:
         raise ValueError(f"--fps {args.fps}, --scale {args.scale}, --steps {args.steps}: each must be 1 or more")
     for key in (args.start, args.end):
         check_keyframe(key)
+    quiet_libraries()  # the cheap checks are done: from here on, libraries load (without their bars)
+    from ..motion import check_frames
+    from ..video import generate_transition, write_video
+
     check_frames(args.frames)
     video = generate_transition(args.start, args.end, args.frames, prompt=args.prompt, mode=args.mode,
                                 steps=args.steps, seed=args.seed, strength=args.strength)
