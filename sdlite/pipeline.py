@@ -1,7 +1,8 @@
-"""Step 04b: StoryDiffusion on any SDXL pipeline: a parsed story -> consistent panels.
+"""Step 04b: StoryDiffusion on any SDXL or SD1.5 pipeline: a parsed story -> consistent panels.
 
 :func:`generate_story` takes an unmodified diffusers ``StableDiffusionXLPipeline`` (storyworld's, or real SDXL in
-fp16 on a GPU) and a :class:`~sdlite.story.Story`, and:
+fp16 on a GPU) or ``StableDiffusionPipeline`` (SD1.5: one text encoder, no pooled embeddings or size conditioning;
+everything else is the same code) and a :class:`~sdlite.story.Story`, and:
 
 1. checks every prompt against the pipeline's tokenizer (length, and vocabulary on storyworld);
 2. installs consistent self-attention (CSA, :mod:`sdlite.attention`) on the chosen self-attention layers;
@@ -37,8 +38,11 @@ __all__ = [
     "SEED_POLICIES",
     "StoryResult",
     "generate_story",
+    "PIPELINE_CLASSES",
+    "is_sdxl",
     "is_storyworld",
     "load_pipeline",
+    "pipeline_class_name",
     "model_defaults",
     "panel_seeds",
     "plan_batches",
@@ -123,11 +127,18 @@ def is_storyworld(pipe) -> bool:
     return is_small_vocabulary(pipe.tokenizer)
 
 
+def is_sdxl(pipe) -> bool:
+    """True for an SDXL-style pipeline (two text encoders, pooled embeddings; storyworld's is one), False for SD1.5."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
 def model_defaults(pipe) -> dict:
-    """Defaults that depend on the model: steps, guidance, CSA layers and rate (size: the pipeline's own default)."""
+    """Defaults that depend on the model: steps, guidance, CSA layers and rate (size: the pipeline's own default).
+    SD1.5 takes diffusers' guidance 7.5; the CSA settings are the official SDXL ones (the up-blocks' self-attention)."""
     if is_storyworld(pipe):
         return {"steps": 20, "guidance_scale": 5.0, "layers": "all", "first_steps_without_csa": 0, "rate": 1.0}
-    return {"steps": 35, "guidance_scale": 5.0, "layers": "up", "first_steps_without_csa": 1, "rate": 0.5}
+    guidance = 5.0 if is_sdxl(pipe) else 7.5
+    return {"steps": 35, "guidance_scale": guidance, "layers": "up", "first_steps_without_csa": 1, "rate": 0.5}
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -158,10 +169,35 @@ def load_tokenizer(model: str | Path = "storyworld"):
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
+PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionPipeline")
+
+
+def pipeline_class_name(config: dict, where: str) -> str:
+    """The ``_class_name`` of a pipeline's ``model_index.json`` (already read into ``config``), checked: one of
+    :data:`PIPELINE_CLASSES`, else a ValueError naming what the folder holds."""
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if name not in PIPELINE_CLASSES:
+        raise ValueError(f"{where} holds a {name or 'pipeline without _class_name'}: sdlite story runs "
+                         "StableDiffusionXLPipeline (SDXL) and StableDiffusionPipeline (SD1.5) folders; pass one of "
+                         "those (e.g. stabilityai/stable-diffusion-xl-base-1.0) or 'storyworld'")
+    return name
+
+
+def _read_model_index(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((path / "model_index.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / 'model_index.json'} is not valid JSON ({err}): restore the pipeline folder") from None
+
+
 def load_pipeline(model: str | Path = "storyworld", device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """``"storyworld"`` (the shipped tiny model), a local pipeline folder, or a hub id such as
     ``"stabilityai/stable-diffusion-xl-base-1.0"`` (needs the weights in the local cache or a network).
 
+    The pipeline class comes from the folder's ``model_index.json``: ``StableDiffusionXLPipeline`` (SDXL) or
+    ``StableDiffusionPipeline`` (SD1.5, loaded without its safety checker); any other class is refused.
     dtype defaults to float16 on CUDA and float32 elsewhere (storyworld: always float32).
     """
     device = torch.device(device)
@@ -171,7 +207,7 @@ def load_pipeline(model: str | Path = "storyworld", device: str | torch.device =
         from .storyworld.models import load_storyworld
 
         return load_storyworld(device)
-    from diffusers import StableDiffusionXLPipeline
+    import diffusers
 
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -188,8 +224,9 @@ def load_pipeline(model: str | Path = "storyworld", device: str | torch.device =
             return load_storyworld(device, folder=path)
         from .checkpoints import check_loaded_weights, check_pipeline_folder
 
+        cls = getattr(diffusers, pipeline_class_name(_read_model_index(path), str(path)))
         check_pipeline_folder(path)
-        pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
+        pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=True, **_no_safety_checker(cls))
         check_loaded_weights(pipe, path)
     else:
         if not is_hub_id(str(model)):
@@ -197,13 +234,16 @@ def load_pipeline(model: str | Path = "storyworld", device: str | torch.device =
                                     "): check the path, or pass 'storyworld' or a hub id like "
                                     "'stabilityai/stable-diffusion-xl-base-1.0'")
         try:
+            cls = getattr(diffusers, pipeline_class_name(diffusers.DiffusionPipeline.load_config(str(model)),
+                                                         str(model)))
+            extra = _no_safety_checker(cls)
             try:  # the fp16 weight files when asking for fp16 (half the download), else the default ones
-                pipe = StableDiffusionXLPipeline.from_pretrained(str(model), dtype=dtype, use_safetensors=True,
-                                                                 variant="fp16" if dtype == torch.float16 else None)
+                pipe = cls.from_pretrained(str(model), dtype=dtype, use_safetensors=True,
+                                           variant="fp16" if dtype == torch.float16 else None, **extra)
             except (OSError, ValueError):
                 if dtype != torch.float16:
                     raise
-                pipe = StableDiffusionXLPipeline.from_pretrained(str(model), dtype=dtype, use_safetensors=True)
+                pipe = cls.from_pretrained(str(model), dtype=dtype, use_safetensors=True, **extra)
         except OSError as err:
             raise FileNotFoundError(
                 f"--model {model!r} was taken as a hub id (no local folder of that name), and could not be loaded "
@@ -211,6 +251,14 @@ def load_pipeline(model: str | Path = "storyworld", device: str | torch.device =
                 "Hugging Face cache (run once online: `huggingface-cli download stabilityai/stable-diffusion-xl-base"
                 "-1.0`) or in a local folder passed as --model PATH") from err
     return pipe.to(device)
+
+
+def _no_safety_checker(cls) -> dict:
+    """SD1.5 folders name a safety checker: sdlite loads the pipeline without it, as the official StoryDiffusion
+    demo does (SDXL has none), so that an SD1.5 story is judged by the same rules as an SDXL one."""
+    if cls.__name__ == "StableDiffusionPipeline":
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    return {}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -294,10 +342,13 @@ def _id_pixels(images, size: int, device, dtype) -> torch.Tensor:
 
 
 def _encode(pipe, prompts: list[str], negative: str, do_cfg: bool, device):
-    pe, npe, pooled, npooled = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=do_cfg,
-                                                  negative_prompt=[negative] * len(prompts) if negative else None)
-    return pe, npe, pooled, npooled
+    """(prompt, negative, pooled, negative pooled) embeddings; the pooled ones are None on SD1.5."""
+    negatives = [negative] * len(prompts) if negative else None
+    if not is_sdxl(pipe):  # SD1.5: one text encoder, its last hidden state; no pooled embedding
+        pe, npe = pipe.encode_prompt(prompts, device, 1, do_cfg, negative_prompt=negatives)
+        return pe, npe, None, None
+    return pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg,
+                              negative_prompt=negatives)
 
 
 def _fused_embeds(pipe, story: Story, panel_ids, id_encoder, id_images, device, text_embeds):
@@ -341,6 +392,9 @@ def _checked_settings(pipe, story: Story, csa, steps, guidance_scale, id_images,
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if (id_images is None) != (id_encoder is None):
         raise ValueError("the PhotoMaker path needs both id_images={name: [images]} and id_encoder=IDEncoder(...)")
+    if id_images is not None and not is_sdxl(pipe):
+        raise ValueError("the PhotoMaker path needs an SDXL pipeline (PhotoMaker fuses into both SDXL text encoders'"
+                         " tokens): load an SDXL model, or drop id_images for SD1.5")
     if id_images is not None:
         unknown = sorted(set(id_images) - set(story.characters))
         if unknown:
@@ -411,10 +465,11 @@ def generate_story(
     id_encoder=None,
     style_strength_ratio: float = 20.0,
 ) -> StoryResult:
-    """Generate the panels of ``story`` with consistent self-attention on a ``StableDiffusionXLPipeline``.
+    """Generate the panels of ``story`` with consistent self-attention on an SDXL or SD1.5 pipeline.
 
     Args:
-        pipe: any ``StableDiffusionXLPipeline`` (storyworld via ``load_pipeline()``, or real SDXL).
+        pipe: a ``StableDiffusionXLPipeline`` (storyworld via ``load_pipeline()``, or real SDXL) or a
+            ``StableDiffusionPipeline`` (SD1.5).
         csa: a :class:`CSAConfig` (default: ``CSAConfig()`` with the model's default layers);
             ``CSAConfig(enabled=False)`` for the no-CSA baseline with the same batches and noise.
         steps / guidance_scale: default per model (:func:`model_defaults`); height/width: the pipeline's default.
@@ -455,9 +510,10 @@ def generate_story(
                                                             merge)
             generators = [torch.Generator().manual_seed(s) for s in (seeds[i] for i in ids)]
             on_step_end = _step_callback(handle, fused, npe, merge, do_cfg)
+            pooled_kwargs = {} if pooled is None else {"pooled_prompt_embeds": pooled,
+                                                        "negative_pooled_prompt_embeds": npooled}  # SDXL only
             with _attention_mode(handle, csa, batch, seed * 1_000_003 + b, len(ids)):
-                out = pipe(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=pooled,
-                           negative_pooled_prompt_embeds=npooled, num_inference_steps=steps,
+                out = pipe(prompt_embeds=pe, negative_prompt_embeds=npe, **pooled_kwargs, num_inference_steps=steps,
                            guidance_scale=guidance_scale, height=height, width=width, generator=generators,
                            callback_on_step_end=on_step_end,
                            callback_on_step_end_tensor_inputs=["prompt_embeds"], output_type="pil")

@@ -10,7 +10,7 @@ from sdlite.pipeline import (
 )
 from sdlite.story import parse_story
 from sdlite.storyworld.models import tiny_storyworld_pipeline
-from sdlite.tiny import tiny_sdxl_pipeline
+from sdlite.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 
 
@@ -27,6 +27,13 @@ def sw_pipe():
 def sdxl_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_sdxl")
     tiny_sdxl_pipeline(folder, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd15_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_sd15")
+    tiny_sd15_pipeline(folder, seed=0)
     return folder
 
 
@@ -225,3 +232,44 @@ def test_load_pipeline_errors(tmp_path):
 def test_hub_id_without_network_says_how_to_get_the_weights():
     with pytest.raises(FileNotFoundError, match="Hugging Face cache.*--model PATH"):
         load_pipeline("sdlite-tests/no-such-sdxl", "cpu")
+
+
+# ---------------------------------------------------------------- the real path: SD1.5 from a folder
+def test_sd15_folder_loads_as_sd15_and_tells_its_stories(sd15_folder):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = load_pipeline(sd15_folder, "cpu")
+    assert type(pipe) is StableDiffusionPipeline and pipe.safety_checker is None
+    assert model_defaults(pipe)["guidance_scale"] == 7.5 and model_defaults(pipe)["layers"] == "up"
+    story = parse_story("[Bob] a man in a black suit\n[Bob] reading a newspaper\n[Bob] riding a horse\n"
+                        "[NC] a quiet street at night")
+    before = dict(pipe.unet.attn_processors)
+    r = generate_story(pipe, story, steps=STEPS, height=64, width=64, progress=False)
+    assert r.arrays().shape == (3, 64, 64, 3) and r.bank_nbytes > 0
+    assert all(pipe.unet.attn_processors[k] is v for k, v in before.items())
+    plain = generate_story(pipe, story, steps=STEPS, height=64, width=64, progress=False,
+                           csa=CSAConfig(enabled=False))
+    assert plain.bank_nbytes == 0
+    # CSA changes the character's panels, never the [NC] one (plain attention in both runs)
+    assert np.abs(_arrays(r)[:2] - _arrays(plain)[:2]).max() > 0
+    np.testing.assert_allclose(_arrays(r)[2], _arrays(plain)[2], atol=2)  # batched alone vs with others
+    # without guidance: one half, the bank holds half as many tokens
+    no_cfg = generate_story(pipe, story, steps=STEPS, height=64, width=64, progress=False, guidance_scale=1.0)
+    assert no_cfg.bank_nbytes * 2 == r.bank_nbytes
+    with pytest.raises(ValueError, match="PhotoMaker path needs an SDXL pipeline"):
+        generate_story(pipe, parse_story("[A] a man img\n[A] walking"), id_images={"A": [np.zeros((8, 8, 3))]},
+                       id_encoder=IDEncoder(IDEncoderConfig.tiny(16, 16, image_size=32)))
+
+
+def test_other_pipeline_classes_are_refused_in_one_line(sdxl_folder, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "kandinsky"
+    shutil.copytree(sdxl_folder, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "KandinskyV22Pipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="holds a KandinskyV22Pipeline: sdlite story runs StableDiffusionXLPipeline "
+                                         r"\(SDXL\) and StableDiffusionPipeline \(SD1.5\)"):
+        load_pipeline(folder)

@@ -18,7 +18,7 @@ def add_story_parser(subparsers) -> None:
     p.add_argument("story", nargs="?", default=None, help="story file (default: the bundled example story)")
     p.add_argument("--out", default="out/page.png", help="page PNG to write (default: out/page.png)")
     p.add_argument("--model", default="storyworld",
-                   help="'storyworld' (default, CPU), a pipeline folder, or a hub id such as "
+                   help="'storyworld' (default, CPU), an SDXL or SD1.5 pipeline folder, or a hub id such as "
                         "stabilityai/stable-diffusion-xl-base-1.0 (fp16 on CUDA)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps ...")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 20 storyworld, 35 SDXL)")
@@ -81,7 +81,7 @@ def run_story_command(args) -> int:
     from ..comic import make_page, missing_glyphs, page_geometry
     from ..paths import check_target, write_all_or_nothing
     from ..quiet import quiet_libraries
-    from ..story import check_story_prompts, example_story_path, read_story
+    from ..story import check_story_prompts, example_story_path, is_small_vocabulary, read_story
 
     path = Path(args.story) if args.story else example_story_path()
     story = read_story(path, style=args.style)
@@ -120,6 +120,10 @@ def run_story_command(args) -> int:
     tokenizer = load_tokenizer(args.model)  # words and prompt lengths checked before the model loads
     if tokenizer is not None:
         check_story_prompts(story, tokenizer)
+    if video_path is not None and (tokenizer is None or not is_small_vocabulary(tokenizer)):
+        raise ValueError(f"--video works with --model storyworld only: its motion predictor and video decoder are "
+                         f"storyworld's 64-px models, trained on storyworld's world, not on {args.model}'s panels; "
+                         "drop --video for a real model")
     video_models = None
     if video_path is not None:  # a broken decoder fails now, not after every panel was generated
         from ..video import load_video_models
