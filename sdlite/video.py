@@ -42,6 +42,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from .images import as_image_tensor, fit_square, to_uint8
+from .keyframe_attention import install_keyframe_attention
 from .motion import (
     ImageEmbedder, SemanticMotionPredictor, check_frames, grid_parts, linear_interpolation, load_shipped, motion_dir,
 )
@@ -96,7 +97,7 @@ class VideoDecoder(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, unet_config: dict | None = None, image_embed_dim: int = 128, frame_tokens: int = 2,
                  prediction_type: str = "sample", interpolation_residual: bool = False, image_grid: int = 0,
-                 spatial_channels: int = 0):
+                 spatial_channels: int = 0, keyframe_attention: bool = False):
         super().__init__()
         if spatial_channels and not image_grid:
             raise ValueError("spatial_channels maps the grid cells of the image embeddings onto the latent grid: it "
@@ -127,6 +128,8 @@ class VideoDecoder(ModelMixin, ConfigMixin):
         if spatial_channels:  # the cell tokens, also laid out where they are: a map next to the UNet's input
             self.cell_map = nn.Conv2d(d, spatial_channels, 1)  # each cell's token -> spatial_channels values
             self._widen_conv_in(spatial_channels)
+        # the in-between frames' self-attention also reads the keyframes' tokens (sdlite.keyframe_attention)
+        self.keyframe_processors = install_keyframe_attention(self.unet) if keyframe_attention else []
 
     def _widen_conv_in(self, extra: int) -> None:
         """Give the UNet's input convolution `extra` more input channels whose weights start at zero, so the
@@ -181,6 +184,8 @@ class VideoDecoder(ModelMixin, ConfigMixin):
         if start.shape != (b, c, h, w) or end.shape != (b, c, h, w):
             raise ValueError(f"start/end latents must be (B, C, h, w) = {(b, c, h, w)}, got {tuple(start.shape)} "
                              f"and {tuple(end.shape)}")
+        for processor in self.keyframe_processors:  # they see (B * L, N, C): tell them L
+            processor.frames = frames
         keys = torch.cat([start, end], dim=1).unsqueeze(1).expand(b, frames, 2 * c, h, w)  # (B, L, 2C, h, w)
         parts = [noisy, keys]
         if self.config.spatial_channels:
@@ -222,7 +227,7 @@ class VideoDecoder(ModelMixin, ConfigMixin):
 def build_decoder(size: str = "base", image_embed_dim: int = 128, cross_attention_dim: int = 128,
                   sample_size: int = 16, frame_tokens: int = 2, seed: int = 0,
                   prediction_type: str = "sample", interpolation_residual: bool | None = None,
-                  image_grid: int = 0, spatial_channels: int = 0) -> VideoDecoder:
+                  image_grid: int = 0, spatial_channels: int = 0, keyframe_attention: bool = False) -> VideoDecoder:
     """A randomly initialised decoder (seeded, without touching the global RNG). `interpolation_residual`
     (default: on for prediction_type="sample") makes it predict the correction to the latent cross-fade."""
     seed = check_seed(seed)
@@ -230,7 +235,8 @@ def build_decoder(size: str = "base", image_embed_dim: int = 128, cross_attentio
     residual = prediction_type == "sample" if interpolation_residual is None else interpolation_residual
     return seeded(seed, lambda: VideoDecoder(cfg, image_embed_dim=image_embed_dim, frame_tokens=frame_tokens,
                                              prediction_type=prediction_type, interpolation_residual=residual,
-                                             image_grid=image_grid, spatial_channels=spatial_channels))
+                                             image_grid=image_grid, spatial_channels=spatial_channels,
+                                             keyframe_attention=keyframe_attention))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,7 +314,7 @@ def decode_latents(vae, latents: torch.Tensor, batch_size: int = 64) -> torch.Te
 def sample_latents(decoder: VideoDecoder, scheduler, start: torch.Tensor, end: torch.Tensor, text: torch.Tensor,
                    frame_embeds: torch.Tensor | None, frames: int = 16, steps: int = 20,
                    generator: torch.Generator | None = None, strength: float = 1.0,
-                   pin: bool = True) -> torch.Tensor:
+                   pin: bool = True, embed_guidance: float = 1.0) -> torch.Tensor:
     """DDIM sampling of (B, L, C, h, w) frame latents between keyframe latents start/end (B, C, h, w).
 
     `strength` < 1 starts from the latent linear interpolation noised to that level (SDEdit), instead of pure
@@ -316,6 +322,9 @@ def sample_latents(decoder: VideoDecoder, scheduler, start: torch.Tensor, end: t
     frames are the keyframes at every step (replaced by the keyframe latents noised to the current level, the
     "replacement" trick of diffusion inpainting), so the in-between frames are denoised next to the true ends
     and the returned first/last latents are exactly `start` / `end`.
+
+    `embed_guidance` w > 1 is classifier-free guidance on the frame embeddings: the prediction with the null frame
+    tokens (the decoder was trained to serve both) is pushed away from, `null + w * (with - null)`; 1 is off.
     """
     frames = check_frames(frames)
     if not 0.0 < strength <= 1.0:
@@ -326,7 +335,11 @@ def sample_latents(decoder: VideoDecoder, scheduler, start: torch.Tensor, end: t
     sched.set_timesteps(steps)
     timesteps = sched.timesteps
     b = start.shape[0]
+    if embed_guidance < 1.0 or embed_guidance != embed_guidance:
+        raise ValueError(f"embed_guidance={embed_guidance} must be >= 1 (1: no guidance on the frame embeddings)")
+    guided = embed_guidance > 1.0 and frame_embeds is not None
     ehs = decoder.condition(text, frame_embeds, frames)  # (B*L, T+n, D)
+    null_ehs = decoder.condition(text, None, frames) if guided else None
     noise = torch.randn((b, frames, *start.shape[1:]), generator=generator).to(start.device)  # (B, L, C, h, w)
     # the cross-fade (B, L, C, h, w) in diffusion space: 0 with interpolation_residual; its ends are the keyframes
     cross_fade = decoder.to_diffusion_space(linear_interpolation(start, end, frames), start, end)
@@ -340,7 +353,11 @@ def sample_latents(decoder: VideoDecoder, scheduler, start: torch.Tensor, end: t
     for t in timesteps:
         if pin:  # the keyframes, noised to level t, in place of frames 0 and L-1
             x[:, [0, -1]] = sched.add_noise(ends, noise[:, [0, -1]], t.view(1)).to(x.dtype)
-        eps = decoder(sched.scale_model_input(x, t), t, start, end, ehs).float()
+        x_in = sched.scale_model_input(x, t)
+        eps = decoder(x_in, t, start, end, ehs).float()
+        if guided:
+            eps_null = decoder(x_in, t, start, end, null_ehs).float()
+            eps = eps_null + embed_guidance * (eps - eps_null)
         step = sched.step(eps, t, x)
         # the last step returns the model's clean estimate (DDIM would leave sqrt(1 - alpha_bar_0) of noise)
         x = step.pred_original_sample if t == timesteps[-1] else step.prev_sample
@@ -358,7 +375,7 @@ def image_size(models: VideoModels) -> int:
 def transition_latents(models: VideoModels, start: torch.Tensor, end: torch.Tensor, frames: int = 16,
                        prompts: list[str] | None = None, mode: str = "full", steps: int = 20, seed: int = 0,
                        strength: float = 1.0, frame_embeds: torch.Tensor | None = None,
-                       pin: bool = True) -> torch.Tensor:
+                       pin: bool = True, embed_guidance: float = 1.0) -> torch.Tensor:
     """Batched transitions: keyframes (B, 3, H, W) -> frame latents (B, L, C, h, w). `mode`: "full" (predicted
     embeddings), "no_predictor" (linearly interpolated embeddings), "temporal_only" (no embeddings) or
     "true_embeddings" (the caller passes `frame_embeds`, e.g. the true ones: an upper bound). `pin`: keep the
@@ -392,7 +409,7 @@ def transition_latents(models: VideoModels, start: torch.Tensor, end: torch.Tens
     text = encode_prompts(models, prompts)
     g = torch.Generator().manual_seed(seed)
     return sample_latents(models.decoder, models.scheduler, z0, z1, text, embeds, frames, steps, g, strength,
-                          pin)
+                          pin, embed_guidance)
 
 
 @torch.no_grad()

@@ -643,7 +643,7 @@ def test_evaluate_and_summary_have_the_checked_names(tiny_models):
     assert out["n_clips"] == 3 and 0 <= out["identity_agreement_full"] <= 1
     assert out["predictor_error_ratio_vs_linear"] == pytest.approx(res["predictor"]["ratio"])
     assert set(out["bars"]) == {"predictor_error_ratio_le_0.7", "full_beats_a_b_c_in_psnr",
-                                "identity_agreement_full_ge_0.9"}
+                                "identity_agreement_full_ge_0.85"}
     json.dumps(out)  # serialisable
     assert isinstance(out["bars"]["full_beats_a_b_c_in_psnr"], bool)
     lead = out["psnr_lead_of_full"]  # (d) minus each other method, per clip, with its bootstrap interval

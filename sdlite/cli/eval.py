@@ -113,6 +113,8 @@ def add_transitions_parser(sub) -> None:
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--strength", type=float, default=1.0)
     e.add_argument("--no-pin", action="store_true", help="do not hold the first/last latents on the keyframes")
+    e.add_argument("--embed-guidance", type=float, default=1.0,
+                   help="classifier-free guidance on the frame embeddings (1: off)")
     e.add_argument("--methods", default=",".join(TRANSITION_METHODS),
                    help=f"comma-separated subset of {TRANSITION_METHODS}")
     e.add_argument("--decoder", default=None, help="decoder folder (default data/motion/decoder)")
@@ -136,8 +138,10 @@ def run_transitions(args) -> int:
         raise ValueError(f"unknown methods {sorted(unknown)}: choose from {TRANSITION_METHODS}")
     res = run_transitions_eval(args.out, args.command_line, n_clips=args.clips, seed=args.seed, frames=args.frames,
                                steps=args.steps, strength=args.strength, pin=not args.no_pin, methods=methods,
-                               storyworld=args.storyworld, motion=args.motion, decoder=args.decoder)
-    print(json.dumps({k: res[k] for k in ("predictor_error_ratio_vs_linear", "psnr", "bars")}, indent=1))
+                               storyworld=args.storyworld, motion=args.motion, decoder=args.decoder,
+                               embed_guidance=args.embed_guidance)
+    print(json.dumps({k: res[k] for k in ("predictor_error_ratio_vs_linear", "psnr", "identity_agreement_full",
+                                          "bars")}, indent=1))
     return 0
 
 

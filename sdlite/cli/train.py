@@ -211,6 +211,9 @@ def add_video_decoder_parser(sub) -> None:
     t.add_argument("--spatial-channels", type=int, default=0,
                    help="also feed the grid cells of the embeddings spatially, as this many input channels "
                         "(needs a cache built with --grid; the shipped decoder uses 4)")
+    t.add_argument("--keyframe-attention", action="store_true",
+                   help="the frames' self-attention also reads the keyframes' tokens (sdlite.keyframe_attention)")
+    t.add_argument("--init", default=None, help="start from this trained decoder folder instead of random weights")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--stop-at", type=int, default=None, help="stop after this step (checkpointed; --resume later)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed, exported) after this long")
@@ -231,7 +234,8 @@ def run_video_decoder(args) -> int:
     info = train_decoder_on_caches(args.cache, args.out, cfg, size=args.size, spatial_channels=args.spatial_channels,
                                    export=args.export, resume=args.resume, stop_at=args.stop_at,
                                    max_minutes=args.max_minutes, storyworld=args.storyworld,
-                                   command=args.command_line)
+                                   command=args.command_line, keyframe_attention=args.keyframe_attention,
+                                   init=args.init)
     if info is not None:
         print(json.dumps(info, indent=1))
     return 0

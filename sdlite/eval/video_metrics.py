@@ -62,6 +62,12 @@ def paired_difference_ci(a: torch.Tensor, b: torch.Tensor, resamples: int = 2000
     return {"mean": float(d.mean()), "ci_low": float(lo), "ci_high": float(hi), "level": level, "n": len(d)}
 
 
+def frame_label_agreement(labels: torch.Tensor) -> torch.Tensor:
+    """One attribute: per clip, the fraction of frames whose label equals the clip's majority label.
+    (B, L) -> (B,)."""
+    return (labels == torch.mode(labels, dim=1).values[:, None]).float().mean(dim=1)
+
+
 def frame_identity_agreement(labels: dict[str, torch.Tensor]) -> torch.Tensor:
     """Frame identity agreement: per clip, the fraction of frames whose recognised identity (all of class word, hair, shirt, trousers, hat)
     equals the clip's majority identity. labels: {name: (B, L)} -> (B,)."""
@@ -111,5 +117,7 @@ def video_metrics(video: torch.Tensor, truth: torch.Tensor, embedder: ImageEmbed
     }
     if recognizer is not None:
         pred = recognizer.predict(video.reshape(-1, *video.shape[2:]))
-        out["identity_agreement"] = frame_identity_agreement({k: pred[k].view(b, frames) for k in IDENTITY_LABELS})
+        labels = {k: pred[k].view(b, frames) for k in IDENTITY_LABELS}
+        out["identity_agreement"] = frame_identity_agreement(labels)
+        out.update({f"identity_{k}": frame_label_agreement(labels[k]) for k in IDENTITY_LABELS})
     return out

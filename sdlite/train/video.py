@@ -143,20 +143,38 @@ def train_decoder(cache: dict, text: torch.Tensor, empty_text: torch.Tensor, dec
     return unwrapped.eval(), hist
 
 
+def initial_decoder(folder: str | os.PathLike, keyframe_attention: bool, grid: int) -> VideoDecoder:
+    """A trained decoder to fine-tune (checked against the cache's embeddings), with keyframe attention on or off."""
+    if not (Path(folder) / "config.json").is_file():
+        raise ValueError(f"--init {folder}: no decoder there (a folder with config.json from save_pretrained)")
+    decoder = VideoDecoder.from_pretrained(folder, keyframe_attention=keyframe_attention)
+    if decoder.config.image_grid != grid:
+        raise ValueError(f"--init {folder} reads grid-{decoder.config.image_grid} embeddings, the cache holds "
+                         f"grid-{grid} ones: build the cache with --grid {decoder.config.image_grid}")
+    return decoder
+
+
 def train_decoder_on_caches(caches: list[str | os.PathLike], out: str | os.PathLike, cfg: DecoderTrainConfig,
                             size: str = "base", spatial_channels: int = 0, export: str | os.PathLike | None = None,
                             resume: bool = False, stop_at: int | None = None, max_minutes: float | None = None,
-                            storyworld: str | os.PathLike | None = None, command: str = "") -> dict | None:
+                            storyworld: str | os.PathLike | None = None, command: str = "",
+                            keyframe_attention: bool = False, init: str | os.PathLike | None = None) -> dict | None:
     """The whole job behind `python -m sdlite.train video-decoder`: load the storyworld VAE and CLIP and the caches,
     build the decoder (before encoding the prompts, so a bad setting fails before any work), train, and (when the
-    schedule finished, or time ran out with `max_minutes`) export it with its `training.json`. Returns that record."""
+    schedule finished, or time ran out with `max_minutes`) export it with its `training.json`. Returns that record.
+
+    `init`: start from a trained decoder's folder (its shape; `size` and `spatial_channels` are then ignored) instead
+    of random weights, e.g. to add keyframe attention, which has no parameters of its own, to a trained decoder."""
     models = load_video_models(storyworld_folder=storyworld, decoder=False, predictor=False)
     loaded = [load_cache(c) for c in caches]
     cache = {"latents": torch.cat([c["latents"] for c in loaded]), "embeds": torch.cat([c["embeds"] for c in loaded])}
-    decoder = build_decoder(size, image_embed_dim=cache["embeds"].shape[-1],
-                            cross_attention_dim=models.text_model.config.hidden_size,
-                            sample_size=cache["latents"].shape[-1], seed=cfg.seed, image_grid=cache_grid(loaded),
-                            spatial_channels=spatial_channels)
+    if init is not None:
+        decoder = initial_decoder(init, keyframe_attention, cache_grid(loaded))
+    else:
+        decoder = build_decoder(size, image_embed_dim=cache["embeds"].shape[-1],
+                                cross_attention_dim=models.text_model.config.hidden_size,
+                                sample_size=cache["latents"].shape[-1], seed=cfg.seed, image_grid=cache_grid(loaded),
+                                spatial_channels=spatial_channels, keyframe_attention=keyframe_attention)
     captions = [cap for c in loaded for cap in c["captions"]]
     text = torch.cat([encode_prompts(models, captions[i : i + 256]) for i in range(0, len(captions), 256)])
     empty = encode_prompts(models, [""])
@@ -171,5 +189,7 @@ def train_decoder_on_caches(caches: list[str | os.PathLike], out: str | os.PathL
             "parameters": sum(p.numel() for p in decoder.parameters()),
             "final_loss": hist["loss"][-1], "mean_logged_loss_last_4": float(np.mean(hist["loss"][-4:])),
             "train_seconds": round(hist["seconds"][-1], 1)}
+    if init is not None and (Path(init) / "training.json").is_file():  # the chain of commands that made it
+        info["init"] = {"folder": str(init), "training": json.loads((Path(init) / "training.json").read_text())}
     (Path(export) / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     return info

@@ -1,0 +1,148 @@
+"""Keyframe-reading attention (sdlite.keyframe_attention) and the decoder's options that use it; guidance on the frame
+embeddings (sdlite.video.sample_latents(embed_guidance=...))."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from sdlite.cli.train import main as train_main
+from sdlite.keyframe_attention import (
+    KeyframeAttnProcessor, install_keyframe_attention, keyframe_attention_reference, keyframe_tokens,
+    spatial_self_attention_names,
+)
+from sdlite.motion import ImageEmbedder
+from sdlite.storyworld.models import StoryworldSizes, build_clip, build_scheduler, build_storyworld_tokenizer, build_vae
+from sdlite.train.motion import build_cache
+from sdlite.video import VideoDecoder, build_decoder, sample_latents
+
+E = 32
+
+
+def _random_conv_out(dec, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in dec.unet.conv_out.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return dec.eval()
+
+
+def _inputs(b=2, frames=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(noisy=torch.randn(b, frames, 4, 8, 8, generator=g), start=torch.randn(b, 4, 8, 8, generator=g),
+                end=torch.randn(b, 4, 8, 8, generator=g), text=torch.randn(b, 3, 32, generator=g),
+                embeds=torch.randn(b, frames, E, generator=g))
+
+
+def test_keyframe_tokens_put_each_clips_own_keyframes_after_each_frame():
+    frames, n = 4, 3
+    x = torch.arange(2 * frames * n, dtype=torch.float32).view(2 * frames, n, 1)  # (B*L, N, 1), every token distinct
+    out = keyframe_tokens(x, frames)
+    assert out.shape == (2 * frames, 3 * n, 1)
+    for clip in range(2):
+        first, last = clip * frames, clip * frames + frames - 1
+        for i in range(clip * frames, (clip + 1) * frames):
+            assert torch.equal(out[i], torch.cat([x[i], x[first], x[last]]))
+    with pytest.raises(ValueError, match="whole clips"):
+        keyframe_tokens(torch.zeros(7, n, 1), frames)
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        keyframe_tokens(torch.zeros(4, n, 1), 1)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_processor_equals_the_by_hand_attention_per_frame_and_head(heads):
+    torch.manual_seed(0)
+    dim, frames = 16, 4
+    attn = Attention(dim, heads=heads, dim_head=dim // heads).eval()
+    x = torch.randn(2 * frames, 6, dim)
+    with torch.no_grad():
+        fast = KeyframeAttnProcessor(frames)(attn, x)
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        d = dim // heads
+        by_hand = torch.cat([keyframe_attention_reference(q[..., h * d:(h + 1) * d], k[..., h * d:(h + 1) * d],
+                                                          v[..., h * d:(h + 1) * d], frames) for h in range(heads)],
+                            dim=-1)
+        expected = attn.to_out[0](by_hand)
+        plain = AttnProcessor2_0()(attn, x)
+    torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
+    assert (fast - plain).abs().max() > 1e-3  # reading the keyframes changes the result
+    with pytest.raises(ValueError, match="self-attention"):
+        KeyframeAttnProcessor(frames)(attn, x, encoder_hidden_states=x)
+
+
+def test_a_keyframe_reads_only_its_own_clip():
+    """Frames of clip 0 do not change when clip 1's keyframes change (clips never see each other)."""
+    torch.manual_seed(1)
+    attn = Attention(8, heads=1, dim_head=8).eval()
+    x = torch.randn(2 * 3, 5, 8)
+    y = x.clone()
+    y[3] += 1.0  # clip 1's first frame
+    p = KeyframeAttnProcessor(3)
+    with torch.no_grad():
+        a, b = p(attn, x), p(attn, y)
+    assert torch.equal(a[:3], b[:3]) and not torch.allclose(a[4:], b[4:])
+
+
+def test_the_decoder_installs_it_on_spatial_self_attention_only_and_keeps_it_through_a_folder(tmp_path):
+    kw = dict(image_embed_dim=E, cross_attention_dim=32, sample_size=8, seed=3)
+    plain = _random_conv_out(build_decoder("tiny", **kw))
+    dec = build_decoder("tiny", keyframe_attention=True, **kw).eval()
+    dec.load_state_dict(plain.state_dict())  # no parameters of its own: the same weights load
+    names = spatial_self_attention_names(dec.unet)
+    assert names and all("motion_modules" not in n and n.endswith("attn1.processor") for n in names)
+    procs = dec.unet.attn_processors
+    assert all(isinstance(procs[n], KeyframeAttnProcessor) for n in names)
+    assert sum(isinstance(p, KeyframeAttnProcessor) for p in procs.values()) == len(names) == len(dec.keyframe_processors)
+    x = _inputs()
+    ehs = dec.condition(x["text"], x["embeds"], 5)
+    with torch.no_grad():
+        out = dec(x["noisy"], torch.tensor([10, 500]), x["start"], x["end"], ehs)
+        ref = plain(x["noisy"], torch.tensor([10, 500]), x["start"], x["end"], ehs)
+    assert all(p.frames == 5 for p in dec.keyframe_processors)  # the decoder told them the clip length
+    assert (out - ref).abs().max() > 1e-4
+    dec.save_pretrained(tmp_path / "d")
+    back = VideoDecoder.from_pretrained(tmp_path / "d").eval()
+    assert back.config.keyframe_attention and len(back.keyframe_processors) == len(names)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x["noisy"], torch.tensor([10, 500]), x["start"], x["end"], ehs), out)
+    with pytest.raises(ValueError, match="no spatial self-attention"):
+        install_keyframe_attention(SimpleNamespace(attn_processors={"mid.motion_modules.0.attn1.processor": None}))
+
+
+def test_embed_guidance_is_the_classifier_free_combination_of_with_and_without_embeddings():
+    """One sampling step returns the model's clean estimate, so guidance w gives null + w * (with - null) exactly."""
+    dec = _random_conv_out(build_decoder("tiny", image_embed_dim=E, cross_attention_dim=32, sample_size=8, seed=3))
+    x = _inputs()
+    sched = build_scheduler()
+
+    def run(embeds, w):
+        return sample_latents(dec, sched, x["start"], x["end"], x["text"], embeds, frames=5, steps=1,
+                              generator=torch.Generator().manual_seed(0), pin=False, embed_guidance=w)
+
+    with_e, without = run(x["embeds"], 1.0), run(None, 1.0)
+    torch.testing.assert_close(run(x["embeds"], 2.5), without + 2.5 * (with_e - without), atol=1e-5, rtol=1e-5)
+    assert torch.equal(run(None, 3.0), without)  # nothing to guide with: no embeddings
+    for bad in (0.5, float("nan")):
+        with pytest.raises(ValueError, match="embed_guidance"):
+            run(x["embeds"], bad)
+
+
+def test_train_command_fine_tunes_a_decoder_with_keyframe_attention(tmp_path):
+    """`--init FOLDER --keyframe-attention`: starts from the trained weights, records the chain of commands."""
+    sizes = StoryworldSizes.named("tiny")
+    clip = build_clip(sizes, build_storyworld_tokenizer(), seed=1).eval()
+    vae = build_vae(sizes, seed=2).eval()
+    build_cache(tmp_path / "c", 2, seed=4, embedder=ImageEmbedder(clip), vae=vae, frames=4, progress=False)
+    assert train_main(["video-decoder", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r0"), "--export",
+                       str(tmp_path / "d0"), "--size", "tiny", "--steps", "1", "--batch-size", "1"]) == 0
+    assert train_main(["video-decoder", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r1"), "--export",
+                       str(tmp_path / "d1"), "--init", str(tmp_path / "d0"), "--keyframe-attention", "--steps", "2",
+                       "--batch-size", "1"]) == 0
+    dec = VideoDecoder.storyworld(tmp_path / "d1")
+    assert dec.config.keyframe_attention
+    info = json.loads((tmp_path / "d1" / "training.json").read_text())
+    assert info["trained_steps"] == 2 and "--keyframe-attention" in info["command"]
+    assert info["init"]["training"]["trained_steps"] == 1
+    assert train_main(["video-decoder", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r2"), "--init",
+                       str(tmp_path / "nowhere"), "--steps", "1"]) == 2
