@@ -146,3 +146,22 @@ def test_train_command_fine_tunes_a_decoder_with_keyframe_attention(tmp_path):
     assert info["init"]["training"]["trained_steps"] == 1
     assert train_main(["video-decoder", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r2"), "--init",
                        str(tmp_path / "nowhere"), "--steps", "1"]) == 2
+
+
+def test_decoder_ablation_compares_decoders_on_the_same_clips(tmp_path, capsys):
+    """Two copies of the shipped decoder score the same and differ by exactly 0; a missing folder is one line."""
+    from sdlite.cli.eval import main as eval_main
+    from sdlite.motion import motion_dir
+
+    shipped = motion_dir() / "decoder"
+    out = tmp_path / "ablation.json"
+    assert eval_main(["decoder-ablation", "--decoder", f"a={shipped}", "--decoder", f"b={shipped}", "--clips", "2",
+                      "--steps", "1", "--out", str(out), "--threads", "1"]) == 0
+    res = json.loads(out.read_text())
+    a, b = res["rows"]["a"], res["rows"]["b"]
+    assert a["psnr"] == b["psnr"] and a["identity_agreement"] == b["identity_agreement"]
+    assert set(a["identity_per_label"]) == {"class_word", "hair", "shirt", "trousers", "hat"}
+    assert b["vs_a"]["psnr"]["mean"] == 0 and "vs_a" not in a and res["n_clips"] == 2
+    assert 0 <= a["identity_agreement"] <= 1 and a["training_steps"] >= 1
+    assert eval_main(["decoder-ablation", "--decoder", f"x={tmp_path / 'none'}", "--out", str(tmp_path / "x.json")]) == 2
+    assert "no decoder in" in capsys.readouterr().err and not (tmp_path / "x.json").exists()

@@ -3,6 +3,7 @@
     python -m sdlite.eval storyworld            the storyworld quality bars -> results/storyworld.json
     python -m sdlite.eval consistency ...       the paper's Table 1 in storyworld -> results/consistency.json
     python -m sdlite.eval transitions ...       the paper's Table 2 in storyworld -> results/motion.json
+    python -m sdlite.eval decoder-ablation ...  video decoders compared as (d) -> results/motion_ablation.json
     python -m sdlite.eval predictor-errors ...  the motion predictor's error against linear interpolation
     python -m sdlite.eval check ...             quick checks of a training run's export
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 from . import add_threads_option, build_registry_parser, run_module_command, set_threads
 
 TABLES: tuple[str, ...] = tuple(f"sdlite.cli.eval:add_{name}_parser" for name in (
-    "storyworld", "consistency", "transitions", "predictor_errors", "check"))
+    "storyworld", "consistency", "transitions", "decoder_ablation", "predictor_errors", "check"))
 # sdlite.eval.transitions.METHODS / EVAL_SEED (a test keeps them equal): the parser imports no torch
 TRANSITION_METHODS = ("latent_interpolation", "no_predictor", "temporal_only", "full", "true_embeddings")
 TRANSITION_SEED = 777
@@ -142,6 +143,40 @@ def run_transitions(args) -> int:
                                embed_guidance=args.embed_guidance)
     print(json.dumps({k: res[k] for k in ("predictor_error_ratio_vs_linear", "psnr", "identity_agreement_full",
                                           "bars")}, indent=1))
+    return 0
+
+
+def add_decoder_ablation_parser(sub) -> None:
+    e = sub.add_parser("decoder-ablation", help="video decoders compared as (d) full: results/motion_ablation.json",
+                       description="Decoders (keyframe reading on/off, size, training length) on the same held-out "
+                                   "clips (sdlite.eval.transitions.decoder_ablation).")
+    e.add_argument("--decoder", action="append", required=True, metavar="NAME=FOLDER",
+                   help="a decoder to compare (repeat); the first is the row the others are compared with")
+    e.add_argument("--clips", type=int, default=100)
+    e.add_argument("--seed", type=int, default=TRANSITION_SEED)
+    e.add_argument("--steps", type=int, default=8)
+    e.add_argument("--out", default="results/motion_ablation.json")
+    e.add_argument("--force", action="store_true")
+    e.add_argument("--storyworld", default=None, help="folder with vae/ and clip/ (default data/storyworld)")
+    add_threads_option(e)
+    e.set_defaults(func=run_decoder_ablation)
+
+
+def run_decoder_ablation(args) -> int:
+    from ..eval.transitions import decoder_ablation
+    from ..paths import check_writable
+
+    check_writable(args.out, args.force)
+    decoders = {}
+    for item in args.decoder:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--decoder {item!r}: write NAME=FOLDER, e.g. keyframes=data/motion/decoder")
+        decoders[name] = folder
+    set_threads(args)
+    res = decoder_ablation(decoders, args.command_line, args.clips, args.seed, args.steps, args.out, args.storyworld)
+    for name, row in res["rows"].items():
+        print(f"{name:40s} PSNR {row['psnr']:6.2f}  frame identity {row['identity_agreement']:.3f}")
     return 0
 
 

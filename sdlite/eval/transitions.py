@@ -25,6 +25,7 @@ from .video_metrics import (
 
 METHODS = ("latent_interpolation", "no_predictor", "temporal_only", "full", "true_embeddings")
 EVAL_SEED = 777  # held-out clips: ClipDataset(n, seed=EVAL_SEED); training caches use other seeds
+PER_CLIP = ("psnr", "identity_agreement")  # kept clip by clip, for paired comparisons
 
 
 def _truth_stats(models: VideoModels, x: torch.Tensor, true_e: torch.Tensor, recognizer) -> dict[str, torch.Tensor]:
@@ -98,6 +99,7 @@ def evaluate(models: VideoModels, n_clips: int = 100, seed: int = EVAL_SEED, fra
         if progress:
             print(f"evaluated {first + b}/{n_clips} clips ({time.time() - t0:.0f}s)", flush=True)
     result = {"per_method": {m: _means(d) for m, d in per.items()}, "truth": _means(truth)}
+    result["per_clip"] = {m: {k: torch.cat(v).tolist() for k, v in d.items() if k in PER_CLIP} for m, d in per.items()}
     kinds_arr = np.array(kinds)
     def per_kind(metric):
         return {m: {kind: float(torch.cat(per[m][metric])[torch.from_numpy(kinds_arr == kind)].mean())
@@ -173,3 +175,47 @@ def run_transitions_eval(out: str | os.PathLike | None, command: str, n_clips: i
     if out is not None:
         Path(out).write_text(json.dumps(res, indent=1) + "\n")
     return res
+
+
+def decoder_ablation(decoders: dict[str, str | os.PathLike], command: str, n_clips: int = 100, seed: int = EVAL_SEED,
+                     steps: int = 8, out: str | os.PathLike | None = None,
+                     storyworld: str | os.PathLike | None = None) -> dict:
+    """The decoders (name -> folder) compared as (d) full, on the same held-out clips, noise and predicted embeddings:
+    PSNR, frame identity agreement (per label and per kind of motion), each row's training record, and each row's
+    paired difference to the first row with a bootstrap interval. Written to `out` (json) when given."""
+    from ..storyworld.recognizer import load_recognizer
+    from ..video import VideoDecoder, load_video_models
+
+    if not decoders:
+        raise ValueError("name at least one decoder: NAME=FOLDER")
+    missing = [str(f) for f in decoders.values() if not (Path(f) / "config.json").is_file()]
+    if missing:
+        raise ValueError(f"no decoder in {', '.join(missing)}: each needs the config.json of save_pretrained")
+    models = load_video_models(storyworld_folder=storyworld, decoder=False)
+    recognizer = load_recognizer()
+    rows, clips = {}, {}
+    for name, folder in decoders.items():
+        models.decoder = VideoDecoder.storyworld(folder)
+        res = evaluate(models, n_clips, seed, steps=steps, recognizer=recognizer, methods=("full",), progress=True)
+        full = res["per_method"]["full"]
+        record = json.loads((Path(folder) / "training.json").read_text()) if (Path(folder) / "training.json").is_file() else {}
+        steps_trained = record.get("trained_steps", 0) + record.get("init", {}).get("training", {}).get("trained_steps", 0)
+        rows[name] = {"folder": str(folder), "keyframe_attention": bool(models.decoder.config.keyframe_attention),
+                      "parameters": sum(p.numel() for p in models.decoder.parameters()),
+                      "training_steps": steps_trained, "psnr": full["psnr"],
+                      "identity_agreement": full["identity_agreement"],
+                      "identity_per_label": {k[len("identity_"):]: v for k, v in full.items()
+                                             if k.startswith("identity_") and k != "identity_agreement"},
+                      "identity_per_kind": res["per_kind_identity"]["full"], "seconds": res["seconds"]}
+        clips[name] = res["per_clip"]["full"]
+    first = next(iter(rows))
+    for name in rows:
+        if name != first:
+            rows[name]["vs_" + first] = {
+                k: paired_difference_ci(torch.tensor(clips[name][k]), torch.tensor(clips[first][k]), seed=seed)
+                for k in PER_CLIP}
+    result = {"command": command, "n_clips": n_clips, "seed": seed, "steps": steps, "method": "full",
+              "kind_counts": res["kind_counts"], "rows": rows}
+    if out is not None:
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
