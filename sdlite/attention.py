@@ -28,9 +28,16 @@ pseudo-code, where some of the image's own tokens then appear twice among the ke
 ``N + k`` keys: ``N * (1 + (W - 1) * r)`` in the default mode. ``r = 1`` takes the whole pool (no
 randomness): full joint attention over the window.
 
+That is ``sampling="exact"``. ``sampling="official"`` is the official code's: per denoising step, each *source*
+image gets one random keep-mask over its tokens (a random count, about r*N), shared by every query image, by all
+layers of the same resolution and by both guidance halves (:mod:`sdlite.token_sampling` has both draws).
+
 Windows. ``tile=W`` images per window, starting every ``stride`` images: stride 1 is the paper's sliding
 window (the reference's default), stride W gives disjoint tiles (the processor's default, ``stride=None``). If the last start does not reach the end of the batch, one more
 window ending at the last image is added, so every image is covered and every window has W images.
+
+The windows and the sampling live in :mod:`sdlite.token_sampling`, the write/read bank in :mod:`sdlite.bank`; their
+names are importable from here too.
 """
 
 from __future__ import annotations
@@ -43,120 +50,39 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .bank import ConsistencyBank
+from .token_sampling import (
+    SAMPLING_MODES,
+    check_indices,
+    check_rate,
+    check_sampling,
+    check_tile_stride,
+    draw_keep_masks,
+    draw_sampled_indices,
+    num_sampled_tokens,
+    official_key_indices,
+    window_starts,
+)
+
 __all__ = [
     "OFFICIAL_SKIP_SCHEDULE",
+    "SAMPLING_MODES",
     "ConsistencyBank",
     "ConsistentAttentionHandle",
     "ConsistentSelfAttnProcessor",
     "CSAState",
     "SkipSchedule",
     "consistent_self_attention_reference",
+    "csa_layer_names",
+    "draw_keep_masks",
     "draw_sampled_indices",
     "install_consistent_attention",
+    "layer_scale",
     "num_sampled_tokens",
+    "official_key_indices",
     "self_attention_layer_names",
     "window_starts",
 ]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checks shared by every entry point
-# ----------------------------------------------------------------------------------------------------
-def _check_rate(rate: float) -> float:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or math.isnan(rate):
-        raise ValueError(f"rate must be a number in [0, 1], got {rate!r}: pass e.g. rate=0.5")
-    if not 0.0 <= float(rate) <= 1.0:
-        raise ValueError(f"rate must be in [0, 1] (the fraction of other images' tokens sampled), got {rate}: "
-                         "use 0 for plain self-attention, 1 for full joint attention")
-    return float(rate)
-
-
-def _check_tile_stride(tile: int, stride: int | None, batch: int) -> tuple[int, int]:
-    if isinstance(tile, bool) or not isinstance(tile, int):
-        raise ValueError(f"tile must be an int (images per window), got {tile!r}")
-    if tile < 1:
-        raise ValueError(f"tile (window size W) must be >= 1, got {tile}: use tile=batch for no tiling")
-    if tile > batch:
-        raise ValueError(f"tile W={tile} is larger than the batch of {batch} images: use tile <= {batch} "
-                         "(or tile=None in the processor for one window over the whole batch)")
-    stride = 1 if stride is None else stride
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride must be an int >= 1, got {stride!r}: use 1 for the paper's sliding window, "
-                         f"{tile} (= tile) for disjoint tiles")
-    if stride > tile:
-        raise ValueError(f"stride {stride} > tile {tile} would leave images outside every window: "
-                         f"use a stride between 1 and {tile}")
-    return tile, stride
-
-
-# ----------------------------------------------------------------------------------------------------
-# Windows and sampling (shared by the reference and the fast version, so both see the same sample)
-# ----------------------------------------------------------------------------------------------------
-def window_starts(batch: int, tile: int, stride: int = 1) -> list[int]:
-    """First image of every window: ``0, stride, 2*stride, ...`` plus ``batch - tile`` if needed.
-
-    >>> window_starts(6, 3, 1), window_starts(8, 4, 4), window_starts(6, 4, 4)
-    ([0, 1, 2, 3], [0, 4], [0, 2])
-    """
-    tile, stride = _check_tile_stride(tile, stride, batch)
-    starts = list(range(0, batch - tile + 1, stride))
-    if starts[-1] != batch - tile:  # the last window ends at the last image: nobody is left out
-        starts.append(batch - tile)
-    return starts
-
-
-def num_sampled_tokens(tile: int, tokens: int, rate: float, include_self_in_sample: bool = False) -> int:
-    """k: how many tokens each image samples from its window's pool (the other images, or all)."""
-    pool = (tile if include_self_in_sample else tile - 1) * tokens
-    return int(math.floor(_check_rate(rate) * pool + 0.5))
-
-
-def draw_sampled_indices(
-    batch: int,
-    tokens: int,
-    rate: float,
-    tile: int,
-    stride: int = 1,
-    generator: torch.Generator | None = None,
-    include_self_in_sample: bool = False,
-) -> torch.Tensor:
-    """Sampled token indices for every window and image: LongTensor (num_windows, W, k).
-
-    ``out[w, i]`` are indices into window w's W*N tokens laid end to end (image j's token t is j*N + t):
-    k distinct tokens drawn uniformly without replacement from image i's pool. With
-    ``include_self_in_sample=False`` the pool is the window's other images; with rate 1 the pool is taken
-    whole and in order (no randomness, the generator is not used).
-    """
-    starts = window_starts(batch, tile, stride)
-    k = num_sampled_tokens(tile, tokens, rate, include_self_in_sample)
-    pool = (tile if include_self_in_sample else tile - 1) * tokens
-    out = torch.empty(len(starts), tile, k, dtype=torch.long)  # (num_windows, W, k)
-    for w in range(len(starts)):
-        for i in range(tile):
-            if k == pool:
-                picked = torch.arange(pool)  # rate 1: the whole pool
-            else:
-                picked = torch.randperm(pool, generator=generator)[:k]  # (k,) in [0, pool)
-            if not include_self_in_sample:
-                # pool position p -> window position: skip image i's own block [i*N, (i+1)*N)
-                picked = picked + tokens * (picked >= i * tokens)
-            out[w, i] = picked
-    return out
-
-
-def _check_indices(indices: torch.Tensor, batch: int, tokens: int, tile: int, stride: int) -> torch.Tensor:
-    starts = window_starts(batch, tile, stride)
-    if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long or indices.ndim != 3:
-        raise ValueError("sampled_indices must be a LongTensor (num_windows, W, k) as made by "
-                         "draw_sampled_indices(...)")
-    if indices.shape[0] != len(starts) or indices.shape[1] != tile:
-        raise ValueError(f"sampled_indices has shape {tuple(indices.shape)} but this batch has {len(starts)} "
-                         f"windows of W={tile} images: draw them with draw_sampled_indices({batch}, {tokens}, "
-                         f"rate, {tile}, {stride})")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= tile * tokens):
-        raise ValueError(f"sampled_indices must lie in [0, W*N) = [0, {tile * tokens}) (positions in the "
-                         "window's tokens laid end to end)")
-    return indices
 
 
 def _check_features(x: torch.Tensor) -> tuple[int, int, int]:
@@ -186,11 +112,11 @@ def consistent_self_attention_reference(
     (num_windows, W, k) replaces the random draw, e.g. to compare with the fast version on one sample.
     """
     B, N, C = _check_features(x)
-    rate = _check_rate(rate)
-    tile, stride = _check_tile_stride(tile, stride, B)
+    rate = check_rate(rate)
+    tile, stride = check_tile_stride(tile, stride, B)
     if sampled_indices is None:
         sampled_indices = draw_sampled_indices(B, N, rate, tile, stride, generator, include_self_in_sample)
-    _check_indices(sampled_indices, B, N, tile, stride)
+    check_indices(sampled_indices, B, N, tile, stride)
 
     output = torch.zeros_like(x)  # (B, N, C)
     count = torch.zeros(B, 1, 1, dtype=x.dtype, device=x.device)  # (B, 1, 1)
@@ -234,57 +160,6 @@ class SkipSchedule:
 OFFICIAL_SKIP_SCHEDULE = SkipSchedule(early_prob=0.3, late_prob=0.1, switch_step=20)
 
 
-class ConsistencyBank:
-    """Sampled tokens of reference images, per character, per denoising step, per layer.
-
-    ``write`` stores a (G, k, C) tensor (G = 2 guidance halves or 1) of a layer's input tokens;
-    ``read`` returns them. Memory is explicit: :meth:`nbytes`; so is clearing: :meth:`clear`.
-    """
-
-    def __init__(self) -> None:
-        self._tokens: dict[str, dict[tuple[int | None, str], torch.Tensor]] = {}
-
-    def write(self, character: str, step: int | None, layer: str, tokens: torch.Tensor) -> None:
-        if not isinstance(character, str) or not character:
-            raise ValueError(f"character must be a non-empty name, got {character!r}")
-        if tokens.ndim != 3:
-            raise ValueError(f"bank tokens must be (G, k, C), got shape {tuple(tokens.shape)}")
-        self._tokens.setdefault(character, {})[(step, layer)] = tokens.detach()
-
-    def read(self, character: str, step: int | None, layer: str) -> torch.Tensor:
-        entries = self._tokens.get(character)
-        if not entries:
-            known = sorted(self._tokens) or "none"
-            raise ValueError(f"the bank holds no tokens for character {character!r} (characters stored: {known}): "
-                             f"generate its reference images inside `with handle.write({character!r}):` first")
-        if (step, layer) not in entries:
-            raise ValueError(f"the bank has character {character!r} but nothing for step {step}, layer {layer!r}: "
-                             "write and read must use the same steps (handle.set_step) and the same layers")
-        return entries[(step, layer)]
-
-    def clear(self, character: str | None = None) -> None:
-        """Forget one character's tokens, or everything (``character=None``)."""
-        if character is None:
-            self._tokens.clear()
-        else:
-            self._tokens.pop(character, None)
-
-    @property
-    def characters(self) -> list[str]:
-        return sorted(self._tokens)
-
-    def nbytes(self, character: str | None = None) -> int:
-        """Bytes held by the bank (one character, or all)."""
-        names = self.characters if character is None else [character]
-        return sum(t.numel() * t.element_size() for n in names for t in self._tokens.get(n, {}).values())
-
-    def __len__(self) -> int:
-        return sum(len(v) for v in self._tokens.values())
-
-    def __repr__(self) -> str:
-        return f"ConsistencyBank(characters={self.characters}, entries={len(self)}, nbytes={self.nbytes()})"
-
-
 _MODES = ("batch", "write", "read", "off")
 
 
@@ -306,6 +181,22 @@ class CSAState:
     guidance_halves: bool = False
     first_steps_without_csa: int = 0
     skip_schedule: SkipSchedule | None = None
+    sampling: str = "exact"
+    bank_steps: int | None = None  # steps 0 .. bank_steps-1 are stored and read; later read steps: plain attention
+    keep_masks: dict = field(default_factory=dict)  # official sampling: this step's draw, per (images, N, rate)
+
+    def shared_keep_masks(self, images: int, tokens: int, rate: float) -> list[torch.Tensor]:
+        """Official sampling: the keep-masks of this step for a batch of ``images`` images of ``tokens`` tokens,
+        drawn at the first layer of that resolution and reused by the others (and by both guidance halves)."""
+        key = (self.step, images, tokens, rate)
+        if key not in self.keep_masks:
+            self.keep_masks = {k: v for k, v in self.keep_masks.items() if k[0] == self.step}  # older steps: gone
+            self.keep_masks[key] = draw_keep_masks(images, tokens, rate, self.generator)
+        return self.keep_masks[key]
+
+    def bank_step(self) -> bool:
+        """Whether this step's tokens are stored (write) and read (read)."""
+        return self.bank_steps is None or (self.step or 0) < self.bank_steps
 
     def csa_active(self) -> bool:
         """Whether this layer call uses CSA (draws from the generator when a skip schedule is set)."""
@@ -363,9 +254,9 @@ class ConsistentSelfAttnProcessor:
         name: str = "",
         original=None,
     ) -> None:
-        self.rate = _check_rate(rate)
+        self.rate = check_rate(rate)
         if tile is not None:
-            _check_tile_stride(tile, stride, tile)  # W >= 1, 1 <= stride <= W
+            check_tile_stride(tile, stride, tile)  # W >= 1, 1 <= stride <= W
         elif stride is not None:
             raise ValueError("stride needs a tile size: pass tile=W as well (or neither for one window)")
         if window_batch is not None and (isinstance(window_batch, bool) or not isinstance(window_batch, int)
@@ -432,7 +323,7 @@ class ConsistentSelfAttnProcessor:
             self._write_bank(hidden_states, groups, images, tokens)
         use_csa = state.csa_active()
         if state.mode == "read":
-            if not use_csa:
+            if not use_csa or not state.bank_step():
                 return self.original(attn, residual, attention_mask=None, temb=temb, **kwargs)
             out = self._read(attn, hidden_states, residual_3d, groups, images, tokens)
         elif not use_csa or nothing_to_sample:
@@ -445,11 +336,14 @@ class ConsistentSelfAttnProcessor:
 
     # -- helpers -------------------------------------------------------------------------------------
     def _sample_size(self, hidden_states: torch.Tensor) -> int:
-        """k, the tokens each image samples from its window in this call (0: nothing to share)."""
+        """k, the tokens each image samples from its window in this call (0: nothing to share). Official
+        sampling: the pool size when anything can be kept (its count is random)."""
         groups = 2 if self.state.guidance_halves else 1
         images = hidden_states.shape[0] // groups
         tokens = hidden_states.shape[1] if hidden_states.ndim == 3 else math.prod(hidden_states.shape[2:])
         tile = images if self.tile is None else min(self.tile, images)  # (tile > images is refused later)
+        if self.state.sampling == "official":
+            return (max(tile, 1) - 1) * tokens if self.rate > 0 else 0
         return num_sampled_tokens(max(tile, 1), tokens, self.rate, self.include_self_in_sample)
 
     def _finish(self, attn, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -466,18 +360,23 @@ class ConsistentSelfAttnProcessor:
         """CSA among the images of each guidance half, window by window. x: (G*B, N, C) -> (G*B, N, C)."""
         tile = images if self.tile is None else self.tile
         stride = tile if self.stride is None else self.stride  # default: disjoint tiles
-        _check_tile_stride(tile, stride, images)
+        check_tile_stride(tile, stride, images)
         starts = window_starts(images, tile, stride)
-        if sampled_indices is None:
+        official = self.state.sampling == "official" and sampled_indices is None
+        valid = None  # official sampling: which of the padded key positions are real, (nw, W, L)
+        if official:
+            keep = self.state.shared_keep_masks(images, tokens, self.rate)
+            keys, valid = official_key_indices(keep, tokens, tile, stride)  # (nw, W, L) with the own tokens
+        elif sampled_indices is None:
             sampled_indices = draw_sampled_indices(images, tokens, self.rate, tile, stride, self.state.generator,
                                                    self.include_self_in_sample)
-        _check_indices(sampled_indices, images, tokens, tile, stride)
+        if not official:
+            check_indices(sampled_indices, images, tokens, tile, stride)
         joint = self.rate == 1.0 and not self.include_self_in_sample  # keys = the whole window, once
         C = x.shape[-1]
         xg = x.view(groups, images, tokens, C)  # (G, B, N, C)
         rg = residual.reshape(groups, images, tokens, -1)  # (G, B, N, C)
-        own = torch.arange(tile * tokens, device=sampled_indices.device).view(tile, tokens)  # (W, N): image i's
-        # own positions in its window
+        own = torch.arange(tile * tokens).view(tile, tokens)  # (W, N): image i's own positions in its window
 
         partition = stride >= tile and images % tile == 0  # disjoint tiles covering the batch exactly
         out = None  # (G, B, N, C), allocated at the first window (its dtype/width come from to_out)
@@ -492,11 +391,13 @@ class ConsistentSelfAttnProcessor:
                 image_ids = torch.tensor([s + i for s in starts[c0:c0 + nw] for i in range(tile)], device=x.device)
                 xw = xg.index_select(1, image_ids)  # (G, nw*W, N, C)
                 rw = rg.index_select(1, image_ids)
-            idx = None
-            if not joint:
-                idx = torch.cat([sampled_indices[c0:c0 + nw], own.expand(nw, tile, tokens)], dim=2)  # (nw, W, k+N)
+            idx = mask = None
+            if official and not joint:
+                idx, mask = keys[c0:c0 + nw], valid[c0:c0 + nw]  # (nw, W, L): kept tokens of the others + own
+            elif not joint:
+                idx = torch.cat([sampled_indices[c0:c0 + nw].cpu(), own.expand(nw, tile, tokens)], dim=2)  # (nw, W, k+N)
             # a helper call, so that one window's temporaries are freed before the next window starts
-            y = self._attend_windows(attn, xw, rw, tile, idx)  # (G, nw*W, N, C)
+            y = self._attend_windows(attn, xw, rw, tile, idx, mask)  # (G, nw*W, N, C)
             if out is None:
                 make = torch.empty if partition else torch.zeros
                 out = make(groups, images, tokens, y.shape[-1], dtype=y.dtype, device=y.device)
@@ -512,10 +413,11 @@ class ConsistentSelfAttnProcessor:
             out.div_(count.view(1, images, 1, 1))
         return out.view(groups * images, tokens, -1)
 
-    def _attend_windows(self, attn, xw, rw, tile, idx):
+    def _attend_windows(self, attn, xw, rw, tile, idx, valid=None):
         """Attention inside nw windows of W = ``tile`` images. xw, rw: (G, nw*W, N, C) inputs and residuals;
         idx: (nw, W, k+N) key positions of every image in its window's W*N tokens, or None for r = 1 (the
-        whole window). Returns (G, nw*W, N, C)."""
+        whole window); valid: (nw, W, k+N) bool, False on padded key positions (official sampling), or None.
+        Returns (G, nw*W, N, C)."""
         groups, n_slots, tokens, C = xw.shape
         heads = attn.heads
         nw = n_slots // tile
@@ -547,8 +449,11 @@ class ConsistentSelfAttnProcessor:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)  # (n, h, N', d)
-        del q, k, v
+        mask = None
+        if valid is not None:  # the same keep-masks in both guidance halves: (n_img, 1, 1, L), True = a real key
+            mask = valid.reshape(nw * tile, -1).repeat(groups, 1).view(n_img, 1, 1, -1).to(xw.device)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        del q, k, v  # attended: (n, h, N', d)
         # (n, h, N', d) -> (n, N', h*d); for the joint case N' = W*N splits back into W images of N tokens
         attended = attended.transpose(1, 2).reshape(n_img, tokens, inner).to(dtype)
         y = self._finish(attn, attended, rw.reshape(n_img, tokens, -1))  # (n_img, N, C)
@@ -559,9 +464,14 @@ class ConsistentSelfAttnProcessor:
         state = self.state
         if len(state.characters) != 1:
             raise ValueError("write mode stores one character per batch: use `with handle.write('name'):`")
+        if not state.bank_step():
+            return
         pool = images * tokens
         k = int(math.floor(self.rate * pool + 0.5))
-        if k == pool:
+        if state.sampling == "official":  # the kept tokens of this step's keep-masks, image after image
+            keep = state.shared_keep_masks(images, tokens, self.rate)
+            picked = torch.cat([j * tokens + m for j, m in enumerate(keep)])  # (sum of m_j,)
+        elif k == pool:
             picked = torch.arange(pool)
         else:
             picked = torch.randperm(pool, generator=state.generator)[:k]  # (k,)
@@ -619,12 +529,46 @@ def self_attention_layer_names(unet) -> list[str]:
             if isinstance(m, Attention) and not m.is_cross_attention and name.endswith("attn1")]
 
 
+def layer_scale(unet, name: str, vae_scale_factor: int = 8) -> int:
+    """How many image pixels one token of layer ``name`` spans along a side: 32 for SDXL's ``up_blocks.0``
+    (a 1024-px image -> 32x32 tokens), 16 for ``up_blocks.1``. The official code calls the rates of these
+    two resolutions sa32 and sa64 (64x64 tokens at 1024 px)."""
+    levels = len(unet.config.block_out_channels)  # each block but the last halves the grid
+    parts = name.split(".")
+    if parts[0] == "down_blocks":
+        depth = int(parts[1])
+    elif parts[0] == "up_blocks":
+        depth = levels - 1 - int(parts[1])
+    elif parts[0] == "mid_block":
+        depth = levels - 1
+    else:
+        raise ValueError(f"layer {name!r} is not in down_blocks, mid_block or up_blocks: cannot tell its resolution")
+    return vae_scale_factor * 2 ** depth
+
+
 _LAYER_SETS = {
     "all": lambda name: True,
     "up": lambda name: name.startswith("up_blocks."),
     "down": lambda name: name.startswith("down_blocks."),
     "mid": lambda name: name.startswith("mid_block."),
 }
+
+
+def csa_layer_names(unet, layers: str | Callable[[str], bool] = "up") -> list[str]:
+    """The self-attention layers ``layers`` chooses ("up", "all", "down", "mid" or a predicate on the name)."""
+    if isinstance(layers, str):
+        if layers not in _LAYER_SETS:
+            raise ValueError(f"layers must be one of {sorted(_LAYER_SETS)} or a predicate name -> bool, got {layers!r}")
+        predicate = _LAYER_SETS[layers]
+    elif callable(layers):
+        predicate = layers
+    else:
+        raise ValueError(f"layers must be 'up', 'all', 'down', 'mid' or a callable, got {type(layers).__name__}")
+    chosen = [n for n in self_attention_layer_names(unet) if predicate(n)]
+    if not chosen:
+        raise ValueError(f"no self-attention layer matches layers={layers!r}; "
+                         f"available: {self_attention_layer_names(unet)[:4]}...")
+    return chosen
 
 
 class ConsistentAttentionHandle:
@@ -673,7 +617,7 @@ class ConsistentAttentionHandle:
         tiles; 1: the paper's sliding window) of every installed layer,
         e.g. per batch of a story. Checked here; a tile larger than a later batch is refused at that call."""
         if tile is not None:
-            _check_tile_stride(tile, stride, tile)
+            check_tile_stride(tile, stride, tile)
         elif stride is not None:
             raise ValueError("stride needs a tile size: pass tile=W as well (or neither for one window)")
         for proc in self.processors.values():
@@ -681,6 +625,7 @@ class ConsistentAttentionHandle:
 
     def reseed(self, seed: int) -> None:
         self.state.generator.manual_seed(seed)
+        self.state.keep_masks = {}  # official sampling: the next batch draws its own
 
     @contextlib.contextmanager
     def _mode(self, mode: str, characters: tuple[str, ...]) -> Iterator[ConsistentAttentionHandle]:
@@ -740,6 +685,11 @@ def install_consistent_attention(
     window_batch: int | None = 1,
     seed: int = 0,
     generator: torch.Generator | None = None,
+    sampling: str = "exact",
+    rate_by_scale: dict[int, float] | None = None,
+    vae_scale_factor: int = 8,
+    bank: ConsistencyBank | None = None,
+    bank_steps: int | None = None,
 ) -> ConsistentAttentionHandle:
     """Put :class:`ConsistentSelfAttnProcessor` on chosen self-attention layers of a ``UNet2DConditionModel``.
 
@@ -753,36 +703,42 @@ def install_consistent_attention(
         first_steps_without_csa: steps 0 .. n-1 use plain attention (set the step with ``handle.set_step``).
         skip_schedule: e.g. ``OFFICIAL_SKIP_SCHEDULE`` (random plain-attention layer calls).
         seed / generator: the random source of the sampling and the skips.
+        sampling: "exact" (each image draws exactly k tokens per layer call) or "official" (one keep-mask per
+            source image and step, shared by the layers of a resolution and both guidance halves).
+        rate_by_scale: a rate per resolution, keyed by :func:`layer_scale` (official sa32 / sa64:
+            ``{32: 0.5, 16: 0.5}``); layers of other scales take ``rate``. ``vae_scale_factor``: pixels per latent.
+        bank: the :class:`ConsistencyBank` to write to and read from (default: a new one); e.g. one with
+            characters loaded from files, or ``ConsistencyBank(device="cpu", dtype=torch.float16)``.
+        bank_steps: store (and read) only the first n steps' tokens; later steps of read batches use plain
+            attention. None: every step.
     Other arguments: see :class:`ConsistentSelfAttnProcessor`.
     """
     if not hasattr(unet, "attn_processors") or not hasattr(unet, "set_attn_processor"):
         raise TypeError(f"install_consistent_attention needs a diffusers UNet2DConditionModel, got {type(unet).__name__}")
-    if isinstance(layers, str):
-        if layers not in _LAYER_SETS:
-            raise ValueError(f"layers must be one of {sorted(_LAYER_SETS)} or a predicate name -> bool, got {layers!r}")
-        predicate = _LAYER_SETS[layers]
-    elif callable(layers):
-        predicate = layers
-    else:
-        raise ValueError(f"layers must be 'up', 'all', 'down', 'mid' or a callable, got {type(layers).__name__}")
+    chosen = csa_layer_names(unet, layers)
     if not isinstance(first_steps_without_csa, int) or first_steps_without_csa < 0:
         raise ValueError(f"first_steps_without_csa must be an int >= 0, got {first_steps_without_csa!r}")
+    check_sampling(sampling)
+    if sampling == "official" and include_self_in_sample:
+        raise ValueError("include_self_in_sample is a choice of exact sampling: official sampling keeps every own "
+                         "token and masks the others; drop one of the two")
+    if bank_steps is not None and (isinstance(bank_steps, bool) or not isinstance(bank_steps, int) or bank_steps < 1):
+        raise ValueError(f"bank_steps must be an int >= 1 or None (every step), got {bank_steps!r}")
+    rate_by_scale = {int(k): check_rate(v) for k, v in (rate_by_scale or {}).items()}
     original = dict(unet.attn_processors)  # key -> processor object (kept to restore exactly)
     if any(isinstance(p, ConsistentSelfAttnProcessor) for p in original.values()):
         raise ValueError("consistent attention is already installed on this UNet: call handle.remove() first")
-    chosen = [n for n in self_attention_layer_names(unet) if predicate(n)]
-    if not chosen:
-        raise ValueError(f"no self-attention layer matches layers={layers!r}; "
-                         f"available: {self_attention_layer_names(unet)[:4]}...")
     if generator is None:
         generator = torch.Generator().manual_seed(seed)
-    state = CSAState(generator=generator, guidance_halves=bool(guidance_halves),
-                     first_steps_without_csa=first_steps_without_csa, skip_schedule=skip_schedule)
+    state = CSAState(generator=generator, bank=ConsistencyBank() if bank is None else bank,
+                     guidance_halves=bool(guidance_halves), first_steps_without_csa=first_steps_without_csa,
+                     skip_schedule=skip_schedule, sampling=sampling, bank_steps=bank_steps)
     processors = {}
     for name in chosen:
         key = name + ".processor"
+        layer_rate = rate_by_scale.get(layer_scale(unet, name, vae_scale_factor), rate) if rate_by_scale else rate
         processors[key] = ConsistentSelfAttnProcessor(
-            rate, tile, stride, include_self_in_sample=include_self_in_sample, window_batch=window_batch,
+            layer_rate, tile, stride, include_self_in_sample=include_self_in_sample, window_batch=window_batch,
             state=state, name=name, original=original[key])
     unet.set_attn_processor({**original, **processors})
     return ConsistentAttentionHandle(unet, processors, original, state)

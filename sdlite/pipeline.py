@@ -29,7 +29,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attention import OFFICIAL_SKIP_SCHEDULE, SkipSchedule, install_consistent_attention
+from .attention import (
+    OFFICIAL_SKIP_SCHEDULE,
+    SkipSchedule,
+    csa_layer_names,
+    install_consistent_attention,
+    layer_scale,
+)
+from .bank import BankLayer, ConsistencyBank, estimate_bank_nbytes
+from .token_sampling import check_sampling
 from .story import Story, check_story_prompts
 
 __all__ = [
@@ -37,6 +45,10 @@ __all__ = [
     "CSAConfig",
     "SEED_POLICIES",
     "StoryResult",
+    "bank_settings",
+    "check_bank_settings",
+    "estimate_story_bank",
+    "new_bank",
     "generate_story",
     "PIPELINE_CLASSES",
     "is_sdxl",
@@ -49,6 +61,7 @@ __all__ = [
 ]
 
 SEED_POLICIES = ("per_panel", "shared")
+MODEL_DEFAULT = "model"  # a CSAConfig field left to the model (model_defaults)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -71,17 +84,35 @@ class CSAConfig:
         storyworld: 0, as its 20 steps set the composition early and it was trained with joint attention).
     skip_schedule: random plain-attention layer calls (official: 0.3 before step 20, 0.1 after); None: never.
     enabled: False = no CSA at all (plain SDXL, same batches and seeds: the baseline).
+    sampling: "exact" (sdlite's: each image draws exactly round(r * pool) tokens per layer call) or "official"
+        (the official code's: per step one random keep-mask per source image, shared by all layers of a resolution
+        and both guidance halves); :mod:`sdlite.token_sampling` explains both.
+    rate_by_scale: a rate per resolution, ``{32: 0.5, 16: 0.5}`` = the official sa32 / sa64 (layers whose tokens
+        span 32 / 16 pixels, :func:`sdlite.attention.layer_scale`); other layers take ``rate``. None: one rate.
+    bank_steps: store (and read) the bank for the first n denoising steps only; later steps of read panels use
+        plain attention. None: every step. "model": the model's default (:func:`model_defaults`).
+    bank_device: where the bank lives ("cpu": out of GPU memory; None: with the model).
+    bank_dtype: "float16" halves a float32 bank (None: the model's type).
+
+    ``id_length`` and ``bank_steps`` default to "model": storyworld keeps every step and 4 references; real SDXL /
+    SD1.5 store 2 references and 20 steps, so that the bank of two characters at 1024 px fits a 24 GB card next to
+    SDXL (:func:`estimate_story_bank`; README "Running on real weights").
     """
 
     rate: float | None = None
     tile: int | None = None
     stride: int | None = None
     layers: str | None = None
-    id_length: int | None = 4
+    id_length: int | None | str = MODEL_DEFAULT
     read_batch: int = 4
     first_steps_without_csa: int | None = None
     skip_schedule: SkipSchedule | None = None
     enabled: bool = True
+    sampling: str = "exact"
+    rate_by_scale: tuple | dict | None = None
+    bank_steps: int | None | str = MODEL_DEFAULT
+    bank_device: str | None = None
+    bank_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.rate is not None and (isinstance(self.rate, bool) or not isinstance(self.rate, (int, float))
@@ -90,10 +121,25 @@ class CSAConfig:
         f = self.first_steps_without_csa
         if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 0):
             raise ValueError(f"first_steps_without_csa must be an int >= 0 or None (model default), got {f!r}")
-        for name in ("tile", "id_length"):
+        for name in ("tile", "id_length", "bank_steps"):
             v = getattr(self, name)
+            if name != "tile" and v == MODEL_DEFAULT:
+                continue
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be an int >= 1 or None, got {v!r}")
+        check_sampling(self.sampling)
+        if self.rate_by_scale is not None:
+            pairs = self.rate_by_scale.items() if isinstance(self.rate_by_scale, dict) else self.rate_by_scale
+            try:
+                pairs = tuple(sorted((int(k), float(v)) for k, v in pairs))
+            except (TypeError, ValueError):
+                raise ValueError(f"rate_by_scale must map a scale to a rate, e.g. {{32: 0.5, 16: 0.5}}, got "
+                                 f"{self.rate_by_scale!r}") from None
+            if any(k < 1 or not 0 <= v <= 1 for k, v in pairs):
+                raise ValueError(f"rate_by_scale needs scales >= 1 and rates in [0, 1], got {dict(pairs)}")
+            object.__setattr__(self, "rate_by_scale", pairs)  # a tuple of (scale, rate): hashable, JSON-able
+        if self.bank_dtype not in (None, "float16", "bfloat16", "float32"):
+            raise ValueError(f"bank_dtype must be 'float16', 'bfloat16', 'float32' or None, got {self.bank_dtype!r}")
         if self.tile == 1:
             raise ValueError("tile=1 puts every image alone in its window (no consistency): use tile >= 2, "
                              "None (whole batch), or enabled=False for no CSA")
@@ -108,16 +154,32 @@ class CSAConfig:
         """This setting with what the model decides filled in (layers, rate, first_steps_without_csa when None),
         from :func:`model_defaults`: the setting that actually runs, and equal settings compare equal."""
         first = self.first_steps_without_csa
-        return dataclasses.replace(self, layers=self.layers or defaults["layers"],
-                                   rate=defaults["rate"] if self.rate is None else self.rate,
-                                   first_steps_without_csa=defaults["first_steps_without_csa"] if first is None
-                                   else first)
+        return dataclasses.replace(
+            self, layers=self.layers or defaults["layers"], rate=defaults["rate"] if self.rate is None else self.rate,
+            first_steps_without_csa=defaults["first_steps_without_csa"] if first is None else first,
+            id_length=defaults["id_length"] if self.id_length == MODEL_DEFAULT else self.id_length,
+            bank_steps=defaults["bank_steps"] if self.bank_steps == MODEL_DEFAULT else self.bank_steps)
+
+    @property
+    def references(self) -> int | None:
+        """id_length as a number (the "model" default read as 4, storyworld's, when no model is at hand)."""
+        return 4 if self.id_length == MODEL_DEFAULT else self.id_length
 
     @classmethod
     def official(cls, **overrides) -> CSAConfig:
-        """The official demo's setting: up-blocks, rate 0.5, no CSA at step 0, random skips."""
-        return cls(**{"layers": "up", "first_steps_without_csa": 1, "skip_schedule": OFFICIAL_SKIP_SCHEDULE,
-                      **overrides})
+        """The official demo's setting: up-blocks, rate 0.5 at both resolutions (sa32, sa64), official sampling,
+        no CSA at step 0, random skips (0.3 before step 20, 0.1 after), one reference panel per character, every
+        step in the bank. (Its size, 768 px, and shared seed are arguments of generate_story: ``sdlite story
+        --preset official`` sets them all.)"""
+        return cls(**{"layers": "up", "rate": 0.5, "rate_by_scale": {32: 0.5, 16: 0.5}, "sampling": "official",
+                      "first_steps_without_csa": 1, "skip_schedule": OFFICIAL_SKIP_SCHEDULE, "id_length": 1,
+                      "bank_steps": None, **overrides})
+
+
+# Real models' bank defaults: two characters of SDXL at 1024 px, 35 steps, fp16 store 2 x 4.4 GB (instead of
+# 2 x 15.4 GB with 4 references and every step), next to SDXL's 6.9 GB of weights on a 24 GB card.
+REAL_ID_LENGTH = 2  # the official app.py's id_length
+REAL_BANK_STEPS = 20  # the official skip schedule's switch step: later steps only refine details
 
 
 def is_storyworld(pipe) -> bool:
@@ -136,9 +198,11 @@ def model_defaults(pipe) -> dict:
     """Defaults that depend on the model: steps, guidance, CSA layers and rate (size: the pipeline's own default).
     SD1.5 takes diffusers' guidance 7.5; the CSA settings are the official SDXL ones (the up-blocks' self-attention)."""
     if is_storyworld(pipe):
-        return {"steps": 20, "guidance_scale": 5.0, "layers": "all", "first_steps_without_csa": 0, "rate": 1.0}
+        return {"steps": 20, "guidance_scale": 5.0, "layers": "all", "first_steps_without_csa": 0, "rate": 1.0,
+                "id_length": 4, "bank_steps": None}
     guidance = 5.0 if is_sdxl(pipe) else 7.5
-    return {"steps": 35, "guidance_scale": guidance, "layers": "up", "first_steps_without_csa": 1, "rate": 0.5}
+    return {"steps": 35, "guidance_scale": guidance, "layers": "up", "first_steps_without_csa": 1, "rate": 0.5,
+            "id_length": REAL_ID_LENGTH, "bank_steps": REAL_BANK_STEPS}
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -274,15 +338,16 @@ class Batch:
     panels: tuple[int, ...]
 
 
-def plan_batches(story: Story, csa: CSAConfig | None) -> list[Batch]:
+def plan_batches(story: Story, csa: CSAConfig | None, stored: tuple[str, ...] = ()) -> list[Batch]:
     """The write batches (one per character, its reference panels), then the other panels in story order,
-    grouped by the characters they name into read batches of at most ``read_batch``."""
+    grouped by the characters they name into read batches of at most ``read_batch``. Characters in ``stored``
+    are in the bank already (loaded from a character file): they get no write batch, all their panels read."""
     if csa is None or not csa.enabled:
         size = (csa or CSAConfig()).read_batch
-        size = max(size, (csa or CSAConfig()).id_length or len(story))
+        size = max(size, (csa or CSAConfig()).references or len(story))
         idx = list(range(len(story)))
         return [Batch("plain", (), tuple(idx[i:i + size])) for i in range(0, len(idx), size)]
-    refs = story.reference_panels(csa.id_length)
+    refs = {name: panels for name, panels in story.reference_panels(csa.references).items() if name not in stored}
     plan = [Batch("write", (name,), tuple(panels)) for name, panels in refs.items()]
     done = {i for panels in refs.values() for i in panels}
     pending: dict[tuple[str, ...], list[int]] = {}
@@ -306,6 +371,64 @@ def panel_seeds(n: int, seed: int, policy: str = "per_panel") -> list[int]:
     if policy not in SEED_POLICIES:
         raise ValueError(f"seed_policy must be one of {SEED_POLICIES}, got {policy!r}")
     return [seed + i if policy == "per_panel" else seed for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The bank: its size before generating, its settings in character files
+# ----------------------------------------------------------------------------------------------------
+def new_bank(csa: CSAConfig) -> ConsistencyBank:
+    """An empty bank where ``csa`` asks for it (bank_device, bank_dtype)."""
+    return ConsistencyBank(device=csa.bank_device, dtype=getattr(torch, csa.bank_dtype) if csa.bank_dtype else None)
+
+
+def _image_size(pipe, height, width) -> tuple[int, int]:
+    default = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the pipelines' own default size
+    return height or default, width or default
+
+
+def estimate_story_bank(pipe, story: Story, csa: CSAConfig | None = None, steps: int | None = None,
+                        height: int | None = None, width: int | None = None,
+                        guidance_scale: float | None = None) -> dict[str, int]:
+    """Bytes the bank will hold per character for this story and setting, before generating anything
+    (:func:`sdlite.bank.estimate_bank_nbytes` over the CSA layers of ``pipe``). Exact for ``sampling="exact"``
+    (equal to the measured ``ConsistencyBank.nbytes``); the expected size for "official" sampling."""
+    defaults = model_defaults(pipe)
+    csa = (csa or CSAConfig()).with_model_defaults(defaults)
+    if not csa.enabled:
+        return {name: 0 for name in story.characters}
+    steps = defaults["steps"] if steps is None else steps
+    guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+    h, w = _image_size(pipe, height, width)
+    rates = dict(csa.rate_by_scale or ())
+    layers = []
+    for name in csa_layer_names(pipe.unet, csa.layers):
+        scale = layer_scale(pipe.unet, name, pipe.vae_scale_factor)
+        module = pipe.unet.get_submodule(name)
+        layers.append(BankLayer(name, (h // scale) * (w // scale), module.to_q.in_features, rates.get(scale, csa.rate)))
+    dtype = getattr(torch, csa.bank_dtype) if csa.bank_dtype else pipe.unet.dtype
+    stored = steps if csa.bank_steps is None else min(steps, csa.bank_steps)
+    return {name: estimate_bank_nbytes(layers, len(panels), stored, 2 if guidance > 1 else 1,
+                                       torch.empty((), dtype=dtype).element_size(), csa.sampling)
+            for name, panels in story.reference_panels(csa.id_length).items()}
+
+
+def bank_settings(pipe, csa: CSAConfig, steps: int, height: int | None, width: int | None,
+                  guidance_scale: float) -> dict:
+    """What a character's stored tokens depend on: a character file made under other settings cannot be read."""
+    h, w = _image_size(pipe, height, width)
+    return {"unet": type(pipe.unet).__name__, "cross_attention_dim": pipe.unet.config.cross_attention_dim,
+            "block_out_channels": list(pipe.unet.config.block_out_channels), "height": h, "width": w,
+            "steps": steps, "guidance_halves": guidance_scale > 1, "layers": csa.layers,
+            "layer_names": csa_layer_names(pipe.unet, csa.layers), "bank_steps": csa.bank_steps}
+
+
+def check_bank_settings(name: str, saved: dict, wanted: dict) -> None:
+    """A loaded character's settings against this run's: a ValueError naming the first difference."""
+    for key, value in wanted.items():
+        if saved.get(key) != value:
+            shown = "(the list differs)" if isinstance(value, list) else f"{saved.get(key)!r} in the file, {value!r} now"
+            raise ValueError(f"character file of {name!r} was made with other settings: {key} {shown}; generate with "
+                             "the same model, size, steps, guidance and CSA layers, or write the character again")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -464,6 +587,7 @@ def generate_story(
     id_images: dict | None = None,
     id_encoder=None,
     style_strength_ratio: float = 20.0,
+    bank: ConsistencyBank | None = None,
 ) -> StoryResult:
     """Generate the panels of ``story`` with consistent self-attention on an SDXL or SD1.5 pipeline.
 
@@ -479,6 +603,9 @@ def generate_story(
             PhotoMaker path. Solo panels of those characters whose description carries the trigger word
             ("a man img") get their class token fused with the ID embeddings after ``style_strength_ratio`` % of
             the steps (delayed conditioning).
+        bank: a :class:`~sdlite.bank.ConsistencyBank` the caller keeps (default: a new one, emptied at the end).
+            Characters it holds already (e.g. loaded from character files) are not written again: all their
+            panels read it. After the call it holds every character of the story: save them to go on next page.
     Returns:
         :class:`StoryResult` with one PIL image per panel in story order.
     """
@@ -489,16 +616,21 @@ def generate_story(
     csa, steps, guidance_scale = _checked_settings(pipe, story, csa, steps, guidance_scale, id_images, id_encoder)
     check_story_prompts(story, pipe.tokenizer, use_trigger=id_images is not None)
     seeds = panel_seeds(len(story), seed, seed_policy)
-    plan = plan_batches(story, csa)
+    stored = tuple(c for c in (bank.characters if bank is not None else ()) if c in story.characters)
+    plan = plan_batches(story, csa, stored)
     device = pipe._execution_device
     do_cfg = guidance_scale > 1.0
     merge = start_merge_step(steps, style_strength_ratio) if id_images is not None else 0
 
     handle = None
+    own_bank = bank is None
     if csa.enabled:
+        bank = new_bank(csa) if own_bank else bank
         handle = install_consistent_attention(
             pipe.unet, rate=csa.rate, tile=None, layers=csa.layers, guidance_halves=do_cfg,
-            first_steps_without_csa=csa.first_steps_without_csa, skip_schedule=csa.skip_schedule, seed=seed)
+            first_steps_without_csa=csa.first_steps_without_csa, skip_schedule=csa.skip_schedule, seed=seed,
+            sampling=csa.sampling, rate_by_scale=dict(csa.rate_by_scale or ()), bank=bank,
+            vae_scale_factor=pipe.vae_scale_factor, bank_steps=csa.bank_steps)
     images: list[Image.Image | None] = [None] * len(story)
     saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
@@ -525,7 +657,8 @@ def generate_story(
         pipe.set_progress_bar_config(**saved_bar)
         bank_nbytes = handle.bank.nbytes() if handle is not None else 0
         if handle is not None:
-            handle.bank.clear()
+            if own_bank:
+                handle.bank.clear()
             handle.remove()
     settings = {"csa": dataclasses.asdict(csa), "steps": steps, "guidance_scale": guidance_scale,
                 "height": height, "width": width, "seed": seed, "seed_policy": seed_policy,

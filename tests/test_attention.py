@@ -686,3 +686,135 @@ def test_sampled_token_count_rounds_half_up_at_inexact_products():
     assert num_sampled_tokens(3, 7, 0.25) == 4  # pool 14, 3.5 -> 4
     assert num_sampled_tokens(2, 1, 0.35) == 0 and num_sampled_tokens(2, 3, 0.35) == 1  # 0.35 -> 0, 1.05 -> 1
     assert num_sampled_tokens(2, 4, 0.5, include_self_in_sample=True) == 4  # pool 8 with the image itself
+
+
+# ---------------------------------------------------------------------------------------------------
+# official sampling: one keep-mask per source image and step, shared by a resolution's layers and both halves
+# ---------------------------------------------------------------------------------------------------
+class OfficialByHand:
+    """The official semantics written out for one self-attention layer, image by image: per step, image j's token
+    t is kept iff U[j, t] < r, with U one torch.rand(B, N) draw per resolution (the first layer of that resolution
+    draws, in UNet order); query image i attends to the kept tokens of every other image of its guidance half, then
+    all its own tokens; both halves use the same U."""
+
+    def __init__(self, rate, generator, draws):
+        self.rate, self.generator, self.draws = rate, generator, draws  # draws: {tokens: (B, N) bool}, shared
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        x = hidden_states  # (2B, N, C): [uncond; cond]
+        n_all, tokens, _ = x.shape
+        images = n_all // 2
+        if tokens not in self.draws:
+            self.draws[tokens] = torch.rand(images, tokens, generator=self.generator) < self.rate
+        keep = self.draws[tokens]
+        out = torch.empty_like(x)
+        heads = attn.heads
+        for half in range(2):
+            xs = x[half * images:(half + 1) * images]
+            for i in range(images):
+                kv_tokens = torch.cat([xs[j][keep[j]] for j in range(images) if j != i] + [xs[i]])  # (m + N, C)
+                q, k, v = attn.to_q(xs[i]), attn.to_k(kv_tokens), attn.to_v(kv_tokens)
+                d = q.shape[-1] // heads
+                q, k, v = (t.view(-1, heads, d).transpose(0, 1) for t in (q, k, v))  # (h, L, d)
+                w = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d), dim=-1)
+                y = (w @ v).transpose(0, 1).reshape(tokens, -1)
+                out[half * images + i] = attn.to_out[0](y)
+        return out
+
+
+@pytest.mark.parametrize("make", [tiny_sdxl_unet, tiny_sd15_unet])
+def test_official_sampling_equals_the_official_semantics_by_hand(make):
+    """The whole UNet with CSA (official sampling, every self-attention layer, both guidance halves) equals the
+    UNet with the by-hand layer above, step after step: same keep-masks in every layer of a resolution, in both
+    halves, redrawn each step. (The tiny SD1.5 UNet has self-attention at two resolutions, 16x16 and 8x8.)"""
+    unet = make(seed=0)
+    inputs = tiny_unet_inputs(unet, batch=6, seed=1)  # 3 images x 2 guidance halves
+    names = self_attention_layer_names(unet)
+    with torch.no_grad():
+        handle = install_consistent_attention(unet, rate=0.5, layers="all", guidance_halves=True,
+                                              sampling="official", seed=7)
+        ours = []
+        for step in range(3):
+            handle.set_step(step)
+            ours.append(unet(**inputs).sample)
+        handle.remove()
+        original = dict(unet.attn_processors)
+        generator = torch.Generator().manual_seed(7)
+        by_hand = []
+        for step in range(3):
+            draws = {}  # a new draw per step, shared by the layers of a resolution
+            unet.set_attn_processor({**original, **{n + ".processor": OfficialByHand(0.5, generator, draws)
+                                                    for n in names}})
+            by_hand.append(unet(**inputs).sample)
+        unet.set_attn_processor(original)
+    for a, b in zip(ours, by_hand):
+        torch.testing.assert_close(a, b, **TOL)
+    assert (ours[0] - ours[1]).abs().max() > 1e-4  # new masks every step
+
+
+def test_official_masks_are_drawn_once_per_step_and_resolution(monkeypatch):
+    import sdlite.attention as attention
+
+    unet = tiny_sd15_unet(seed=0)  # self-attention at 16x16 (down 0, up 1) and 8x8 (mid)
+    calls = []
+    real = attention.draw_keep_masks
+    monkeypatch.setattr(attention, "draw_keep_masks",
+                        lambda images, tokens, rate, g: calls.append((images, tokens)) or real(images, tokens, rate, g))
+    inputs = tiny_unet_inputs(unet, batch=8)
+    with torch.no_grad(), install_consistent_attention(unet, rate=0.5, layers="all", guidance_halves=True,
+                                                       sampling="official") as h:
+        assert len(h.layer_names) == 4
+        h.set_step(0)
+        unet(**inputs)
+        assert sorted(calls) == [(4, 64), (4, 256)]  # one draw per resolution for 4 layers; 4 images a half
+        unet(**inputs)  # the same step again (e.g. a second UNet call of a Heun step): the same masks
+        assert len(calls) == 2
+        h.set_step(1)
+        unet(**inputs)
+        assert len(calls) == 4
+
+
+def test_official_counts_are_random_and_the_bank_holds_the_kept_tokens():
+    from sdlite.token_sampling import draw_keep_masks, official_key_indices
+
+    keep = draw_keep_masks(4, 100, 0.5, torch.Generator().manual_seed(0))
+    counts = [len(m) for m in keep]
+    assert len(set(counts)) > 1 and all(30 < c < 70 for c in counts)  # random, about r*N
+    assert all(torch.equal(m, m.sort().values) and m.unique().numel() == len(m) for m in keep)
+    idx, valid = official_key_indices(keep, 100, tile=4)
+    assert idx.shape[:2] == (1, 4) and idx.shape[2] == max(sum(counts) - c + 100 for c in counts)
+    for i in range(4):  # image i: the others' kept tokens, then its own 100
+        n = int(valid[0, i].sum())
+        assert n == sum(counts) - counts[i] + 100
+        expect = torch.cat([j * 100 + keep[j] for j in range(4) if j != i] + [i * 100 + torch.arange(100)])
+        assert torch.equal(idx[0, i, :n], expect)
+    assert all(len(m) == 100 for m in draw_keep_masks(2, 100, 1.0)) and all(
+        len(m) == 0 for m in draw_keep_masks(2, 100, 0.0))
+    # write mode stores exactly the kept tokens of the step's masks: (G, sum m_j, C)
+    attn = random_attention(C=16, heads=4)
+    state = CSAState(generator=torch.Generator().manual_seed(3), guidance_halves=True, sampling="official",
+                     mode="write", characters=("bob",), step=0)
+    proc = ConsistentSelfAttnProcessor(0.5, state=state, name="l")
+    x = features(B=6, N=50, C=16)
+    proc(attn, x)
+    expect = draw_keep_masks(3, 50, 0.5, torch.Generator().manual_seed(3))
+    stored = state.bank.read("bob", 0, "l")
+    assert stored.shape == (2, sum(len(m) for m in expect), 16)
+    torch.testing.assert_close(stored[1], torch.cat([x[3 + j][m] for j, m in enumerate(expect)]))
+
+
+def test_rates_per_resolution_and_layer_scale(sdxl_unet):
+    from sdlite.attention import layer_scale
+
+    assert layer_scale(sdxl_unet, "up_blocks.0.attentions.0.transformer_blocks.0.attn1") == 16
+    assert layer_scale(sdxl_unet, "down_blocks.1.attentions.0.transformer_blocks.0.attn1") == 16
+    assert layer_scale(sdxl_unet, "mid_block.attentions.0.transformer_blocks.0.attn1") == 16
+    assert layer_scale(sdxl_unet, "down_blocks.0.attentions.0.transformer_blocks.0.attn1", vae_scale_factor=4) == 4
+    sd15 = tiny_sd15_unet(seed=0)
+    with install_consistent_attention(sd15, rate=0.5, layers="all", rate_by_scale={16: 0.2, 8: 0.9}) as h:
+        rates = {n: h.processors[n + ".processor"].rate for n in h.layer_names}
+    assert rates == {n: (0.9 if n.startswith(("down_blocks.0", "up_blocks.1")) else 0.2) for n in rates}
+    with pytest.raises(ValueError, match="rate must be in"):
+        install_consistent_attention(sd15, rate_by_scale={16: 2.0})
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        install_consistent_attention(sd15, sampling="paper")

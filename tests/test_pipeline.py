@@ -273,3 +273,42 @@ def test_other_pipeline_classes_are_refused_in_one_line(sdxl_folder, tmp_path):
     with pytest.raises(ValueError, match="holds a KandinskyV22Pipeline: sdlite story runs StableDiffusionXLPipeline "
                                          r"\(SDXL\) and StableDiffusionPipeline \(SD1.5\)"):
         load_pipeline(folder)
+
+
+# ---------------------------------------------------------------- the bank: its size before generating, and trades
+def test_bank_estimate_equals_the_measured_bank(sw_pipe, sdxl_folder):
+    from sdlite.pipeline import estimate_story_bank
+
+    two = parse_story("[A] a boy\n[B] a girl\n[A] walking in the park\n[A] waving in the park\n"
+                      "[B] sitting on the beach\n[A] [B] standing in the city")
+    for csa in (CSAConfig(), CSAConfig(rate=0.5, layers="up"), CSAConfig(rate=0.3, bank_dtype="float16"),
+                CSAConfig(bank_steps=1, id_length=1), CSAConfig(bank_device="cpu", rate_by_scale={16: 0.25})):
+        est = estimate_story_bank(sw_pipe, two, csa, steps=STEPS)
+        r = generate_story(sw_pipe, two, csa=csa, steps=STEPS, progress=False)
+        assert sum(est.values()) == r.bank_nbytes > 0, csa
+    full = estimate_story_bank(sw_pipe, two, CSAConfig(), steps=STEPS)
+    assert estimate_story_bank(sw_pipe, two, CSAConfig(bank_dtype="float16"), steps=STEPS)["A"] * 2 == full["A"]
+    assert estimate_story_bank(sw_pipe, two, CSAConfig(bank_steps=1), steps=STEPS)["A"] * STEPS == full["A"]
+    assert full["A"] == 2 * full["B"]  # A has 2 reference panels, B one
+    assert estimate_story_bank(sw_pipe, two, CSAConfig(enabled=False)) == {"A": 0, "B": 0}
+    # a real-layout SDXL at another size, with and without guidance
+    pipe = load_pipeline(sdxl_folder)
+    story = parse_story("[Bob] a man\n[Bob] reading\n[Bob] running\n[Bob] sleeping")
+    for kw in ({"height": 64, "width": 96}, {"height": 64, "width": 64, "guidance_scale": 1.0}):
+        est = estimate_story_bank(pipe, story, None, steps=3, **kw)
+        r = generate_story(pipe, story, steps=3, progress=False, **kw)
+        assert est["Bob"] == r.bank_nbytes > 0 and r.settings["csa"]["id_length"] == 2  # the real-model default
+
+
+def test_bank_on_cpu_in_half_precision_and_fewer_steps(sw_pipe):
+    from sdlite.pipeline import new_bank
+
+    bank = new_bank(CSAConfig(bank_device="cpu", bank_dtype="float16"))
+    story = _story(6)
+    r = generate_story(sw_pipe, story, steps=3, progress=False, csa=CSAConfig(bank_steps=2), bank=bank)
+    assert bank.characters == ["Lily"] and bank.steps("Lily") == [0, 1]  # kept by the caller, 2 of 3 steps
+    stored = [bank.read("Lily", s, layer) for s in (0, 1) for layer in bank.layers("Lily")]
+    assert all(t.dtype == torch.float16 and t.device.type == "cpu" for t in stored)
+    full = generate_story(sw_pipe, story, steps=3, progress=False)
+    assert r.bank_nbytes * 3 == full.bank_nbytes * 2 // 2  # 2/3 of the steps, half the bytes per value
+    assert np.abs(_arrays(r) - _arrays(full)).max() > 0  # fewer stored steps: a different (cheaper) story

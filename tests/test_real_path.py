@@ -68,3 +68,44 @@ def test_video_is_refused_on_a_real_model(folder, story_file, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--video works with --model storyworld only" in err
     assert not (tmp_path / "v.png").exists() and not (tmp_path / "v.gif").exists()
+
+
+def test_official_sampling_and_the_official_preset(folder, story_file, tmp_path, capsys):
+    exact, official = tmp_path / "exact.png", tmp_path / "official.png"
+    assert _story(folder, story_file, exact, "--rate", "0.5") == 0
+    assert _story(folder, story_file, official, "--rate", "0.5", "--sampling", "official") == 0
+    assert np.abs(_panels(exact)[1] - _panels(official)[1]).max() > 0  # other tokens sampled
+    preset = tmp_path / "preset.png"
+    assert _story(folder, story_file, preset, "--preset", "official", "--rate-16", "0.7",
+                  "--skip-schedule", "official", "--layers", "up") == 0
+    printed = capsys.readouterr().out
+    assert "CSA bank (expected size" in printed and "1 reference panel(s)" in printed  # the preset's id_length 1
+    again = tmp_path / "again.png"
+    assert _story(folder, story_file, again, "--preset", "official", "--rate-16", "0.7") == 0
+    np.testing.assert_array_equal(_panels(preset), _panels(again))  # seeded: the same story twice
+    # the preset's size is 768 on real models; --size 64 (in FAST) wins, --height / --width too
+    wide = tmp_path / "wide.png"
+    assert _story(folder, story_file, wide, "--preset", "official", "--width", "96") == 0
+    assert _panels(wide).shape == (3, 64, 96, 3)
+
+
+def test_characters_saved_then_loaded_page_by_page(folder, story_file, tmp_path, capsys):
+    chars = tmp_path / "chars"
+    page1, page2 = tmp_path / "p1.png", tmp_path / "p2.png"
+    assert _story(folder, story_file, page1, "--save-characters", str(chars)) == 0
+    assert "characters: " in capsys.readouterr().out and (chars / "Bob.safetensors").is_file()
+    page = tmp_path / "page2.txt"
+    page.write_text("[Bob] a man in a black suit\n[Bob] sleeping in a hammock # Evening.\n")
+    assert main(["story", str(page), "--model", str(folder), "--out", str(page2), *FAST, "--load-characters",
+                 str(chars)]) == 0
+    printed = capsys.readouterr().out
+    assert "Bob " in printed and "(loaded)" in printed
+    plain = tmp_path / "plain2.png"
+    assert main(["story", str(page), "--model", str(folder), "--out", str(plain), *FAST, "--no-csa"]) == 0
+    assert np.abs(_panels(page2) - _panels(plain)).max() > 0  # the loaded bank is read
+    # a file made with other settings is refused before generating, in one line
+    other = tmp_path / "p3.png"
+    assert main(["story", str(page), "--model", str(folder), "--out", str(other), *FAST, "--steps", "3",
+                 "--load-characters", str(chars)]) == 2
+    assert "made with other settings: steps 2 in the file, 3 now" in capsys.readouterr().err
+    assert not other.exists()

@@ -28,13 +28,45 @@ def add_story_parser(subparsers) -> None:
     p.add_argument("--rate", type=float, default=None,
                    help="CSA sampling rate in [0, 1] (default: 1.0 on storyworld, 0.5 on SDXL as the paper)")
     p.add_argument("--tile", type=int, default=None, help="CSA window size in images (default: the whole batch)")
-    p.add_argument("--layers", choices=["up", "all"], default=None,
-                   help="self-attention layers with CSA (default: all on storyworld, up on SDXL)")
-    p.add_argument("--id-length", type=int, default=4, help="reference panels per character (default 4)")
+    p.add_argument("--layers", choices=["up", "down", "mid", "all"], default=None,
+                   help="self-attention layers with CSA (default: all on storyworld, up on SDXL / SD1.5)")
+    p.add_argument("--id-length", type=int, default=None,
+                   help="reference panels per character (default: 4 on storyworld, 2 on real models)")
     p.add_argument("--no-csa", action="store_true", help="plain generation, no consistent self-attention")
+    p.add_argument("--preset", choices=["official"], default=None,
+                   help="official: the official StoryDiffusion demo's settings (official sampling, rates 0.5 at both "
+                        "resolutions, no CSA at step 0 then random skips, 1 reference panel, the same seed for every "
+                        "panel, 35 steps, guidance 5, 768x768 on real models); options given explicitly win")
+    p.add_argument("--sampling", choices=["exact", "official"], default=None,
+                   help="exact (default: each image draws exactly rate x pool tokens per layer) or official (one "
+                        "random keep-mask per source image and step, shared by a resolution's layers)")
+    p.add_argument("--rate-32", type=float, default=None, metavar="R",
+                   help="rate of the layers whose tokens span 32 px (the official sa32; default: --rate)")
+    p.add_argument("--rate-16", type=float, default=None, metavar="R",
+                   help="rate of the layers whose tokens span 16 px (the official sa64; default: --rate)")
+    p.add_argument("--skip-schedule", choices=["none", "official"], default=None,
+                   help="official: each CSA layer call falls back to plain attention with probability 0.3 before "
+                        "step 20 and 0.1 after (default: none)")
+    p.add_argument("--bank-steps", type=int, default=None,
+                   help="keep the bank for the first N steps only (less memory; default: all on storyworld, 20 on "
+                        "real models)")
+    p.add_argument("--bank-device", default=None, help="where the bank lives, e.g. cpu (default: with the model)")
+    p.add_argument("--bank-dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="the bank's number type (default: the model's)")
+    p.add_argument("--save-characters", default=None, metavar="DIR",
+                   help="write each character's bank to DIR/<name>.safetensors (go on with --load-characters)")
+    p.add_argument("--load-characters", default=None, metavar="DIR",
+                   help="read the characters of DIR/<name>.safetensors: they are not generated again, their panels "
+                        "read the loaded bank (a long story page by page)")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="diffusers' enable_model_cpu_offload: each model on the GPU only while it runs (low VRAM)")
+    p.add_argument("--vae-slicing", action="store_true", help="decode the panels one at a time (low VRAM)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode each panel in tiles (low VRAM, large sizes)")
     p.add_argument("--style", default=None, help=f"style template: one of {sorted(STYLE_NAMES)} or text with {{prompt}} "
                                                  "(default: the story's, else plain)")
     p.add_argument("--size", type=int, default=None, help="image height = width in px (default: the model's)")
+    p.add_argument("--height", type=int, default=None, help="image height in px (default: --size, else the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width in px (default: --size, else the model's)")
     p.add_argument("--layout", choices=["grid", "classic"], default="grid", help="page layout (default grid)")
     p.add_argument("--columns", type=int, default=2, help="panels per row in the grid layout (default 2)")
     p.add_argument("--panel-size", type=int, default=256, help="panel size on the page in px (default 256)")
@@ -67,11 +99,21 @@ def check_story_options(args) -> None:
     need(args.steps is None or args.steps >= 1, f"--steps {args.steps}: use 1 or more denoising steps")
     need(args.guidance is None or (math.isfinite(args.guidance) and args.guidance >= 0),
          f"--guidance {args.guidance}: use a finite scale >= 0 (1 or less turns guidance off; 5 is the default)")
-    need(args.size is None or (args.size >= 64 and args.size % 8 == 0),
-         f"--size {args.size}: use a multiple of 8, at least 64 (storyworld: 64; SDXL: 1024)")
-    need(args.rate is None or 0.0 <= args.rate <= 1.0, f"--rate {args.rate}: the sampling rate is in [0, 1]")
+    for name in ("size", "height", "width"):
+        value = getattr(args, name, None)
+        need(value is None or (value >= 64 and value % 8 == 0),
+             f"--{name} {value}: use a multiple of 8, at least 64 (storyworld: 64; SD1.5: 512; SDXL: 1024)")
+    for name in ("rate", "rate_32", "rate_16"):
+        value = getattr(args, name, None)
+        need(value is None or 0.0 <= value <= 1.0,
+             f"--{name.replace('_', '-')} {value}: the sampling rate is in [0, 1]")
     need(args.tile is None or args.tile >= 1, f"--tile {args.tile}: use 1 or more images per window")
-    need(args.id_length >= 1, f"--id-length {args.id_length}: use 1 or more reference panels")
+    need(args.id_length is None or args.id_length >= 1, f"--id-length {args.id_length}: use 1 or more reference panels")
+    need(getattr(args, "bank_steps", None) is None or args.bank_steps >= 1,
+         f"--bank-steps {getattr(args, 'bank_steps', None)}: use 1 or more steps")
+    need(not (getattr(args, "no_csa", False) and (getattr(args, "save_characters", None)
+                                                   or getattr(args, "load_characters", None))),
+         "--save-characters / --load-characters need CSA: drop --no-csa")
 
 
 def run_story_command(args) -> int:
@@ -111,11 +153,16 @@ def run_story_command(args) -> int:
         shown = "".join(lacking[:10]) + (" ..." if len(lacking) > 10 else "")
         print(f"sdlite story: warning: the caption font has no glyph for {len(lacking)} character(s) ({shown}): they "
               "print as empty boxes; pass --font PATH to a font that has them", file=sys.stderr)
+    load_dir = Path(args.load_characters) if getattr(args, "load_characters", None) else None
+    if load_dir is not None and not load_dir.is_dir():
+        raise FileNotFoundError(f"--load-characters {load_dir}: no such folder (write one with --save-characters)")
+    save_paths = {}
+    if getattr(args, "save_characters", None):
+        save_paths = {name: Path(args.save_characters) / f"{name}.safetensors" for name in story.characters}
+        for target in save_paths.values():
+            check_target(target, args.force, "--save-characters")
     quiet_libraries()  # the cheap checks are done: from here on, libraries load (without their bars)
-    from ..pipeline import CSAConfig, generate_story, load_pipeline, load_tokenizer
-
-    csa = CSAConfig(rate=args.rate, tile=args.tile, layers=args.layers, id_length=args.id_length,
-                    enabled=not args.no_csa)
+    from ..pipeline import generate_story, load_pipeline, load_tokenizer
 
     tokenizer = load_tokenizer(args.model)  # words and prompt lengths checked before the model loads
     if tokenizer is not None:
@@ -129,10 +176,17 @@ def run_story_command(args) -> int:
         from ..video import load_video_models
 
         video_models = load_video_models()
+    real = tokenizer is None or not is_small_vocabulary(tokenizer)
+    csa, run = story_settings(args, real)
     pipe = load_pipeline(args.model, args.device)
-    result = generate_story(pipe, story, csa=csa, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                            seed_policy="shared" if args.shared_seed else "per_panel", height=args.size,
-                            width=args.size, progress=not args.quiet)
+    low_vram(pipe, args)
+    bank = load_characters(pipe, story, csa, run, load_dir) if load_dir is not None else None
+    report_bank_estimate(pipe, story, csa, run, bank)
+    if bank is None and save_paths:
+        bank = new_bank_for(csa)  # kept after the story, to be saved
+    result = generate_story(pipe, story, csa=csa, steps=run["steps"], guidance_scale=run["guidance"], seed=args.seed,
+                            seed_policy=run["seed_policy"], height=run["height"], width=run["width"],
+                            progress=not args.quiet, bank=bank)
     page = make_page(result.images, story.captions, layout=args.layout, columns=args.columns,
                      panel_size=args.panel_size, title=args.title, font_path=args.font)
     writers = {out: lambda p: page.save(p, format="PNG")}
@@ -143,9 +197,126 @@ def run_story_command(args) -> int:
 
         video = story_video(result.images, video_models, seed=args.seed)
         writers[video_path] = lambda p: write_video(p, video, force=True)
+    writers.update(character_writers(pipe, bank, csa, run, save_paths))
     write_all_or_nothing(writers, force=args.force)
     print(f"page: {out}")
     print(f"panels: {panel_dir}/ ({len(panel_paths)} files: {panel_paths[0].name} .. {panel_paths[-1].name})")
     if video_path is not None:
         print(f"video: {video_path}")
+    if save_paths:
+        print(f"characters: {', '.join(str(t) for t in save_paths.values())}")
     return 0
+
+
+def story_settings(args, real: bool):
+    """The CSA setting and the run's numbers (steps, guidance, size, seed policy) from the options and --preset."""
+    import dataclasses
+
+    from ..attention import OFFICIAL_SKIP_SCHEDULE
+    from ..pipeline import CSAConfig
+
+    official = getattr(args, "preset", None) == "official"
+    csa = CSAConfig.official() if official else CSAConfig()
+    given = {"rate": args.rate, "tile": args.tile, "layers": args.layers, "id_length": args.id_length,
+             "sampling": getattr(args, "sampling", None), "bank_steps": getattr(args, "bank_steps", None),
+             "bank_device": getattr(args, "bank_device", None), "bank_dtype": getattr(args, "bank_dtype", None)}
+    skips = getattr(args, "skip_schedule", None)
+    if skips is not None:
+        given["skip_schedule"] = OFFICIAL_SKIP_SCHEDULE if skips == "official" else None
+    per_scale = {32: getattr(args, "rate_32", None), 16: getattr(args, "rate_16", None)}
+    if any(v is not None for v in per_scale.values()):
+        base = dict(csa.rate_by_scale or ())
+        base.update({k: v for k, v in per_scale.items() if v is not None})
+        given["rate_by_scale"] = base
+    csa = dataclasses.replace(csa, enabled=not args.no_csa, **{k: v for k, v in given.items() if v is not None})
+    size = 768 if official and real else None  # the official demo's size (storyworld keeps its 64 px)
+    size = args.size if args.size is not None else size
+    run = {"steps": args.steps if args.steps is not None else (35 if official else None),
+           "guidance": args.guidance if args.guidance is not None else (5.0 if official else None),
+           "height": getattr(args, "height", None) or size, "width": getattr(args, "width", None) or size,
+           "seed_policy": "shared" if args.shared_seed or official else "per_panel"}
+    return csa, run
+
+
+def low_vram(pipe, args) -> None:
+    """diffusers' own memory switches, asked for on the command line."""
+    if getattr(args, "cpu_offload", False):
+        if args.device == "cpu":
+            raise ValueError("--cpu-offload moves models to the GPU while they run: use it with --device cuda")
+        pipe.enable_model_cpu_offload(device=args.device)
+    if getattr(args, "vae_slicing", False):
+        pipe.vae.enable_slicing()
+    if getattr(args, "vae_tiling", False):
+        pipe.vae.enable_tiling()
+
+
+def _resolved(pipe, csa, run):
+    from ..pipeline import model_defaults
+
+    defaults = model_defaults(pipe)
+    steps = run["steps"] if run["steps"] is not None else defaults["steps"]
+    guidance = run["guidance"] if run["guidance"] is not None else defaults["guidance_scale"]
+    return csa.with_model_defaults(defaults), steps, guidance
+
+
+def report_bank_estimate(pipe, story, csa, run, bank) -> None:
+    """Print the bank's size per character before generating (the official demo's most common failure is
+    running out of GPU memory half-way)."""
+    from ..pipeline import estimate_story_bank
+
+    if not csa.enabled or getattr(pipe, "unet", None) is None:  # (no UNet: a stand-in pipeline, nothing to size)
+        return
+    resolved, steps, guidance = _resolved(pipe, csa, run)
+    sizes = estimate_story_bank(pipe, story, resolved, steps, run["height"], run["width"], guidance)
+    loaded = set(bank.characters) if bank is not None else set()
+    def size(n: int) -> str:
+        return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+    parts = [f"{name} {size(n)}" + (" (loaded)" if name in loaded else "") for name, n in sizes.items()]
+    where = resolved.bank_device or "the model's device"
+    kind = "expected " if resolved.sampling == "official" else ""
+    print(f"CSA bank ({kind}size, on {where}): {', '.join(parts)}; total {size(sum(sizes.values()))} "
+          f"({resolved.id_length} reference panel(s), {resolved.bank_steps or steps} of {steps} steps stored; "
+          "less: --id-length, --bank-steps, --bank-dtype float16, --bank-device cpu)")
+
+
+def new_bank_for(csa):
+    from ..pipeline import new_bank
+
+    return new_bank(csa)
+
+
+def load_characters(pipe, story, csa, run, folder: Path):
+    """A bank with every character of the story that has a file in ``folder``, checked against this run."""
+    from ..pipeline import bank_settings, check_bank_settings, new_bank
+
+    if not csa.enabled:
+        raise ValueError("--load-characters needs CSA: drop --no-csa")
+    resolved, steps, guidance = _resolved(pipe, csa, run)
+    wanted = bank_settings(pipe, resolved, steps, run["height"], run["width"], guidance)
+    bank = new_bank(resolved)
+    found = []
+    for name in story.characters:
+        path = folder / f"{name}.safetensors"
+        if path.is_file():
+            stored, saved = bank.load(path)
+            if stored != name:
+                raise ValueError(f"{path} holds character {stored!r}, not {name!r}: rename the file")
+            check_bank_settings(name, saved, wanted)
+            found.append(name)
+    if not found:
+        raise FileNotFoundError(f"--load-characters {folder}: no file for any character of the story "
+                                f"({', '.join(f'{n}.safetensors' for n in story.characters)})")
+    return bank
+
+
+def character_writers(pipe, bank, csa, run, paths: dict) -> dict:
+    """Writers of the character files (written with the page and panels, as one unit), with the settings they
+    were made under (checked when they are loaded)."""
+    from ..pipeline import bank_settings
+
+    if not paths:
+        return {}
+    resolved, steps, guidance = _resolved(pipe, csa, run)
+    settings = bank_settings(pipe, resolved, steps, run["height"], run["width"], guidance)
+    return {target: (lambda p, name=name: bank.save(p, name, settings)) for name, target in paths.items()}
