@@ -4,7 +4,7 @@ A story is a small text file, close in spirit to the official StoryDiffusion dem
 
     // lines starting with // are comments; blank lines are ignored
     style: plain                       (optional: a named style, or a template containing {prompt})
-    negative: a crown                  (optional: the negative prompt; a named style brings its own)
+    negative: a crown                  (optional: the negative prompt, joined to the named style's own)
     [Lily] a girl                      a character line: [Name] description (class word, trigger word ...)
     [Tom] a boy
     [Lily] walking in the park # Lily goes out.      one line per panel; after the last `#`: the caption
@@ -18,13 +18,18 @@ Rules (each broken rule is a ``ValueError`` naming the line and the fix):
   letters, digits, ``_`` and ``-``; ``NC`` is reserved.
 * A panel's prompt is the descriptions of the characters it names, joined by " and ", then ", " and the panel
   text with the tags removed: ``[Lily] walking in the park`` -> ``a girl, walking in the park`` (exactly the
-  form of storyworld's captions). ``[NC]`` panels use their text alone.
+  form of storyworld's captions). ``[NC]`` panels use their text alone. A tag written after other words is
+  replaced where it stands, as the official demo does: ``[Lily] and [Tom] running`` -> ``a girl and a boy
+  running``.
+* The negative prompt is the style's negative joined with the story's own ``negative:`` line (the official demo's
+  rule).
 * The caption is the text after the last ``#`` (the prompt ends at the first ``#``); without one, the panel
   text with the names written out.
 * Every character needs at least one *solo* panel (naming only them): its first solo panels are its reference
   panels, generated together and remembered by consistent self-attention.
-* The prompt after the style template must fit the tokenizer (77 tokens for SDXL, 32 for storyworld); on a
-  tokenizer with a small vocabulary (storyworld's) every word must be one it knows.
+* On storyworld the prompt after the style template must fit the tokenizer (32 tokens) and every word must be one
+  its small vocabulary knows. On real models (77 tokens) a longer prompt is cut with a warning, as diffusers does
+  (the official demo's default style template alone is longer than 77 tokens).
 
 The trigger word of PhotoMaker (``img``, written after the class word: ``[Bob] a man img``) is kept in
 :attr:`StoryPanel.id_prompt` and removed from :attr:`StoryPanel.prompt`.
@@ -133,6 +138,7 @@ class StoryPanel:
     prompt: str  # descriptions + text, trigger word removed, style applied
     id_prompt: str  # the same with the trigger word kept (PhotoMaker path)
     raw_prompt: str  # descriptions + text before the style template (trigger removed)
+    inline: str = ""  # a line whose tags stand among its words ("[A] and [B] running"): the body, tags in place
 
     @property
     def solo(self) -> bool:
@@ -173,14 +179,33 @@ class Story:
         """The same story under another style (a name of STYLES, a template with {prompt}, or a StyleTemplate)."""
         st = style if isinstance(style, StyleTemplate) else _resolve_style(style, 0)
         panels = tuple(StoryPanel(p.index, p.line, p.text, p.characters, p.caption, st.apply(p.raw_prompt),
-                                  st.apply(_id_raw(p, self.characters)), p.raw_prompt) for p in self.panels)
-        negative = self.own_negative if self.own_negative is not None else st.negative
-        return Story(self.characters, panels, st, negative, self.own_negative)
+                                  st.apply(_id_raw(p, self.characters)), p.raw_prompt, p.inline)
+                       for p in self.panels)
+        return Story(self.characters, panels, st, _negative(st, self.own_negative), self.own_negative)
+
+
+def _negative(style: StyleTemplate, own: str | None) -> str:
+    """The style's negative prompt joined with the story's own (the official demo joins them)."""
+    return ", ".join(part for part in (style.negative, own or "") if part)
 
 
 def _id_raw(panel: StoryPanel, characters: dict[str, StoryCharacter]) -> str:
+    if panel.inline:
+        return _in_place(panel.inline, {c: characters[c].description for c in panel.characters})
     descs = [characters[c].description for c in panel.characters]
     return _join(descs, panel.text)
+
+
+def _in_place(body: str, words: dict[str, str]) -> str:
+    """Each [Name] of ``body`` replaced by ``words[Name]`` where it stands; spaces and stray commas tidied."""
+    text = _TAG.sub(lambda m: f" {words[m.group(1).strip()]} ", body)
+    return re.sub(r"\s+([,;:.])", r"\1", " ".join(text.split())).strip(" ,;:")
+
+
+def _tags_among_words(body: str) -> bool:
+    """True when a tag follows other words: "[A] and [B] running", not "[A] [B] running"."""
+    lead = re.match(r"^(?:\s*\[[^\[\]]*\])+", body)
+    return bool(_TAG.search(body[lead.end():] if lead else body))
 
 
 def _join(descriptions: list[str], text: str) -> str:
@@ -265,7 +290,7 @@ def _read_lines(text: str):
                                  f"[{names[0]}] a girl")
             characters[names[0]] = StoryCharacter(names[0], rest, number)
             continue
-        rows.append((number, rest, _panel_names(names, rest, line, number, characters), caption))
+        rows.append((number, body, rest, _panel_names(names, rest, line, number, characters), caption))
     return characters, rows, file_style, negative
 
 
@@ -282,14 +307,20 @@ def parse_story(text: str, style: str | StyleTemplate | None = None) -> Story:
     if style is not None:
         st = style if isinstance(style, StyleTemplate) else _resolve_style(style, 0)
     panels = []  # step 2: the prompts, before and after the style template, with and without the trigger word
-    for index, (number, rest, names, caption) in enumerate(rows):
+    for index, (number, body, rest, names, caption) in enumerate(rows):
         descs = [characters[n].description for n in names]
-        id_raw = _join(descs, rest)
-        raw = _join([characters[n].prompt for n in names], remove_trigger_word(rest, TRIGGER_WORD))
+        inline = body if names and _tags_among_words(body) else ""
+        if inline:  # "[Bob] and [Alice] running": each tag becomes its description where it stands
+            id_raw = _in_place(inline, {n: characters[n].description for n in names})
+            raw = remove_trigger_word(_in_place(inline, {n: characters[n].prompt for n in names}), TRIGGER_WORD)
+        else:
+            id_raw = _join(descs, rest)
+            raw = _join([characters[n].prompt for n in names], remove_trigger_word(rest, TRIGGER_WORD))
         if caption is None:
-            caption = _join(list(names), rest) if names else rest
-        panels.append(StoryPanel(index, number, rest, names, caption, st.apply(raw), st.apply(id_raw), raw))
-    story = Story(characters, tuple(panels), st, negative if negative is not None else st.negative, negative)
+            caption = _in_place(inline, {n: n for n in names}) if inline else (_join(list(names), rest) if names
+                                                                               else rest)
+        panels.append(StoryPanel(index, number, rest, names, caption, st.apply(raw), st.apply(id_raw), raw, inline))
+    story = Story(characters, tuple(panels), st, _negative(st, negative), negative)
     for name, ch in characters.items():  # step 3: every character has a reference panel
         if not story.solo_panels(name):
             raise ValueError(f"line {ch.line}: character [{name}] has no solo panel (a panel naming only [{name}]) "
@@ -351,11 +382,16 @@ def unknown_words(tokenizer, text: str) -> list[str]:
     return bad
 
 
-def check_story_prompts(story: Story, tokenizer, use_trigger: bool = False) -> None:
+def check_story_prompts(story: Story, tokenizer, use_trigger: bool = False) -> list[str]:
     """Every prompt (and the negative prompt) fits ``tokenizer``: known words, length within model_max_length.
 
-    Raises ValueError naming the line and the fix.
+    Raises ValueError naming the line and the fix. On a real model's tokenizer (CLIP's full vocabulary) a prompt
+    longer than the limit is not an error: the pipeline cuts it, as diffusers does; the warnings (one per prompt,
+    also issued with ``warnings.warn``) are returned.
     """
+    import warnings
+
+    cut = []
     limit = tokenizer.model_max_length
     small = is_small_vocabulary(tokenizer)
     texts = [(p.line, p.id_prompt if use_trigger else p.prompt) for p in story.panels]
@@ -372,8 +408,16 @@ def check_story_prompts(story: Story, tokenizer, use_trigger: bool = False) -> N
                 f"know: {bad}. Use storyworld words only (class words, colours, scenes, actions: see "
                 "sdlite.storyworld.all_words()), the 'plain' style, or a real SDXL model (--model <hub id or folder>)")
         n = len(tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids)
+        if n > limit and not small:
+            ids = tokenizer(prompt, add_special_tokens=False, truncation=False).input_ids
+            lost = tokenizer.decode(ids[limit - 2:])
+            cut.append(f"{where}: the prompt is {n} tokens after the style template, the text encoder reads {limit}: "
+                       f"the end is cut ({lost[:60]!r}{' ...' if len(lost) > 60 else ''}), as diffusers does")
+            warnings.warn(cut[-1], UserWarning, stacklevel=2)
+            continue
         if n > limit:
             hint = " or drop the style template (style: plain)" if small or story.style.name != "plain" else ""
             raise ValueError(f"{where}: the prompt is {n} tokens after the style template, but the tokenizer takes "
                              f"{limit} (BOS and EOS included): shorten the panel text or the character "
                              f"description{hint}")
+    return cut

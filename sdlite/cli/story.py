@@ -166,7 +166,13 @@ def run_story_command(args) -> int:
 
     tokenizer = load_tokenizer(args.model)  # words and prompt lengths checked before the model loads
     if tokenizer is not None:
-        check_story_prompts(story, tokenizer)
+        import warnings
+
+        with warnings.catch_warnings():  # said once, as sdlite's own line
+            warnings.simplefilter("ignore")
+            cut = check_story_prompts(story, tokenizer)
+        for line in cut:
+            print(f"sdlite story: warning: {line}", file=sys.stderr)
     if video_path is not None and (tokenizer is None or not is_small_vocabulary(tokenizer)):
         raise ValueError(f"--video works with --model storyworld only: its motion predictor and video decoder are "
                          f"storyworld's 64-px models, trained on storyworld's world, not on {args.model}'s panels; "
@@ -184,9 +190,13 @@ def run_story_command(args) -> int:
     report_bank_estimate(pipe, story, csa, run, bank)
     if bank is None and save_paths:
         bank = new_bank_for(csa)  # kept after the story, to be saved
-    result = generate_story(pipe, story, csa=csa, steps=run["steps"], guidance_scale=run["guidance"], seed=args.seed,
-                            seed_policy=run["seed_policy"], height=run["height"], width=run["width"],
-                            progress=not args.quiet, bank=bank)
+    import warnings
+
+    with warnings.catch_warnings():  # a cut prompt was reported above, once
+        warnings.filterwarnings("ignore", message=".*the text encoder reads")
+        result = generate_story(pipe, story, csa=csa, steps=run["steps"], guidance_scale=run["guidance"],
+                                seed=args.seed, seed_policy=run["seed_policy"], height=run["height"],
+                                width=run["width"], progress=not args.quiet, bank=bank)
     page = make_page(result.images, story.captions, layout=args.layout, columns=args.columns,
                      panel_size=args.panel_size, title=args.title, font_path=args.font)
     writers = {out: lambda p: page.save(p, format="PNG")}
@@ -276,7 +286,8 @@ def report_bank_estimate(pipe, story, csa, run, bank) -> None:
     where = resolved.bank_device or "the model's device"
     kind = "expected " if resolved.sampling == "official" else ""
     print(f"CSA bank ({kind}size, on {where}): {', '.join(parts)}; total {size(sum(sizes.values()))} "
-          f"({resolved.id_length} reference panel(s), {resolved.bank_steps or steps} of {steps} steps stored; "
+          f"(up to {resolved.id_length} reference panel(s) each, {min(resolved.bank_steps or steps, steps)} of {steps} "
+          "steps stored; "
           "less: --id-length, --bank-steps, --bank-dtype float16, --bank-device cpu)")
 
 
