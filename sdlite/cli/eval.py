@@ -71,6 +71,9 @@ def add_consistency_parser(sub) -> None:
     p.add_argument("--batch-stories", type=int, default=1,
                    help="stories per pipeline call where the setting allows (faster on CPU; default 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampling", choices=["exact", "official"], default="exact",
+                   help="how CSA samples tokens in every setting: exact (sdlite's, default) or official (one keep-mask "
+                        "per source image and step, as the official code)")
     p.add_argument("--recognizer", default=None, help="recognizer file (default: data/recognizer.safetensors)")
     p.add_argument("--out", default="results/consistency.json", help="rows as JSON (+ a .md table next to it)")
     p.add_argument("--force", action="store_true", help="overwrite --out")
@@ -97,7 +100,7 @@ def run_consistency(args) -> int:
         settings=args.settings.split(",") if args.settings else None,
         seed_policies=tuple(args.seed_policies.split(",")), steps=args.steps, seed=args.seed,
         shared_settings=args.shared_settings.split(",") if args.shared_settings else None,
-        short_panels=tuple(args.panels), batch_stories=args.batch_stories)
+        short_panels=tuple(args.panels), batch_stories=args.batch_stories, sampling=args.sampling)
     print(f"wrote {out} and {Path(out).with_suffix('.md')}")
     return 0
 

@@ -20,6 +20,7 @@ Bars (per_panel rows): default raises mean identity agreement by >= 0.30 over no
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -106,7 +107,8 @@ def generate_stories_batched(pipe, stories: list[EvalStory], csa: CSAConfig, *, 
         handle = install_consistent_attention(pipe.unet, rate=csa.rate, tile=tile, layers=csa.layers,
                                               guidance_halves=guidance > 1,
                                               first_steps_without_csa=csa.first_steps_without_csa,
-                                              skip_schedule=csa.skip_schedule, seed=seeds[0])
+                                              skip_schedule=csa.skip_schedule, seed=seeds[0],
+                                              sampling=csa.sampling)
         handle.set_step(0)
 
     def on_step_end(_pipe, i, _t, kwargs):
@@ -153,11 +155,13 @@ def run_consistency_eval(pipe, recognizer, clip=None, clip_tokenizer=None, *, n_
                          settings: list[str] | None = None, seed_policies: tuple[str, ...] = SEED_POLICY_NAMES,
                          steps: int | None = None, seed: int = 0, short_panels: tuple[int, int] = (4, 6),
                          long_panels: int = 8, progress: bool = True, log=print,
-                         shared_settings: list[str] | None = None, batch_stories: int = 1) -> list[dict]:
+                         shared_settings: list[str] | None = None, batch_stories: int = 1,
+                         sampling: str = "exact") -> list[dict]:
     """Generate and score every story under every setting; one row per (setting, seed_policy).
 
     Settings that are the same computation (e.g. rate_0.5, tile_all and layers_all on storyworld) are run once
     and reported under each name. ``shared_settings`` limits the "shared" seed policy to those settings (None: all).
+    ``sampling``: how every CSA setting samples tokens ("exact", sdlite's, or "official", see sdlite.token_sampling).
     ``batch_stories`` > 1 generates that many stories per pipeline call where the setting allows it
     (:func:`generate_stories_batched`; several times faster on a CPU), else story by story with generate_story.
     """
@@ -183,7 +187,7 @@ def run_consistency_eval(pipe, recognizer, clip=None, clip_tokenizer=None, *, n_
     for policy in seed_policies:
         for name in names_for(policy):
             csa, which = SETTINGS[name]
-            csa = csa.with_model_defaults(defaults)
+            csa = dataclasses.replace(csa, sampling=sampling).with_model_defaults(defaults)
             group = stories[which]
             n0 = len(group[0].prompts)
             batched = batch_stories > 1 and all(len(st.prompts) == n0 for st in group) and _batchable(csa, n0)
@@ -191,7 +195,7 @@ def run_consistency_eval(pipe, recognizer, clip=None, clip_tokenizer=None, *, n_
             if batched and csa.enabled:  # one CSA batch per story: id_length and tile >= n mean the same thing
                 eff_tile = None if csa.tile is None or csa.tile >= n0 else csa.tile
                 key = (policy, which, "batched", csa.rate, eff_tile, csa.layers, csa.first_steps_without_csa,
-                       str(csa.skip_schedule))
+                       str(csa.skip_schedule), csa.sampling)
             elif batched:
                 key = (policy, which, "batched", "no_csa")
             if key not in done:
