@@ -2,10 +2,20 @@
 and exit code 2, before any model loads where it can be, and leaves no new file behind; outputs appear whole or not
 at all; nothing existing is overwritten without --force. Generation is replaced by a fast fake where the test is
 about the command, not the model."""
+import contextlib
+import io
+import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import types
+from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import sdlite.pipeline
@@ -249,3 +259,116 @@ def test_unknown_words_and_long_prompts_fail_before_the_model_loads(tmp_path, fa
     assert main(["story", str(story_file(tmp_path, long, "long.txt")), "--out", str(out)]) == 2
     assert "tokens" in capsys.readouterr().err
     assert fake_model["load"] == 0 and not (tmp_path / "o").exists()
+
+
+# A read-only output folder. Root ignores folder permissions (CI and the course machine run as root), so the command
+# runs in a subprocess as an unprivileged user there; the fake model is installed in that process the same way.
+FAKE_MODEL_RUNS = """
+import contextlib, io, json, sys, types
+from PIL import Image
+import sdlite.pipeline
+sdlite.pipeline.load_pipeline = lambda model, device="cpu", dtype=None: object()
+sdlite.pipeline.generate_story = lambda pipe, story, **kw: types.SimpleNamespace(
+    images=[Image.new("RGB", (64, 64), (10 * i, 0, 0)) for i in range(len(story))])
+from sdlite.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def unprivileged_prefix() -> list[str]:
+    """The command prefix that runs a subprocess as a user whom folder permissions bind: none when not root, else
+    setpriv to nobody (65534), checked to be able to run this Python and import sdlite."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv (util-linux): root ignores folder permissions, so a read-only "
+                    "folder cannot be made here")
+    prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import sdlite.cli"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"user 65534 cannot run {sys.executable} with sdlite (it needs read access to the repo and the "
+                    f"venv): {probe.stderr.strip().splitlines()[-1:]}")
+    return prefix
+
+
+def test_a_read_only_output_folder_is_one_line_and_leaves_nothing():
+    prefix = unprivileged_prefix()
+    work = Path(tempfile.mkdtemp(prefix="sdlite-readonly-"))  # not tmp_path: its parents are private to root
+    home = Path(tempfile.mkdtemp(prefix="sdlite-home-"))  # caches the libraries may write, outside `work`
+    locked = work / "locked"
+    try:
+        work.chmod(0o755)
+        home.chmod(0o777)
+        story = story_file(work)
+        locked.mkdir()
+        locked.chmod(0o555)
+        before = files(work)
+        outs = [locked / "page.png", locked / "new" / "page.png"]  # into the folder; a new folder inside it
+        argvs = [["story", str(story), "--out", str(out)] for out in outs]
+        env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home), "MPLCONFIGDIR": str(home)}
+        run = subprocess.run([*prefix, sys.executable, "-c", FAKE_MODEL_RUNS, json.dumps(argvs)], capture_output=True,
+                             text=True, env=env, cwd=work, timeout=300)
+        assert run.returncode == 0, run.stderr
+        for code, err in json.loads(run.stdout.splitlines()[-1]):
+            assert code == 2, err
+            assert err.count("\n") == 1 and "Traceback" not in err and "Permission denied" in err, err
+            assert str(locked) in err, err
+        assert files(work) == before  # no page, no panel, no temporary file, no folder
+    finally:
+        locked.chmod(0o755)
+        shutil.rmtree(work)
+        shutil.rmtree(home)
+
+
+# Fuzzing the story reader: any text is a Story or one ValueError-family line, never another exception.
+STORY_PIECES = ["[Lily]", "[Tom]", "[NC]", "[", "]", "[]", "[Dr. Who]", " a girl", " a boy", " walking in the park",
+                " # ", "#", "\n", "\r\n", "\r", " ", "\t", "style:", "style: plain", "style: {prompt}, comic",
+                "negative:", "negative: a crown", "//", "\ufeff", "\u2028", "\x85", "\x00", "img", "Zürich", "猫",
+                "{prompt}", "{", "}"]
+story_texts = st.lists(st.one_of(st.sampled_from(STORY_PIECES), st.text(max_size=12)), max_size=30).map("".join)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(text=story_texts)
+def test_any_text_parses_to_a_story_or_one_clear_line(text):
+    from sdlite.story import Story, parse_story
+
+    try:
+        story = parse_story(text)
+    except ValueError as err:
+        message = str(err)
+        assert message.startswith(("line ", "the story is empty")) and "\n" not in message, message
+    else:
+        assert isinstance(story, Story) and len(story) >= 1
+        assert all(panel.prompt and "\n" not in panel.prompt for panel in story.panels)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(text=story_texts, tail=st.binary(max_size=6))
+def test_the_command_answers_any_story_file_with_a_page_or_one_line(tmp_path_factory, text, tail):
+    work = tmp_path_factory.mktemp("fuzz")
+    story = story_file(work, text.encode("utf-8") + tail)  # the tail may be bytes that are not UTF-8
+    out = work / "o" / "page.png"
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(err), \
+            contextlib.redirect_stdout(io.StringIO()):
+        patch.setattr(sdlite.pipeline, "load_pipeline", lambda model, device="cpu", dtype=None: object())
+        patch.setattr(sdlite.pipeline, "generate_story", lambda pipe, story, **kw: types.SimpleNamespace(
+            images=[Image.new("RGB", (64, 64)) for _ in range(len(story))]))
+        code = main(["story", str(story), "--out", str(out)])
+    lines = err.getvalue().splitlines()
+    errors = [line for line in lines if not line.startswith("sdlite story: warning:")]
+    if code == 0:
+        assert out.is_file() and len(os.listdir(work / "o" / "page_panels")) >= 1 and not errors
+    else:
+        assert code == 2 and len(errors) == 1 and errors == lines[-1:], lines  # warnings, then one error line
+        assert errors[0].startswith("sdlite story: error: ") and "--debug" not in errors[0], errors  # not a crash
+        assert not (work / "o").exists()

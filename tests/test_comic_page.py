@@ -1,0 +1,150 @@
+"""The comic page pixel by pixel, and the geometry behind it, at the boundaries (written against the survivors of
+`make mutation MODULE=comic`, docs/mutation.md): a page drawn by the rules below must equal `make_page`'s exactly.
+
+The drawing rules: a white page; the title's lines centred, the first 12 px from the top, one every
+int(1.9 x font size) px; each panel resized to its box (nearest-neighbour by default) and pasted under the title;
+a 2 px black frame just around it; its caption's lines centred 4 px under it, one every line height; all text black,
+anchored at its middle-ascender ("ma")."""
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from sdlite import comic
+from sdlite.comic import (
+    bundled_font, classic_rows, layout_boxes, load_font, make_page, missing_glyphs, page_geometry, wrap_text,
+)
+
+OTHER_FONT = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSerif.ttf"  # a second font at hand
+
+
+def panels(n: int, seed: int = 0) -> list[np.ndarray]:
+    """Random 8x8 pictures: nearest-neighbour and Lanczos upscaling give different pixels."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def drawn_by_the_rules(images, captions, g, resample=Image.NEAREST) -> np.ndarray:
+    """The page the module doc describes, drawn from the geometry (whose numbers are tested on their own)."""
+    page = Image.new("RGB", (g.width, g.height + g.title_h), (255, 255, 255))
+    draw = ImageDraw.Draw(page)
+    for t, line in enumerate(g.title_lines):
+        draw.text((g.width // 2, 12 + t * int(g.font_size * 1.9)), line, fill=(0, 0, 0), font=g.title_font,
+                  anchor="ma")
+    pixels = np.array(page)
+    for box, im in zip(g.boxes, images):
+        top = box.y + g.title_h
+        pixels[top:top + box.h, box.x:box.x + box.w] = np.array(Image.fromarray(im).resize((box.w, box.h), resample))
+        frame = np.zeros_like(pixels[top - 1:top + box.h + 1, box.x - 1:box.x + box.w + 1])
+        frame[2:-2, 2:-2] = pixels[top + 1:top + box.h - 1, box.x + 1:box.x + box.w - 1]  # 2 px: one out, one in
+        pixels[top - 1:top + box.h + 1, box.x - 1:box.x + box.w + 1] = frame
+    page = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(page)
+    for box, caption in zip(g.boxes, captions):
+        for t, line in enumerate(wrap_text(caption, g.font, box.w - 4)):
+            draw.text((box.x + box.w // 2, box.y + g.title_h + box.h + 4 + t * g.line_h), line, fill=(0, 0, 0),
+                      font=g.font, anchor="ma")
+    return np.array(page)
+
+
+CAPTIONS = ["Lily goes out into the park on a windy day.", "Tom waves.", "", "They meet by the old fountain at noon."]
+TITLE = "The long and windy afternoon of Lily and Tom in the park"
+
+
+@pytest.mark.parametrize("layout, seed, resample", [("grid", None, "nearest"), ("classic", 3, "lanczos")])
+def test_the_page_is_drawn_exactly_by_the_rules(layout, seed, resample):
+    images = panels(4)
+    page = make_page(images, CAPTIONS, layout=layout, panel_size=96, columns=2, title=TITLE, font_size=14,
+                     seed=seed, resample=resample)
+    g = page_geometry(CAPTIONS, layout, 96, 2, TITLE, 14, seed)
+    assert len(g.title_lines) >= 2 and max(len(wrap_text(c, g.font, 92)) for c in CAPTIONS) >= 2  # rules exercised
+    method = Image.NEAREST if resample == "nearest" else Image.LANCZOS
+    expected = drawn_by_the_rules(images, CAPTIONS, g, method)
+    assert page.mode == "RGB" and np.array_equal(np.array(page), expected)
+
+
+def test_inputs_of_other_kinds_and_the_defaults():
+    images = panels(2)
+    as_pil = [Image.fromarray(im) for im in images]
+    page = make_page([as_pil[0], images[1].astype(np.int64)])  # a PIL image and an int64 array: same pixels
+    assert page.size == (2 * 256 + 3 * 12, page_geometry(["", ""]).height)  # default panel_size 256, no captions
+    g = page_geometry(["", ""])
+    assert np.array_equal(np.array(page), drawn_by_the_rules(images, ["", ""], g))
+    palette = as_pil[0].convert("P", palette=Image.ADAPTIVE, colors=16)  # a palette image keeps its colours
+    page = np.array(make_page([palette], ["x"], panel_size=32))
+    box = page_geometry(["x"], panel_size=32).boxes[0]
+    panel = np.array(palette.convert("RGB").resize((32, 32), Image.NEAREST))
+    assert np.array_equal(page[box.y + 1:box.y + 31, box.x + 1:box.x + 31], panel[1:31, 1:31])
+
+
+def test_make_page_messages():
+    with pytest.raises(ValueError, match="make_page needs at least one panel image"):
+        make_page([])
+    with pytest.raises(ValueError, match=r"2 panels but 1 captions: give one caption per panel \(use '' for none\)"):
+        make_page(panels(2), ["a"])
+    with pytest.raises(ValueError, match="resample must be 'nearest' .* or 'lanczos' .*, got 'bicubic'"):
+        make_page(panels(1), resample="bicubic")
+
+
+def test_geometry_numbers():
+    g = page_geometry(["a caption"], panel_size=320)
+    assert (g.font_size, g.line_h, g.title_h, g.title_font, g.title_lines) == (20, 25, 0, None, [])  # 320 // 16
+    g = page_geometry(["a", "b", "c"], "classic", panel_size=64, title="Lily and Tom go to the park together",
+                      font_size=20, seed=5, font_path=OTHER_FONT)
+    assert g.font.path == g.title_font.path == str(OTHER_FONT) and g.title_font.size == 30  # 1.5 x 20
+    assert len(g.title_lines) == 5 and g.title_h == 5 * 38 + 12  # one line every int(1.9 x 20) px, 12 px margin
+    assert g.boxes == layout_boxes(3, "classic", 64, 2, 12, 1, 20, seed=5)[2]  # the seed reaches the layout
+    assert page_geometry(["a"] * 3, "classic", 64, seed=5).boxes != page_geometry(["a"] * 3, "classic", 64).boxes
+
+
+def text_of_width(font, low: float, high: float) -> str:
+    """A word whose rendered width w has low < w <= high (searched: 'm's and 'i's)."""
+    for wide in range(60):
+        for narrow in range(60):
+            word = "m" * wide + "i" * narrow
+            if low < font.getlength(word) <= high:
+                return word
+    raise AssertionError(f"no word between {low} and {high} px")
+
+
+def test_text_exactly_as_wide_as_its_room_stays_on_one_line():
+    g = page_geometry(["x"], panel_size=96, font_size=14)
+    room = g.boxes[0].w - 4  # a caption has the panel's width less 2 px each side
+    caption = text_of_width(g.font, room - 1, room)
+    g2 = page_geometry([caption + " and"], panel_size=96, font_size=14)
+    page = np.array(make_page(panels(1), [caption + " and"], panel_size=96, font_size=14))
+    assert np.array_equal(page, drawn_by_the_rules(panels(1), [caption + " and"], g2))
+    assert wrap_text(caption + " and", g.font, room) == [caption, "and"] and g2.boxes[0].caption_h == 2 * 17 + 6
+    page_w = g.width
+    title_font = load_font(21)  # int(1.5 x 14)
+    title = text_of_width(title_font, page_w - 25, page_w - 24)  # the title has the page less 12 px each side
+    assert page_geometry(["x"], panel_size=96, font_size=14, title=title).title_lines == [title]
+
+
+def test_a_title_counts_towards_the_page_size_limit(monkeypatch):
+    g = page_geometry(["a", "b"], title="A title")
+    monkeypatch.setattr(comic, "MAX_PAGE_PIXELS", g.width * g.height + 1)  # fits without the title, not with it
+    page_geometry(["a", "b"])
+    total = g.width * (g.height + g.title_h)
+    with pytest.raises(ValueError, match=rf"the page would be {g.width} x {g.height + g.title_h} px "
+                                         rf"\({total / 1e6:.0f} megapixels, at most"):
+        page_geometry(["a", "b"], title="A title")
+
+
+def test_classic_rows_seeded_and_bad_counts():
+    seeded = [classic_rows(12, seed) for seed in range(8)]
+    assert all(1 <= r <= 3 for rows in seeded for r in rows) and all(sum(rows) == 12 for rows in seeded)
+    assert any(1 in rows[:-1] for rows in seeded) and any(rows[:4] != [2, 1, 3, 2] for rows in seeded)
+    assert classic_rows(12, 4) == classic_rows(12, 4)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"a page needs at least one panel, got n={bad!r}"):
+            classic_rows(bad)
+
+
+def test_fonts_and_glyphs():
+    assert load_font().size == 16 and load_font().path == bundled_font().path
+    serif = load_font(18, OTHER_FONT)
+    assert (serif.size, serif.path) == (18, str(OTHER_FONT))
+    assert missing_glyphs("a\x00b\x7fc", bundled_font(16)) == []  # control characters are not glyphs to check
