@@ -5,6 +5,7 @@
 #   make demo   the main job: the bundled example story -> a comic page (CPU, storyworld, about a minute)
 #   make train-storyworld  rebuild every shipped checkpoint in data/storyworld from scratch (2-core CPU, about 2.8 h)
 #   make eval / make benchmarks   the committed results/ and benchmarks/ figures
+#   make mutation  mutation testing of the paper's modules with mutmut, one shard per module (MODULE=comic for one)
 PYTHON ?= python3
 VENV ?= .venv
 # Extra flags for `python -m venv`, e.g. VENV_FLAGS=--system-site-packages to reuse a torch you already have.
@@ -18,7 +19,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install test unit notebooks lab demo clean-venv execute-notebook train-storyworld train-motion eval benchmarks student browser-test
+.PHONY: install test unit notebooks lab demo clean-venv execute-notebook train-storyworld train-motion eval benchmarks student browser-test mutation
 
 $(PY):
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -89,3 +90,10 @@ eval: install
 benchmarks: install
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/story_memory.py --panels 8 32 --size 128
+
+# Mutation testing (outside `make test`; docs/mutation.md): every paper module in turn, or MODULE=comic (or several,
+# MODULE="comic story"); FRESH=1 forgets the cached verdicts. One worker, torch on one thread. Exits 1 when a mutant
+# survives that tools/mutation_equivalents.toml does not list as equivalent.
+mutation: install
+	@$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q "mutmut==3.8.1"
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) tools/mutation.py $(MODULE) $(if $(FRESH),--fresh)
