@@ -94,7 +94,7 @@ def run_consistency(args) -> int:
 
     command = "python -m sdlite.eval consistency " + " ".join(
         f"--{k.replace('_', '-')} {fmt(v)}" for k, v in vars(args).items()
-        if k not in ("func", "force", "evaluation") and v is not None)
+        if k not in ("func", "force", "evaluation", "command_line") and v is not None)
     run_consistency_table(
         out, command, model=args.model, recognizer=args.recognizer, n_stories=args.stories,
         settings=args.settings.split(",") if args.settings else None,
