@@ -53,13 +53,15 @@ CAPTIONS = ["Lily goes out into the park on a windy day.", "Tom waves.", "", "Th
 TITLE = "The long and windy afternoon of Lily and Tom in the park"
 
 
-@pytest.mark.parametrize("layout, seed, resample", [("grid", None, "nearest"), ("classic", 3, "lanczos")])
-def test_the_page_is_drawn_exactly_by_the_rules(layout, seed, resample):
+@pytest.mark.parametrize("layout, columns, seed, resample, font", [
+    ("grid", 3, None, "nearest", None), ("classic", 2, 3, "lanczos", OTHER_FONT)])
+def test_the_page_is_drawn_exactly_by_the_rules(layout, columns, seed, resample, font):
     images = panels(4)
-    page = make_page(images, CAPTIONS, layout=layout, panel_size=96, columns=2, title=TITLE, font_size=14,
-                     seed=seed, resample=resample)
-    g = page_geometry(CAPTIONS, layout, 96, 2, TITLE, 14, seed)
-    assert len(g.title_lines) >= 2 and max(len(wrap_text(c, g.font, 92)) for c in CAPTIONS) >= 2  # rules exercised
+    page = make_page(images, CAPTIONS, layout=layout, panel_size=97, columns=columns, title=TITLE, font_size=14,
+                     seed=seed, resample=resample, font_path=font)
+    g = page_geometry(CAPTIONS, layout, 97, columns, TITLE, 14, seed, font)
+    assert len(g.title_lines) >= 2 and max(len(wrap_text(c, g.font, 93)) for c in CAPTIONS) >= 2  # rules exercised
+    assert layout == "classic" or (g.width % 2, g.boxes[0].w % 2) == (1, 1)  # odd widths: centring rounds down
     method = Image.NEAREST if resample == "nearest" else Image.LANCZOS
     expected = drawn_by_the_rules(images, CAPTIONS, g, method)
     assert page.mode == "RGB" and np.array_equal(np.array(page), expected)
@@ -77,6 +79,42 @@ def test_inputs_of_other_kinds_and_the_defaults():
     box = page_geometry(["x"], panel_size=32).boxes[0]
     panel = np.array(palette.convert("RGB").resize((32, 32), Image.NEAREST))
     assert np.array_equal(page[box.y + 1:box.y + 31, box.x + 1:box.x + 31], panel[1:31, 1:31])
+
+
+def test_a_panel_with_transparency_shows_its_colours():
+    rgba = Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 8, 4), dtype=np.uint8), "RGBA")
+    page = np.array(make_page([rgba], panel_size=32))
+    box = page_geometry([""], panel_size=32).boxes[0]
+    panel = np.array(rgba.convert("RGB").resize((32, 32), Image.NEAREST))  # the alpha channel is dropped
+    assert np.array_equal(page[box.y + 1:box.y + 31, box.x + 1:box.x + 31], panel[1:31, 1:31])
+
+
+def test_layout_defaults_and_limits():
+    assert layout_boxes(3)[2] == layout_boxes(3, caption_lines=2, font_size=16)[2]  # the documented defaults
+    assert layout_boxes(3)[2][0].caption_h == 2 * 20 + 6
+    w, h, boxes = layout_boxes(2, columns=1, panel_size=16)  # one column and the smallest panel are allowed
+    assert w == 16 + 2 * 12 and [(b.x, b.y) for b in boxes] == [(12, 12), (12, 12 + 16 + 46 + 12)]
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"columns must be an int >= 1, got {bad!r}"):
+            layout_boxes(2, columns=bad)
+    with pytest.raises(ValueError, match=r"panel_size=15 px is too small to read: use >= 16"):
+        layout_boxes(2, panel_size=15)
+    with pytest.raises(ValueError, match="a page needs at least one panel, got n=0"):
+        layout_boxes(0, "grid")
+
+
+def test_the_page_size_limit_and_its_message(monkeypatch):
+    captions = ["a"] * 6
+    g = page_geometry(captions, panel_size=2048)
+    monkeypatch.setattr(comic, "MAX_PAGE_PIXELS", g.width * g.height)  # exactly at the limit is allowed
+    page_geometry(captions, panel_size=2048)
+    monkeypatch.undo()
+    width, height, _ = layout_boxes(6, "grid", 4096, 1, 12, 1, 4096 // 16)  # one caption line at font size 256
+    total = width * height
+    assert total > comic.MAX_PAGE_PIXELS
+    with pytest.raises(ValueError, match=rf"^the page would be {width} x {height} px \({total / 1e6:.0f} megapixels, "
+                                         r"at most 80\): use fewer panels per page, a smaller --panel-size, or shorter"):
+        page_geometry(captions, panel_size=4096, columns=1, title="")
 
 
 def test_make_page_messages():
@@ -143,7 +181,11 @@ def test_classic_rows_seeded_and_bad_counts():
             classic_rows(bad)
 
 
-def test_fonts_and_glyphs():
+def test_fonts_and_glyphs(tmp_path):
+    not_a_font = tmp_path / "font.ttf"
+    not_a_font.write_bytes(b"not a font")
+    with pytest.raises(ValueError, match="font.ttf is not a font Pillow can read .*: pass a .ttf or .otf file"):
+        load_font(16, not_a_font)
     assert load_font().size == 16 and load_font().path == bundled_font().path
     serif = load_font(18, OTHER_FONT)
     assert (serif.size, serif.path) == (18, str(OTHER_FONT))
