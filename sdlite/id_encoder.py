@@ -8,15 +8,31 @@ embedding with the embedding of the class token ("man") it belongs to:
 
 and the fused vectors replace the class tokens (the positions of `class_tokens_mask`) in the prompt embedding.
 Module and parameter names follow PhotoMaker v1's checkpoint layout, so its `id_encoder` state dict loads as is.
+
+On a real SDXL pipeline the rest of PhotoMaker's loader is here too: the trigger word registered on both tokenizers
+(:func:`photomaker_tokenizers`), the checkpoint's `lora_weights` fused into the UNet (:func:`fuse_photomaker_lora`),
+and ID photos resized and centre-cropped as CLIP's image processor does (:func:`id_pixel_values`).
+
+Only PhotoMaker **v1** runs here. v2 adds face-recognition embeddings (InsightFace's ArcFace model, a separate
+download with its own licence) through a Q-Former and 2 tokens per image; they cannot be computed offline, so a v2
+checkpoint is refused with that reason (:func:`load_photomaker_id_encoder`).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import hashlib
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
+from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from .tokenization import TRIGGER_WORD, add_trigger_word
 
 
 class MLP(nn.Module):
@@ -150,6 +166,9 @@ class IDEncoder(nn.Module):
         hidden = clip.config.hidden_size
         self.visual_projection_2 = nn.Linear(hidden, config.projection_dim_2, bias=False)
         self.fuse_module = FuseModule(config.embed_dim)
+        # the checkpoint's UNet LoRA (PhotoMaker v1 trains one next to the encoder): kept with the encoder so that
+        # generate_story can fuse it into the pipeline's UNet (fuse_photomaker_lora), and saved with it
+        self.lora_weights: dict[str, torch.Tensor] = {}
 
     def id_embeddings(self, id_pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, n, 3, H, W) ID images -> (B, n, D) ID embeddings, D = projection_dim + projection_dim_2."""
@@ -174,7 +193,9 @@ def load_photomaker_id_encoder(
 ) -> IDEncoder:
     """Build an IDEncoder from a PhotoMaker v1 checkpoint: a file (or dict) with keys `id_encoder` and `lora_weights`.
 
-    `config` defaults to PhotoMaker v1's (ViT-L/14). Wrong keys or shapes give a ValueError naming them.
+    `config` defaults to PhotoMaker v1's (ViT-L/14). The checkpoint's `lora_weights` stay on the encoder
+    (``encoder.lora_weights``): :func:`sdlite.pipeline.generate_story` fuses them into the UNet, as PhotoMaker's
+    loader does. Wrong keys or shapes give a ValueError naming them; a v2 checkpoint is refused (see the module).
     """
     if isinstance(checkpoint, (str, Path)):
         path = Path(checkpoint)
@@ -187,6 +208,16 @@ def load_photomaker_id_encoder(
             f"not a PhotoMaker checkpoint: expected a dict with keys 'id_encoder' and 'lora_weights', found {found}"
         )
     state = checkpoint["id_encoder"]
+    if any(k.startswith("qformer_perceiver.") for k in state):
+        raise ValueError(
+            "this is a PhotoMaker v2 checkpoint (its ID encoder has a qformer_perceiver): v2 also needs face-recognition"
+            " embeddings of every ID photo (InsightFace's ArcFace model, a separate download), which cannot be "
+            "computed offline here; sdlite runs PhotoMaker v1: use photomaker-v1.bin"
+        )
+    lora = checkpoint.get("lora_weights") or {}
+    if not isinstance(lora, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in lora.items()):
+        raise ValueError("the checkpoint's lora_weights must be a dict of name -> tensor (PhotoMaker v1: the UNet "
+                         "LoRA in diffusers' format); pass {} when there is none")
     encoder = IDEncoder(config or IDEncoderConfig.photomaker_v1())
     expected = encoder.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -204,20 +235,24 @@ def load_photomaker_id_encoder(
                 "pass the IDEncoderConfig the checkpoint was made with"
             )
     encoder.load_state_dict(state)
+    encoder.lora_weights = dict(lora)
     return encoder
 
 
 def save_photomaker_checkpoint(encoder: IDEncoder, path: str | Path, lora_weights: dict | None = None) -> Path:
-    """Write `encoder` in PhotoMaker v1's layout ({'id_encoder': ..., 'lora_weights': ...}); never overwrites."""
+    """Write `encoder` in PhotoMaker v1's layout ({'id_encoder': ..., 'lora_weights': ...}); never overwrites.
+    `lora_weights` defaults to the encoder's own (those of the checkpoint it was loaded from, else none)."""
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} exists: choose another path (checkpoints are never overwritten)")
-    torch.save({"id_encoder": encoder.state_dict(), "lora_weights": dict(lora_weights or {})}, path)
+    lora = getattr(encoder, "lora_weights", {}) if lora_weights is None else lora_weights
+    torch.save({"id_encoder": encoder.state_dict(), "lora_weights": dict(lora)}, path)
     return path
 
 
 def start_merge_step(num_steps: int, style_strength_ratio: float = 20.0, max_step: int = 30) -> int:
-    """PhotoMaker's delayed conditioning: the first `style_strength_ratio`% of the steps use the text-only prompt."""
+    """PhotoMaker's switch point: min(floor(ratio / 100 * steps), 30). Steps 0 ... start_merge_step use the text-only
+    prompt (:func:`delayed_conditioning_schedule`)."""
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps}: need at least one denoising step")
     if not 0 <= style_strength_ratio <= 100:
@@ -226,9 +261,130 @@ def start_merge_step(num_steps: int, style_strength_ratio: float = 20.0, max_ste
 
 
 def delayed_conditioning_schedule(num_steps: int, merge_step: int) -> list[bool]:
-    """For each denoising step, True when the fused ID embeddings are used (steps >= merge_step), else text-only."""
+    """For each denoising step, True when the ID prompt is used (its fused token embeddings and its pooled
+    embedding), else the text-only prompt. As PhotoMaker's pipeline: text-only while ``step <= merge_step``, so
+    ``merge_step + 1`` text-only steps (at least one), the ID prompt from step ``merge_step + 1`` on."""
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps}: need at least one denoising step")
     if merge_step < 0:
-        raise ValueError(f"merge_step={merge_step} must be >= 0 (0 = use the ID embeddings from the first step)")
-    return [step >= merge_step for step in range(num_steps)]
+        raise ValueError(f"merge_step={merge_step} must be >= 0 (0 = the ID prompt from the second step on)")
+    return [step > merge_step for step in range(num_steps)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# PhotoMaker on an SDXL pipeline: ID photos, the trigger word, the checkpoint's LoRA
+# ----------------------------------------------------------------------------------------------------
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's image normalisation (PhotoMaker's CLIPImageProcessor)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def id_pixel_values(images, size: int, device=None, dtype=None) -> torch.Tensor:
+    """ID photos (PIL images or uint8 (H, W, 3) arrays, any aspect) -> CLIP-normalised (n, 3, size, size).
+
+    As PhotoMaker's ``CLIPImageProcessor``: the shorter side resized to ``size`` (bicubic, the aspect kept), the
+    centre ``size`` x ``size`` cropped, then scaled to [0, 1] and normalised with CLIP's mean and std. A non-square
+    photo is never squashed: a face in the middle of a portrait photo keeps its proportions.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size={size!r} must be a positive int (the ID encoder's image_size, 224 for PhotoMaker v1)")
+    if not isinstance(images, (list, tuple)) or not images:
+        raise ValueError("images must be a non-empty list of ID photos (PIL images or uint8 H x W x 3 arrays)")
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    out = []
+    for im in images:
+        im = (im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8))).convert("RGB")
+        w, h = im.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(size * long / short)  # the shorter side becomes `size`, the longer one keeps the aspect
+        im = im.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
+        left, top = (im.width - size) // 2, (im.height - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        x = torch.from_numpy(np.array(im)).float().permute(2, 0, 1) / 255  # (3, size, size)
+        out.append((x - mean) / std)
+    return torch.stack(out).to(device=device, dtype=dtype)
+
+
+_REGISTERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a pipeline's tokenizer -> its copy + trigger
+
+
+def photomaker_tokenizers(pipe, trigger_word: str = TRIGGER_WORD) -> tuple:
+    """The pipeline's two tokenizers with PhotoMaker's trigger word registered (one special token on both, as
+    PhotoMaker's loader does): the tokenizers themselves when they know it already (storyworld's), otherwise copies
+    with it added, made once per tokenizer. The pipeline's own tokenizers are left as they are, so that a story run
+    without ID images tokenizes exactly as before. The text encoders need no new embedding row: the trigger is
+    dropped before any token reaches them (:func:`sdlite.tokenization.encode_with_trigger`)."""
+    tokenizers = []
+    for tok in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)):
+        if tok is None:
+            raise ValueError("the PhotoMaker path needs an SDXL pipeline with two tokenizers (tokenizer, tokenizer_2)")
+        if trigger_word not in tok.get_added_vocab():
+            registered = _REGISTERED.get(tok)
+            if registered is None:
+                registered = copy.deepcopy(tok)
+                add_trigger_word(registered, trigger_word)
+                _REGISTERED[tok] = registered
+            tok = registered
+        tokenizers.append(tok)
+    return tuple(tokenizers)
+
+
+def lora_fingerprint(lora_weights: dict) -> str:
+    """A short digest of a LoRA state dict (names, shapes, sums): the same LoRA gives the same digest."""
+    digest = hashlib.sha256()
+    for name in sorted(lora_weights):
+        t = lora_weights[name]
+        digest.update(f"{name}{tuple(t.shape)}{float(t.double().sum()):.10e}".encode())
+    return digest.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _diffusers_errors_only():
+    """diffusers warns once per text encoder that a UNet-only LoRA has no keys for it: expected here, so hidden."""
+    from diffusers.utils import logging as dlogging
+
+    before = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(before)
+
+
+def fuse_photomaker_lora(pipe, lora_weights: dict, adapter_name: str = "photomaker") -> bool:
+    """Fuse a PhotoMaker checkpoint's `lora_weights` into the pipeline's UNet, as PhotoMaker's loader does:
+    diffusers' ``load_lora_weights`` (any format it reads, e.g. PhotoMaker v1's ``unet....processor.to_q_lora.down``
+    keys), ``fuse_lora`` (W += scale * up @ down), then ``unload_lora_weights``, which leaves plain layers holding the
+    fused weights. Done once per pipeline: the same LoRA again is a no-op (returns False), another one is refused.
+    An empty dict does nothing. Returns True when it fused."""
+    if not lora_weights:
+        return False
+    fused = getattr(pipe.unet, "photomaker_lora", None)
+    mark = lora_fingerprint(lora_weights)
+    if fused == mark:
+        return False
+    if fused is not None:
+        raise ValueError("this pipeline's UNet has another PhotoMaker LoRA fused into it already: load the pipeline "
+                         "again (load_pipeline) before using a second checkpoint")
+    if not hasattr(pipe, "load_lora_weights"):
+        raise ValueError(f"{type(pipe).__name__} cannot load a LoRA: PhotoMaker needs a StableDiffusionXLPipeline")
+    if any(pipe.get_list_adapters().values()):  # unload_lora_weights below would drop them
+        raise ValueError(f"the pipeline has LoRA adapters loaded ({pipe.get_list_adapters()}): fuse_lora() and "
+                         "unload_lora_weights() them, or unload them, before PhotoMaker's LoRA is fused")
+    with _diffusers_errors_only():
+        unreadable = (f"lora_weights hold no UNet LoRA that diffusers can read (first keys: {sorted(lora_weights)[:2]}"
+                      "): expected PhotoMaker v1's, e.g. 'unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1"
+                      ".processor.to_q_lora.down.weight'")
+        try:
+            pipe.load_lora_weights(dict(lora_weights), adapter_name=adapter_name)  # a copy: diffusers pops keys
+        except ValueError as err:
+            if "PEFT backend" in str(err):
+                raise ValueError("fusing PhotoMaker's LoRA needs the peft package: pip install peft") from None
+            raise ValueError(f"{unreadable}; diffusers says: {err}") from None
+        if adapter_name not in pipe.get_list_adapters().get("unet", []):
+            pipe.unload_lora_weights()
+            raise ValueError(unreadable)
+        pipe.fuse_lora(adapter_names=[adapter_name])
+        pipe.unload_lora_weights()
+    pipe.unet.photomaker_lora = mark
+    return True

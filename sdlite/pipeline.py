@@ -452,18 +452,6 @@ class StoryResult:
         return np.stack([np.asarray(im.convert("RGB")) for im in self.images])
 
 
-def _id_pixels(images, size: int, device, dtype) -> torch.Tensor:
-    """A list of PIL/uint8 ID images -> CLIP-normalised (n, 3, size, size)."""
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
-    out = []
-    for im in images:
-        im = im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8))
-        x = torch.from_numpy(np.array(im.convert("RGB").resize((size, size), Image.BICUBIC))).float() / 255
-        out.append((x.permute(2, 0, 1) - mean) / std)
-    return torch.stack(out).to(device=device, dtype=dtype)
-
-
 def _encode(pipe, prompts: list[str], negative: str, do_cfg: bool, device):
     """(prompt, negative, pooled, negative pooled) embeddings; the pooled ones are None on SD1.5."""
     negatives = [negative] * len(prompts) if negative else None
@@ -474,30 +462,36 @@ def _encode(pipe, prompts: list[str], negative: str, do_cfg: bool, device):
                               negative_prompt=negatives)
 
 
-def _fused_embeds(pipe, story: Story, panel_ids, id_encoder, id_images, device, text_embeds):
-    """PhotoMaker path: prompt embeddings with the class tokens of the trigger word fused with the ID images.
-    Returns (B, L, D) or None when no panel of the batch has ID images."""
+def _fused_embeds(pipe, story: Story, panel_ids, id_encoder, id_images, device, text_embeds, text_pooled,
+                  tokenizers):
+    """PhotoMaker path: the ID prompts of a batch, (B, L, D) with the class tokens of the trigger word fused with
+    the ID images, and their pooled embeddings (B, P) (the second text encoder's, of the ID prompt's tokens: class
+    token repeated, trigger dropped, as PhotoMaker's pipeline). Panels without ID images keep their text-only rows.
+    Returns (None, None) when no panel of the batch has ID images."""
+    from .id_encoder import id_pixel_values
     from .tokenization import encode_with_trigger_sdxl
 
-    rows = []
+    rows, pooled_rows = [], []
     any_id = False
     for j, i in enumerate(panel_ids):
         p = story.panels[i]
         name = p.characters[0] if p.solo else None
         if name is None or name not in id_images or not re.search(r"(?<!\w)img(?!\w)", p.id_prompt, re.IGNORECASE):
             rows.append(text_embeds[j])
+            pooled_rows.append(text_pooled[j])
             continue
         any_id = True
         imgs = id_images[name]
-        e1, e2 = encode_with_trigger_sdxl((pipe.tokenizer, pipe.tokenizer_2), p.id_prompt, num_id_images=len(imgs))
+        e1, e2 = encode_with_trigger_sdxl(tokenizers, p.id_prompt, num_id_images=len(imgs))
         h1 = pipe.text_encoder(e1.input_ids[None].to(device), output_hidden_states=True).hidden_states[-2]
-        h2 = pipe.text_encoder_2(e2.input_ids[None].to(device), output_hidden_states=True).hidden_states[-2]
-        embeds = torch.cat([h1, h2], dim=-1)  # (1, L, D1 + D2)
+        out2 = pipe.text_encoder_2(e2.input_ids[None].to(device), output_hidden_states=True)
+        embeds = torch.cat([h1, out2.hidden_states[-2]], dim=-1)  # (1, L, D1 + D2)
         enc_dtype = next(id_encoder.parameters()).dtype  # e.g. an fp32 encoder next to an fp16 SDXL
-        pix = _id_pixels(imgs, id_encoder.config.vision["image_size"], device, enc_dtype)[None]  # (1, n, 3, S, S)
+        pix = id_pixel_values(imgs, id_encoder.config.vision["image_size"], device, enc_dtype)[None]  # (1, n, 3, S, S)
         fused = id_encoder(pix, embeds.to(enc_dtype), e1.class_tokens_mask[None].to(device))  # (1, L, D)
         rows.append(fused[0].to(text_embeds.dtype))
-    return torch.stack(rows) if any_id else None
+        pooled_rows.append(out2[0][0].to(text_pooled.dtype))  # text_embeds: the projected pooled output
+    return (torch.stack(rows), torch.stack(pooled_rows)) if any_id else (None, None)
 
 
 def _checked_settings(pipe, story: Story, csa, steps, guidance_scale, id_images, id_encoder):
@@ -544,29 +538,31 @@ def _attention_mode(handle, csa: CSAConfig, batch: Batch, seed: int, n: int):
     return handle.off()
 
 
-def _batch_embeds(pipe, story: Story, ids: list[int], do_cfg: bool, device, id_images, id_encoder, merge: int):
-    """The prompt embeddings of one batch of panels: (prompt, negative, pooled, negative pooled, ID-fused or None).
-    With the PhotoMaker path and no delay (`merge` 0), the fused embeddings are the prompt from the start."""
+def _batch_embeds(pipe, story: Story, ids: list[int], do_cfg: bool, device, id_images, id_encoder, tokenizers):
+    """The prompt embeddings of one batch of panels: (prompt, negative, pooled, negative pooled) of the text-only
+    prompts, and with the PhotoMaker path the ID prompts' (fused tokens, pooled) or (None, None)."""
     prompts = [story.panels[i].prompt for i in ids]
     pe, npe, pooled, npooled = _encode(pipe, prompts, story.negative_prompt, do_cfg, device)
-    fused = None
+    fused = fused_pooled = None
     if id_images is not None:
-        fused = _fused_embeds(pipe, story, ids, id_encoder, id_images, device, pe)
-    if fused is not None and merge == 0:
-        pe, fused = fused, None
-    return pe, npe, pooled, npooled, fused
+        fused, fused_pooled = _fused_embeds(pipe, story, ids, id_encoder, id_images, device, pe, pooled, tokenizers)
+    return pe, npe, pooled, npooled, fused, fused_pooled
 
 
-def _step_callback(handle, fused, npe, merge: int, do_cfg: bool):
+def _step_callback(handle, merge: int, do_cfg: bool, npe, npooled, fused=None, fused_pooled=None):
     """The pipeline's `callback_on_step_end`: tells CSA the next step's index (it keys the bank and drives the
-    skips) and, at step `merge`, switches to the ID-fused prompt (PhotoMaker's delayed conditioning)."""
+    skips) and, at the end of step `merge`, switches to the ID prompt, its fused token embeddings and its pooled
+    embedding (PhotoMaker's delayed conditioning: text-only while step <= merge)."""
 
     def on_step_end(_pipe, i, _t, kwargs):
         if handle is not None:
             handle.set_step(i + 1)
-        if fused is not None and i + 1 == merge:
-            return {"prompt_embeds": torch.cat([npe, fused]) if do_cfg else fused}
-        return {}
+        if fused is None or i != merge:
+            return {}
+        out = {"prompt_embeds": torch.cat([npe, fused]) if do_cfg else fused}
+        if fused_pooled is not None:
+            out["add_text_embeds"] = torch.cat([npooled, fused_pooled]) if do_cfg else fused_pooled
+        return out
 
     return on_step_end
 
@@ -600,9 +596,13 @@ def generate_story(
         seed, seed_policy: panel i's noise comes from ``torch.Generator().manual_seed(seed + i)`` ("per_panel")
             or ``seed`` for every panel ("shared"); CSA's sampling is seeded from ``seed`` too.
         id_images: {character name: [ID images]} and ``id_encoder`` (:class:`sdlite.id_encoder.IDEncoder`): the
-            PhotoMaker path. Solo panels of those characters whose description carries the trigger word
-            ("a man img") get their class token fused with the ID embeddings after ``style_strength_ratio`` % of
-            the steps (delayed conditioning).
+            PhotoMaker path (SDXL; PhotoMaker v1, see :mod:`sdlite.id_encoder` on v2). Solo panels of those
+            characters whose description carries the trigger word ("a man img") use the text-only prompt for
+            steps 0 ... ``start_merge_step(steps, style_strength_ratio)``, then the ID prompt (its class tokens
+            fused with the ID embeddings, and its pooled embedding), as PhotoMaker's pipeline. The trigger word is
+            registered on copies of the tokenizers (the pipeline's stay as they are), and the checkpoint's LoRA
+            (``id_encoder.lora_weights``) is fused into ``pipe.unet`` on the first such call, as PhotoMaker's
+            loader does: it stays fused for later calls on this pipeline.
         bank: a :class:`~sdlite.bank.ConsistencyBank` the caller keeps (default: a new one, emptied at the end).
             Characters it holds already (e.g. loaded from character files) are not written again: all their
             panels read it. After the call it holds every character of the story: save them to go on next page.
@@ -611,10 +611,16 @@ def generate_story(
     """
     from tqdm.auto import tqdm
 
-    from .id_encoder import start_merge_step
+    from .id_encoder import fuse_photomaker_lora, photomaker_tokenizers, start_merge_step
 
     csa, steps, guidance_scale = _checked_settings(pipe, story, csa, steps, guidance_scale, id_images, id_encoder)
-    check_story_prompts(story, pipe.tokenizer, use_trigger=id_images is not None)
+    tokenizers = None
+    if id_images is not None:
+        tokenizers = photomaker_tokenizers(pipe)  # the trigger word registered (on copies)
+        check_story_prompts(story, tokenizers[0], use_trigger=True)
+        fuse_photomaker_lora(pipe, getattr(id_encoder, "lora_weights", None) or {})
+    else:
+        check_story_prompts(story, pipe.tokenizer, use_trigger=False)
     seeds = panel_seeds(len(story), seed, seed_policy)
     stored = tuple(c for c in (bank.characters if bank is not None else ()) if c in story.characters)
     plan = plan_batches(story, csa, stored)
@@ -638,17 +644,19 @@ def generate_story(
     try:
         for b, batch in enumerate(plan):
             ids = list(batch.panels)
-            pe, npe, pooled, npooled, fused = _batch_embeds(pipe, story, ids, do_cfg, device, id_images, id_encoder,
-                                                            merge)
+            pe, npe, pooled, npooled, fused, fused_pooled = _batch_embeds(pipe, story, ids, do_cfg, device, id_images,
+                                                                          id_encoder, tokenizers)
             generators = [torch.Generator().manual_seed(s) for s in (seeds[i] for i in ids)]
-            on_step_end = _step_callback(handle, fused, npe, merge, do_cfg)
+            on_step_end = _step_callback(handle, merge, do_cfg, npe, npooled, fused, fused_pooled)
             pooled_kwargs = {} if pooled is None else {"pooled_prompt_embeds": pooled,
                                                         "negative_pooled_prompt_embeds": npooled}  # SDXL only
             with _attention_mode(handle, csa, batch, seed * 1_000_003 + b, len(ids)):
                 out = pipe(prompt_embeds=pe, negative_prompt_embeds=npe, **pooled_kwargs, num_inference_steps=steps,
                            guidance_scale=guidance_scale, height=height, width=width, generator=generators,
                            callback_on_step_end=on_step_end,
-                           callback_on_step_end_tensor_inputs=["prompt_embeds"], output_type="pil")
+                           callback_on_step_end_tensor_inputs=["prompt_embeds"] + (["add_text_embeds"] if pooled
+                                                                                   is not None else []),
+                           output_type="pil")
             for i, im in zip(ids, out.images):
                 images[i] = im
             bar.update(len(ids))

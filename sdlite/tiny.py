@@ -163,7 +163,7 @@ def _tiny_scheduler():
                                   num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
 
 
-def tiny_sdxl_pipeline(folder=None, seed: int = 0, real_tokenizer_files: bool = False):
+def tiny_sdxl_pipeline(folder=None, seed: int = 0, real_tokenizer_files: bool = False, real_vocab: bool = False):
     """A ``StableDiffusionXLPipeline`` shaped like real SDXL (OpenAI CLIP tokenizers with 49408 tokens, two text
     encoders whose penultimate states are concatenated, a VAE with 8x downsampling, ``text_time`` UNet) with
     random weights of a few million parameters. Images default to 128x128 (latents 16x16).
@@ -171,13 +171,15 @@ def tiny_sdxl_pipeline(folder=None, seed: int = 0, real_tokenizer_files: bool = 
     With ``folder``, the pipeline is ``save_pretrained`` there and loaded back with ``from_pretrained``: the same
     code path as ``StableDiffusionXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")``;
     ``real_tokenizer_files``: the tokenizers as the published repository has them (:func:`write_clip_tokenizer_files`).
+    ``real_vocab``: text encoders of exactly CLIP's 49408 tokens, as SDXL's (no row for PhotoMaker's trigger word;
+    the default keeps one more, for the trigger).
     """
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from .tokenization import TRIGGER_WORD, load_clip_tokenizers
 
-    tok1, tok2 = load_clip_tokenizers(trigger_word=TRIGGER_WORD)
+    tok1, tok2 = load_clip_tokenizers(trigger_word=None if real_vocab else TRIGGER_WORD)
     half = SDXL_TEXT_DIM // 2  # each text encoder gives half of the cross-attention width (SDXL: 768 + 1280)
     te1 = _seeded(seed + 1, lambda: CLIPTextModel(_tiny_text_config(tok1, half, half)))
     te2 = _seeded(seed + 2, lambda: CLIPTextModelWithProjection(_tiny_text_config(tok1, half, SDXL_POOLED_DIM)))

@@ -138,10 +138,11 @@ def test_loader_errors(tmp_path):
 def test_delayed_conditioning():
     assert start_merge_step(50, 20) == 10
     assert start_merge_step(200, 20) == 30  # capped as in PhotoMaker
+    # PhotoMaker's pipeline: the text-only prompt while step <= start_merge_step
     sched = delayed_conditioning_schedule(6, 2)
-    assert sched == [False, False, True, True, True, True]
-    assert all(delayed_conditioning_schedule(4, 0))
-    assert not any(delayed_conditioning_schedule(4, 9))
+    assert sched == [False, False, False, True, True, True]
+    assert delayed_conditioning_schedule(4, 0) == [False, True, True, True]  # always one text-only step
+    assert not any(delayed_conditioning_schedule(4, 3)) and not any(delayed_conditioning_schedule(4, 9))
     with pytest.raises(ValueError, match="percentage"):
         start_merge_step(10, 150)
     with pytest.raises(ValueError, match="at least one denoising step"):
