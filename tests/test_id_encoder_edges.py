@@ -1,0 +1,44 @@
+"""PhotoMaker's ID encoder at its edges, where mutation testing found the other tests blind (docs/mutation.md): the
+v1 preset's numbers, a checkpoint file that is not plain tensors (never unpickled), the loader's messages, and the
+bounds of the delayed-conditioning switch."""
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdlite.id_encoder import IDEncoder, IDEncoderConfig, load_photomaker_id_encoder, start_merge_step
+
+
+def test_the_v1_preset_is_clip_vit_l_14_with_sdxls_two_projections():
+    config = IDEncoderConfig.photomaker_v1()
+    assert config.vision == dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                                 num_hidden_layers=24, image_size=224, patch_size=14)
+    assert (config.projection_dim, config.projection_dim_2) == (768, 1280)
+
+
+def test_a_checkpoint_file_with_objects_is_refused_unread(tmp_path):
+    path = tmp_path / "photomaker.bin"
+    torch.save({"id_encoder": {}, "lora_weights": {}, "note": Path("made elsewhere")}, path)  # not plain tensors
+    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
+        load_photomaker_id_encoder(path, IDEncoderConfig.tiny())
+
+
+def test_the_loaders_messages_name_what_it_found():
+    with pytest.raises(ValueError, match=r"found \['a', 'b', 'c', 'd', 'e'\]$"):
+        load_photomaker_id_encoder({k: 0 for k in "fedcba"})  # the first five keys, sorted
+    with pytest.raises(ValueError, match="found list$"):
+        load_photomaker_id_encoder([1, 2])
+    state = IDEncoder(IDEncoderConfig.tiny()).state_dict()
+    del state["visual_projection_2.weight"]
+    with pytest.raises(ValueError, match=r"1 missing keys \['visual_projection_2.weight'\], 0 unexpected keys \[\]"):
+        load_photomaker_id_encoder({"id_encoder": state, "lora_weights": {}}, IDEncoderConfig.tiny())
+
+
+def test_start_merge_step_bounds():
+    assert start_merge_step(1) == 0 and start_merge_step(10, 100) == 10 and start_merge_step(100, 100) == 30
+    for bad in (100.5, -0.5):
+        with pytest.raises(ValueError, match="is a percentage: use a value in \\[0, 100\\]"):
+            start_merge_step(10, bad)
+    with pytest.raises(ValueError, match="num_steps=0: need at least one denoising step"):
+        start_merge_step(0)
