@@ -73,23 +73,28 @@ train-storyworld: install
 	$(PY) -m sdlite.train recognizer --arch a --seed 1 --steps 1000 --out data/recognizer_a_seed1.safetensors --force
 	$(PY) -m sdlite.train storyworld --stage all --out runs/storyworld --export data/storyworld --force --threads 1
 
-# The motion predictor and the video decoder (data/motion/), on top of data/storyworld/ (about 50 min on 2 cores):
-# grid embeddings (pooled + 4x4 cells), and a decoder that also reads the cells spatially (4 input channels).
+# The motion predictor and the video decoder (data/motion/), on top of data/storyworld/ (about 80 min on 2 idle cores):
+# grid embeddings (pooled + 4x4 cells); a decoder that also reads the cells spatially (4 input channels), trained
+# 3000 steps, then fine-tuned 1000 steps with keyframe reading (the shipped decoder) and, for the ablation, without.
 train-motion: install
 	$(PY) -m sdlite.train motion-cache --clips 3000 --seed 1 --out runs/motion/train_grid4 --latents --grid 4
 	$(PY) -m sdlite.train motion-cache --clips 200 --seed 2 --out runs/motion/val_grid4 --grid 4
 	$(PY) -m sdlite.train motion-predictor --cache runs/motion/train_grid4 --val-cache runs/motion/val_grid4 --out runs/motion/predictor_grid4 --export data/motion/predictor --steps 3000 --batch-size 64 --lr 1e-3 --threads 1 --force
-	$(PY) -m sdlite.train video-decoder --cache runs/motion/train_grid4 --spatial-channels 4 --out runs/video_spatial --export data/motion/decoder --size base --steps 3000 --batch-size 4 --threads 1 --force
+	$(PY) -m sdlite.train video-decoder --cache runs/motion/train_grid4 --spatial-channels 4 --out runs/video_spatial --export data/motion/decoder_3000_steps --size base --steps 3000 --batch-size 4 --threads 1 --force
+	$(PY) -m sdlite.train video-decoder --cache runs/motion/train_grid4 --init data/motion/decoder_3000_steps --keyframe-attention --out runs/video_kf --export data/motion/decoder --steps 1000 --batch-size 4 --lr 3e-4 --threads 1 --force
+	$(PY) -m sdlite.train video-decoder --cache runs/motion/train_grid4 --init data/motion/decoder_3000_steps --out runs/video_plain --export data/motion/decoder_no_keyframes --steps 1000 --batch-size 4 --lr 3e-4 --threads 1 --force
 
 # The committed evaluation tables (long: run on an otherwise idle machine).
 eval: install
 	$(PY) -m sdlite.eval storyworld --out results/storyworld.json
 	$(PY) -m sdlite.eval consistency --stories 50 --panels 4 4 --batch-stories 25 --shared-settings no_csa,default --threads 1 --out results/consistency.json --force
 	$(PY) -m sdlite.eval transitions --clips 100 --steps 8 --methods latent_interpolation,no_predictor,temporal_only,full,true_embeddings --threads 1 --out results/motion.json --force
+	$(PY) -m sdlite.eval decoder-ablation --clips 100 --steps 8 --decoder "3000 steps, no keyframe reading=data/motion/decoder_3000_steps" --decoder "3000 + 1000 steps, no keyframe reading=data/motion/decoder_no_keyframes" --decoder "3000 + 1000 steps, keyframe reading (shipped)=data/motion/decoder" --threads 1 --out results/motion_ablation.json --force
 
 benchmarks: install
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/story_memory.py --panels 8 32 --size 128
+	$(PY) benchmarks/bank_memory.py
 
 # Mutation testing (outside `make test`; docs/mutation.md): every paper module in turn, or MODULE=comic (or several,
 # MODULE="comic story"); FRESH=1 forgets the cached verdicts. One worker, torch on one thread. Exits 1 when a mutant

@@ -165,3 +165,24 @@ def test_decoder_ablation_compares_decoders_on_the_same_clips(tmp_path, capsys):
     assert 0 <= a["identity_agreement"] <= 1 and a["training_steps"] >= 1
     assert eval_main(["decoder-ablation", "--decoder", f"x={tmp_path / 'none'}", "--out", str(tmp_path / "x.json")]) == 2
     assert "no decoder in" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+def test_the_shipped_decoders_record_how_they_were_made():
+    """data/motion: the shipped decoder reads the keyframes; the ablation's twin does not; both were fine-tuned the
+    same number of steps from the same 3000-step decoder, and each folder records its commands."""
+    from sdlite.motion import motion_dir
+
+    folders = {name: motion_dir() / name for name in ("decoder", "decoder_no_keyframes", "decoder_3000_steps")}
+    records = {name: json.loads((f / "training.json").read_text()) for name, f in folders.items()}
+    configs = {name: json.loads((f / "config.json").read_text()) for name, f in folders.items()}
+    assert configs["decoder"]["keyframe_attention"] is True
+    assert not configs["decoder_no_keyframes"].get("keyframe_attention", False)
+    assert not configs["decoder_3000_steps"].get("keyframe_attention", False)
+    base = records["decoder_3000_steps"]
+    assert base["trained_steps"] == 3000 and "video-decoder" in base["command"]
+    for name in ("decoder", "decoder_no_keyframes"):
+        rec = records[name]
+        assert rec["init"]["training"] == base, name  # the same starting weights, recorded with their command
+        assert rec["trained_steps"] == records["decoder"]["trained_steps"] and rec["config"] == records["decoder"]["config"]
+        assert ("--keyframe-attention" in rec["command"]) == (name == "decoder")
+        assert rec["parameters"] == base["parameters"]  # keyframe reading adds no parameters
