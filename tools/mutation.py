@@ -134,7 +134,8 @@ def summarize(name: str, result: dict[str, str], equivalents: dict[str, str], se
     unexplained = [k for k in not_caught if k not in equivalents]
     return {"module": name, "total": len(result), "caught": sum(counts[c] for c in CAUGHT), "counts": dict(counts),
             "equivalent": [k for k in not_caught if k in equivalents], "unexplained": unexplained,
-            "stale_equivalents": [k for k in equivalents if k.startswith(f"sdlite.{name}.") and k not in result],
+            "stale_equivalents": [k for k in equivalents if k.startswith(f"sdlite.{name}.")
+                                  and result.get(k, "killed") in CAUGHT],  # gone, or caught by now
             "seconds": round(seconds, 1)}
 
 
@@ -146,7 +147,7 @@ def report(summary: dict, result: dict[str, str]) -> None:
     for key in s["unexplained"]:
         print(f"  {result[key]}: {key}    (see it: cd build/mutation/{s['module']} && mutmut show {key})")
     for key in s["stale_equivalents"]:
-        print(f"  note: {key} is listed in {EQUIVALENTS.name} but is no longer a mutant: remove it")
+        print(f"  note: {key} is listed in {EQUIVALENTS.name} but no longer survives: remove it")
 
 
 def check_mutmut() -> None:
