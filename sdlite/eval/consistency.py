@@ -77,7 +77,8 @@ def _batchable(csa: CSAConfig, n: int) -> bool:
     if not csa.enabled:
         return True
     tile = n if csa.tile is None or csa.tile >= n else csa.tile
-    one_batch = csa.id_length is None or csa.id_length >= n
+    refs = csa.references  # the "model" default is storyworld's 4 (these tables run on storyworld)
+    one_batch = refs is None or refs >= n
     return one_batch and n % tile == 0 and (csa.stride is None or csa.stride == tile)
 
 
