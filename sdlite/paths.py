@@ -79,7 +79,7 @@ def write_all_or_nothing(writers: dict[Path, Callable[[Path], object]], force: b
                 os.unlink(tmp)
             moved.append(target)
         return moved
-    except BaseException:
+    except BaseException as err:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
         for target in moved:
@@ -89,4 +89,8 @@ def write_all_or_nothing(writers: dict[Path, Callable[[Path], object]], force: b
                 folder.rmdir()
             except OSError:
                 pass
+        if isinstance(err, PermissionError) and err.filename:  # name the folder, not our temporary file
+            folder = Path(err.filename).parent
+            raise PermissionError(f"Permission denied: cannot write into {folder}; choose an output folder you can "
+                                  "write to") from err
         raise
