@@ -13,7 +13,10 @@ of a clip together. It is conditioned three ways:
 - where the picture is (`spatial_channels`, with grid embeddings `ImageEmbedder(grid=g)`): the g x g cell tokens of
   frame i are also mapped to a few channels each and laid over the latent grid, cell (i, j) over its region, as more
   input channels (`cell_maps`). Cross-attention alone barely uses the embeddings; the map gives them a direct path
-  (docs/storyworld-recipe.md has the measurements).
+  (docs/storyworld-recipe.md has the measurements);
+- the keyframes' own tokens (`keyframe_attention=True`, the shipped decoder): every frame's spatial self-attention
+  also reads the tokens of frames 0 and L-1, consistent self-attention with the keyframes as the bank
+  (`sdlite.keyframe_attention`; notebook 06 section 5 measures what it changes).
 
 With no embeddings (`mode="temporal_only"`) learned null tokens stand in for the frame tokens: that is the
 "latent-space only" decoder the paper argues against (only the temporal modules can plan the motion). Training
