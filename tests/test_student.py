@@ -87,8 +87,12 @@ def test_in_the_student_version_every_test_fails_and_everything_else_runs(notebo
     # The kernel talks over Unix sockets, not loopback TCP: on the CI machine a large output (notebook 06's GIFs,
     # about 0.9 MB) over TCP has stalled the client for about 15 minutes (TCP's retransmission give-up) twice.
     km = KernelManager(kernel_name="python3", transport="ipc", ip=str(tmp_path / "kernel"))
-    NotebookClient(student, km=km, timeout=900, kernel_name="python3", allow_errors=True,
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    try:
+        NotebookClient(student, km=km, timeout=900, kernel_name="python3", allow_errors=True,
+                       resources={"metadata": {"path": str(path.parent)}}).execute()
+    finally:  # a kernel manager we pass in is ours to stop
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     problems = []
     for i, (cell, solved) in enumerate(zip(student.cells, nb.cells)):
         if cell.cell_type != "code":
