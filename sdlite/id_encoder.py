@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import weakref
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from torch import nn
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from .tokenization import TRIGGER_WORD, add_trigger_word
+from .tokenization import TRIGGER_WORD, add_trigger_word, encode_with_trigger_sdxl
 
 
 class MLP(nn.Module):
@@ -126,6 +127,8 @@ class IDEncoderConfig:
     vision: dict = field(default_factory=dict)  # CLIPVisionConfig keyword arguments
     projection_dim: int = 768  # visual_projection: hidden -> text_encoder width
     projection_dim_2: int = 1280  # visual_projection_2: hidden -> text_encoder_2 width
+    image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)  # the tower's input normalisation (CLIP's)
+    image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
 
     def __post_init__(self):
         for name in ("projection_dim", "projection_dim_2"):
@@ -134,6 +137,12 @@ class IDEncoderConfig:
                 raise ValueError(f"{name}={value!r} must be a positive int (SDXL: 768 and 1280)")
         if not isinstance(self.vision, dict):
             raise TypeError(f"vision must be a dict of CLIPVisionConfig arguments, got {type(self.vision).__name__}")
+        for name in ("image_mean", "image_std"):
+            value = tuple(getattr(self, name))
+            if len(value) != 3 or not all(isinstance(v, (int, float)) for v in value) or \
+                    (name == "image_std" and min(value) <= 0):
+                raise ValueError(f"{name}={value!r} must be 3 numbers (one per RGB channel; std > 0)")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
 
     @classmethod
     def photomaker_v1(cls) -> "IDEncoderConfig":
@@ -148,6 +157,16 @@ class IDEncoderConfig:
         small = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
                      image_size=image_size, patch_size=8)
         return cls(vision=small, projection_dim=projection_dim, projection_dim_2=projection_dim_2)
+
+    @classmethod
+    def storyworld(cls, clip_vision_config: dict, text_width: int) -> "IDEncoderConfig":
+        """storyworld's: its CLIP's vision tower (64 px renders in [-1, 1], so mean = std = 0.5) and two projections
+        of half the UNet's cross-attention width each (storyworld's two text encoders are one, `text_width` wide)."""
+        keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "image_size",
+                "patch_size", "hidden_act", "layer_norm_eps")
+        vision = {k: clip_vision_config[k] for k in keys if k in clip_vision_config}
+        return cls(vision=vision, projection_dim=text_width, projection_dim_2=text_width,
+                   image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
 
     @property
     def embed_dim(self) -> int:
@@ -170,6 +189,13 @@ class IDEncoder(nn.Module):
         # generate_story can fuse it into the pipeline's UNet (fuse_photomaker_lora), and saved with it
         self.lora_weights: dict[str, torch.Tensor] = {}
 
+    def pixel_values(self, images, device=None) -> torch.Tensor:
+        """ID images (PIL or uint8 arrays) -> (n, 3, S, S) as this encoder's tower takes them (`id_pixel_values` at
+        its image size and normalisation, on its device and dtype unless `device` says otherwise)."""
+        p = next(self.parameters())
+        return id_pixel_values(images, self.config.vision["image_size"], device or p.device, p.dtype,
+                               self.config.image_mean, self.config.image_std)
+
     def id_embeddings(self, id_pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, n, 3, H, W) ID images -> (B, n, D) ID embeddings, D = projection_dim + projection_dim_2."""
         if id_pixel_values.ndim != 5:
@@ -179,8 +205,11 @@ class IDEncoder(nn.Module):
             )
         B, n = id_pixel_values.shape[:2]
         pooled = self.vision_model(pixel_values=id_pixel_values.flatten(0, 1)).pooler_output  # (B*n, hidden)
-        embeds = torch.cat([self.visual_projection(pooled), self.visual_projection_2(pooled)], dim=-1)
-        return embeds.view(B, n, -1)
+        return self.project(pooled).view(B, n, -1)
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The tower's pooled output (..., hidden) -> ID embeddings (..., D): both projections, concatenated."""
+        return torch.cat([self.visual_projection(pooled), self.visual_projection_2(pooled)], dim=-1)
 
     def forward(self, id_pixel_values: torch.Tensor, prompt_embeds: torch.Tensor, class_tokens_mask: torch.Tensor):
         """Prompt embeddings (B, L, D) with their class tokens replaced by the fused ID embeddings."""
@@ -239,6 +268,65 @@ def load_photomaker_id_encoder(
     return encoder
 
 
+ID_ENCODER_WEIGHTS = "id_encoder.safetensors"  # an ID encoder folder: the encoder's state dict,
+ID_ENCODER_LORA = "lora.safetensors"  # its UNet LoRA (diffusers' format, "unet." keys; may be absent),
+ID_ENCODER_CONFIG = "config.json"  # and its IDEncoderConfig
+
+
+def save_id_encoder(encoder: IDEncoder, folder: str | Path, force: bool = False) -> Path:
+    """Write an ID encoder folder (safetensors + config.json), the format of storyworld's shipped encoder and of
+    what `python -m sdlite.train id-encoder` exports. An existing folder is replaced only with `force`."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists() and not force:
+        raise FileExistsError(f"{folder} exists: choose another folder or pass force=True (--force) to replace it")
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
+    save_file(state, str(folder / ID_ENCODER_WEIGHTS))
+    lora = {k: v.detach().contiguous() for k, v in (encoder.lora_weights or {}).items()}
+    if lora:
+        save_file(lora, str(folder / ID_ENCODER_LORA))
+    elif (folder / ID_ENCODER_LORA).exists():
+        (folder / ID_ENCODER_LORA).unlink()
+    cfg = dataclasses.asdict(encoder.config)
+    (folder / ID_ENCODER_CONFIG).write_text(json.dumps(cfg, indent=1) + "\n")
+    return folder
+
+
+def load_id_encoder(path: str | Path) -> IDEncoder:
+    """An ID encoder from an ID encoder folder (`save_id_encoder`: storyworld's, e.g. `data/storyworld/id_encoder`)
+    or a PhotoMaker v1 checkpoint file (`photomaker-v1.bin`, :func:`load_photomaker_id_encoder`). Its UNet LoRA rides
+    on ``encoder.lora_weights``; `generate_story` fuses it. Errors name the file and what to pass instead."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_file():
+        return load_photomaker_id_encoder(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no ID encoder at {path}: pass an ID encoder folder (with {ID_ENCODER_WEIGHTS}) or "
+                                "a PhotoMaker v1 checkpoint file (photomaker-v1.bin)")
+    for name in (ID_ENCODER_WEIGHTS, ID_ENCODER_CONFIG):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not an ID encoder folder: {name} is missing (write one with "
+                                    "sdlite.id_encoder.save_id_encoder)")
+    try:
+        config = IDEncoderConfig(**json.loads((path / ID_ENCODER_CONFIG).read_text()))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path / ID_ENCODER_CONFIG} is not a valid IDEncoderConfig: {err}") from None
+    try:
+        state = load_file(str(path / ID_ENCODER_WEIGHTS))
+        lora = load_file(str(path / ID_ENCODER_LORA)) if (path / ID_ENCODER_LORA).is_file() else {}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} holds a damaged weights file ({err}): restore it (git checkout) or retrain")
+    return load_photomaker_id_encoder({"id_encoder": state, "lora_weights": lora}, config)
+
+
 def save_photomaker_checkpoint(encoder: IDEncoder, path: str | Path, lora_weights: dict | None = None) -> Path:
     """Write `encoder` in PhotoMaker v1's layout ({'id_encoder': ..., 'lora_weights': ...}); never overwrites.
     `lora_weights` defaults to the encoder's own (those of the checkpoint it was loaded from, else none)."""
@@ -278,19 +366,20 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's image normalisation (P
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def id_pixel_values(images, size: int, device=None, dtype=None) -> torch.Tensor:
+def id_pixel_values(images, size: int, device=None, dtype=None, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """ID photos (PIL images or uint8 (H, W, 3) arrays, any aspect) -> CLIP-normalised (n, 3, size, size).
 
     As PhotoMaker's ``CLIPImageProcessor``: the shorter side resized to ``size`` (bicubic, the aspect kept), the
-    centre ``size`` x ``size`` cropped, then scaled to [0, 1] and normalised with CLIP's mean and std. A non-square
-    photo is never squashed: a face in the middle of a portrait photo keeps its proportions.
+    centre ``size`` x ``size`` cropped, then scaled to [0, 1] and normalised with ``mean`` and ``std`` (CLIP's by
+    default; storyworld's tower takes [-1, 1], i.e. 0.5 and 0.5). A non-square photo is never squashed: a face in the
+    middle of a portrait photo keeps its proportions.
     """
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size={size!r} must be a positive int (the ID encoder's image_size, 224 for PhotoMaker v1)")
     if not isinstance(images, (list, tuple)) or not images:
         raise ValueError("images must be a non-empty list of ID photos (PIL images or uint8 H x W x 3 arrays)")
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     out = []
     for im in images:
         im = (im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8))).convert("RGB")
@@ -327,6 +416,22 @@ def photomaker_tokenizers(pipe, trigger_word: str = TRIGGER_WORD) -> tuple:
             tok = registered
         tokenizers.append(tok)
     return tuple(tokenizers)
+
+
+def encode_id_prompts(text_encoder, text_encoder_2, tokenizers, prompts: list[str], num_id_images: int,
+                      device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SDXL's prompt encoding of ID prompts ("a girl img, waving"), as PhotoMaker's pipeline does it: the class
+    token repeated once per ID image, the trigger dropped; penultimate hidden states of both text encoders
+    concatenated -> embeds (B, L, D1 + D2), the second encoder's pooled projection -> (B, P), and the class-token
+    mask (B, L) that says where the fused ID embeddings go. Training and `generate_story` both call this."""
+    encodings = [encode_with_trigger_sdxl(tokenizers, p, num_id_images=num_id_images) for p in prompts]
+    ids1 = torch.stack([e1.input_ids for e1, _ in encodings]).to(device)  # (B, L)
+    ids2 = torch.stack([e2.input_ids for _, e2 in encodings]).to(device)
+    h1 = text_encoder(ids1, output_hidden_states=True).hidden_states[-2]  # (B, L, D1)
+    out2 = text_encoder_2(ids2, output_hidden_states=True)
+    embeds = torch.cat([h1, out2.hidden_states[-2]], dim=-1)  # (B, L, D1 + D2)
+    mask = torch.stack([e1.class_tokens_mask for e1, _ in encodings]).to(device)  # (B, L)
+    return embeds, out2[0], mask  # out2[0]: text_embeds, the pooled projection
 
 
 def lora_fingerprint(lora_weights: dict) -> str:

@@ -85,3 +85,37 @@ def fit_square(image: torch.Tensor, size: int) -> torch.Tensor:
     if image.shape[-1] == size and image.shape[-2] == size:
         return image
     return F.interpolate(image[None], size=(size, size), mode="bicubic", align_corners=False)[0].clamp(-1, 1)
+
+
+MAX_PICTURE_SIDE = 8192  # px: a keyframe or a reference image is scaled to the model's size anyway
+
+
+def check_picture_file(path: str | os.PathLike, what: str = "picture") -> Path:
+    """A picture file the user names (a keyframe, a reference image) must exist and be a whole, readable picture of
+    a sane size: checked (the file read, not decoded) before any model loads. Errors name the file and what to do."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        state = "is a folder" if p.is_dir() else "does not exist"
+        raise FileNotFoundError(f"{what} {p} {state}: pass the path of a PNG/JPEG picture")
+    try:
+        with Image.open(p) as im:
+            size = im.size
+            im.verify()  # reads the whole file: a truncated picture fails here
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{what} {p} is not a readable picture ({err}): pass a PNG/JPEG file") from None
+    except Image.DecompressionBombError:
+        raise ValueError(f"{what} {p} is far too large to be a {what}: resize it (e.g. to 512 x 512)") from None
+    if max(size) > MAX_PICTURE_SIDE:
+        raise ValueError(f"{what} {p} is {size[0]} x {size[1]} px: resize it to at most {MAX_PICTURE_SIDE} px a side "
+                         "(it is scaled to the model's size anyway)")
+    return p
+
+
+def read_picture(path: str | os.PathLike, what: str = "picture"):
+    """A checked picture file as an RGB PIL image (loaded into memory; the file is closed)."""
+    from PIL import Image
+
+    with Image.open(check_picture_file(path, what)) as im:
+        return im.convert("RGB")

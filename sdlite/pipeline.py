@@ -468,8 +468,7 @@ def _fused_embeds(pipe, story: Story, panel_ids, id_encoder, id_images, device, 
     the ID images, and their pooled embeddings (B, P) (the second text encoder's, of the ID prompt's tokens: class
     token repeated, trigger dropped, as PhotoMaker's pipeline). Panels without ID images keep their text-only rows.
     Returns (None, None) when no panel of the batch has ID images."""
-    from .id_encoder import id_pixel_values
-    from .tokenization import encode_with_trigger_sdxl
+    from .id_encoder import encode_id_prompts
 
     rows, pooled_rows = [], []
     any_id = False
@@ -482,15 +481,13 @@ def _fused_embeds(pipe, story: Story, panel_ids, id_encoder, id_images, device, 
             continue
         any_id = True
         imgs = id_images[name]
-        e1, e2 = encode_with_trigger_sdxl(tokenizers, p.id_prompt, num_id_images=len(imgs))
-        h1 = pipe.text_encoder(e1.input_ids[None].to(device), output_hidden_states=True).hidden_states[-2]
-        out2 = pipe.text_encoder_2(e2.input_ids[None].to(device), output_hidden_states=True)
-        embeds = torch.cat([h1, out2.hidden_states[-2]], dim=-1)  # (1, L, D1 + D2)
+        embeds, pooled, mask = encode_id_prompts(pipe.text_encoder, pipe.text_encoder_2, tokenizers, [p.id_prompt],
+                                                 len(imgs), device)  # (1, L, D), (1, P), (1, L)
         enc_dtype = next(id_encoder.parameters()).dtype  # e.g. an fp32 encoder next to an fp16 SDXL
-        pix = id_pixel_values(imgs, id_encoder.config.vision["image_size"], device, enc_dtype)[None]  # (1, n, 3, S, S)
-        fused = id_encoder(pix, embeds.to(enc_dtype), e1.class_tokens_mask[None].to(device))  # (1, L, D)
+        pix = id_encoder.pixel_values(imgs, device)[None]  # (1, n, 3, S, S)
+        fused = id_encoder(pix, embeds.to(enc_dtype), mask)  # (1, L, D)
         rows.append(fused[0].to(text_embeds.dtype))
-        pooled_rows.append(out2[0][0].to(text_pooled.dtype))  # text_embeds: the projected pooled output
+        pooled_rows.append(pooled[0].to(text_pooled.dtype))
     return (torch.stack(rows), torch.stack(pooled_rows)) if any_id else (None, None)
 
 

@@ -6,6 +6,7 @@
     python -m sdlite.eval decoder-ablation ...  video decoders compared as (d) -> results/motion_ablation.json
     python -m sdlite.eval predictor-errors ...  the motion predictor's error against linear interpolation
     python -m sdlite.eval check ...             quick checks of a training run's export
+    python -m sdlite.eval photomaker ...        reference-image mode in storyworld -> results/photomaker.json
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from . import add_threads_option, build_registry_parser, run_module_command, set_threads
 
 TABLES: tuple[str, ...] = tuple(f"sdlite.cli.eval:add_{name}_parser" for name in (
-    "storyworld", "consistency", "transitions", "decoder_ablation", "predictor_errors", "check"))
+    "storyworld", "consistency", "transitions", "decoder_ablation", "predictor_errors", "check", "photomaker"))
 # sdlite.eval.transitions.METHODS / EVAL_SEED (a test keeps them equal): the parser imports no torch
 TRANSITION_METHODS = ("latent_interpolation", "no_predictor", "temporal_only", "full", "true_embeddings")
 TRANSITION_SEED = 777
@@ -236,3 +237,42 @@ def build_parser(entries: tuple[str, ...] = TABLES) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     return run_module_command(build_parser(), "evaluation", argv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# photomaker: reference-image mode, measured
+# ----------------------------------------------------------------------------------------------------------
+def add_photomaker_parser(sub) -> None:
+    p = sub.add_parser("photomaker", help="reference-image mode (PhotoMaker) in storyworld -> results/photomaker.json",
+                       description="Do a story's panels follow the reference images? (sdlite.eval.photomaker)")
+    p.add_argument("--stories", type=int, default=50, help="stories of held-out characters (default 50)")
+    p.add_argument("--tuning-stories", type=int, default=24,
+                   help="other stories, for choosing the delayed-conditioning strength (default 24)")
+    p.add_argument("--id-encoder", default=None, help="ID encoder folder (default data/storyworld/id_encoder)")
+    p.add_argument("--recognizer", default=None, help="recognizer file (default: data/recognizer.safetensors)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/photomaker.json")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    add_threads_option(p, default=1)
+    p.set_defaults(func=run_photomaker)
+
+
+def run_photomaker(args) -> int:
+    from ..eval.photomaker import run_photomaker_eval, write_result
+    from ..id_encoder import load_id_encoder
+    from ..paths import check_writable, data_dir
+    from ..pipeline import load_pipeline
+    from ..storyworld.recognizer import load_recognizer
+
+    if args.stories < 1 or args.tuning_stories < 1:
+        raise ValueError("--stories and --tuning-stories must be >= 1")
+    out = check_writable(args.out, args.force)
+    set_threads(args)
+    encoder = load_id_encoder(args.id_encoder or data_dir() / "storyworld" / "id_encoder")
+    result = run_photomaker_eval(load_pipeline("storyworld"), encoder, load_recognizer(args.recognizer),
+                                 n_stories=args.stories, n_tuning=args.tuning_stories, seed=args.seed,
+                                 command=args.command_line)
+    write_result(result, out)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("table", "strength_sweep")}, indent=1))
+    print(f"wrote {out}")
+    return 0

@@ -33,6 +33,17 @@ def add_story_parser(subparsers) -> None:
     p.add_argument("--id-length", type=int, default=None,
                    help="reference panels per character (default: 4 on storyworld, 2 on real models)")
     p.add_argument("--no-csa", action="store_true", help="plain generation, no consistent self-attention")
+    p.add_argument("--ref", action="append", default=[], metavar="NAME=IMAGE",
+                   help="reference-image mode (PhotoMaker): the panels of character NAME follow IMAGE; repeat for "
+                        "several images or characters. NAME's description needs the trigger word after its class "
+                        "word ([Lily] a girl img)")
+    p.add_argument("--photomaker", default=None, metavar="PATH",
+                   help="the ID encoder for --ref: an ID encoder folder or a PhotoMaker v1 checkpoint "
+                        "(photomaker-v1.bin); default on storyworld: its own, data/storyworld/id_encoder")
+    p.add_argument("--id-strength", type=float, default=None, metavar="R",
+                   help="--ref: style strength in %% (PhotoMaker's style_strength_ratio): the first R %% of the "
+                        "steps use the text-only prompt, the rest the reference (default 20; lower follows the "
+                        "reference more, higher the text)")
     p.add_argument("--preset", choices=["official"], default=None,
                    help="official: the official StoryDiffusion demo's settings (official sampling, rates 0.5 at both "
                         "resolutions, no CSA at step 0 then random skips, 1 reference panel, the same seed for every "
@@ -111,6 +122,12 @@ def check_story_options(args) -> None:
     need(args.id_length is None or args.id_length >= 1, f"--id-length {args.id_length}: use 1 or more reference panels")
     need(getattr(args, "bank_steps", None) is None or args.bank_steps >= 1,
          f"--bank-steps {getattr(args, 'bank_steps', None)}: use 1 or more steps")
+    strength = getattr(args, "id_strength", None)
+    need(strength is None or (math.isfinite(strength) and 0 <= strength <= 100),
+         f"--id-strength {strength}: a percentage of the steps, 0 to 100 (default 20)")
+    need(strength is None or bool(getattr(args, "ref", None)), "--id-strength works with --ref: add --ref NAME=IMAGE")
+    need(getattr(args, "photomaker", None) is None or bool(getattr(args, "ref", None)),
+         "--photomaker works with --ref: add --ref NAME=IMAGE (the character's reference picture)")
     need(not (getattr(args, "no_csa", False) and (getattr(args, "save_characters", None)
                                                    or getattr(args, "load_characters", None))),
          "--save-characters / --load-characters need CSA: drop --no-csa")
@@ -153,6 +170,7 @@ def run_story_command(args) -> int:
         shown = "".join(lacking[:10]) + (" ..." if len(lacking) > 10 else "")
         print(f"sdlite story: warning: the caption font has no glyph for {len(lacking)} character(s) ({shown}): they "
               "print as empty boxes; pass --font PATH to a font that has them", file=sys.stderr)
+    references = check_references(story, getattr(args, "ref", []))  # names, trigger words, readable pictures
     load_dir = Path(args.load_characters) if getattr(args, "load_characters", None) else None
     if load_dir is not None and not load_dir.is_dir():
         raise FileNotFoundError(f"--load-characters {load_dir}: no such folder (write one with --save-characters)")
@@ -184,6 +202,7 @@ def run_story_command(args) -> int:
         video_models = load_video_models()
     real = tokenizer is None or not is_small_vocabulary(tokenizer)
     csa, run = story_settings(args, real)
+    id_kwargs = reference_mode(args, references, real)  # the ID encoder loads (and fails) before the pipeline
     pipe = load_pipeline(args.model, args.device)
     low_vram(pipe, args)
     bank = load_characters(pipe, story, csa, run, load_dir) if load_dir is not None else None
@@ -196,7 +215,7 @@ def run_story_command(args) -> int:
         warnings.filterwarnings("ignore", message=".*the text encoder reads")
         result = generate_story(pipe, story, csa=csa, steps=run["steps"], guidance_scale=run["guidance"],
                                 seed=args.seed, seed_policy=run["seed_policy"], height=run["height"],
-                                width=run["width"], progress=not args.quiet, bank=bank)
+                                width=run["width"], progress=not args.quiet, bank=bank, **id_kwargs)
     page = make_page(result.images, story.captions, layout=args.layout, columns=args.columns,
                      panel_size=args.panel_size, title=args.title, font_path=args.font)
     writers = {out: lambda p: page.save(p, format="PNG")}
@@ -216,6 +235,52 @@ def run_story_command(args) -> int:
     if save_paths:
         print(f"characters: {', '.join(str(t) for t in save_paths.values())}")
     return 0
+
+
+def check_references(story, refs: list[str]) -> dict[str, list]:
+    """``--ref NAME=IMAGE`` options -> {name: [RGB pictures]}, checked before any model loads: the form, a character
+    of the story, the trigger word in its description, and a whole, readable picture."""
+    from ..images import check_picture_file, read_picture
+    from ..tokenization import TRIGGER_WORD
+
+    references: dict[str, list] = {}
+    for ref in refs:
+        name, sep, image = ref.partition("=")
+        name = name.strip().strip("[]")
+        if not sep or not name or not image:
+            raise ValueError(f"--ref {ref!r}: write NAME=IMAGE, e.g. --ref Lily=lily.png")
+        if name not in story.characters:
+            raise ValueError(f"--ref {ref!r}: the story has no character {name!r} (its characters: "
+                             f"{', '.join(story.characters) or 'none'})")
+        ch = story.characters[name]
+        if TRIGGER_WORD not in ch.description.lower().split():
+            raise ValueError(f"--ref {ref!r}: line {ch.line}: [{name}] {ch.description!r} has no trigger word: write "
+                             f"{TRIGGER_WORD!r} right after the class word, e.g. [{name}] a girl {TRIGGER_WORD}")
+        check_picture_file(image, "reference image")
+        references.setdefault(name, []).append(image)
+    return {name: [read_picture(path, "reference image") for path in paths] for name, paths in references.items()}
+
+
+def reference_mode(args, references: dict, real: bool) -> dict:
+    """generate_story's PhotoMaker arguments for --ref (empty without it): the ID encoder loaded and checked."""
+    if not references:
+        return {}
+    from ..id_encoder import load_id_encoder
+    from ..paths import data_dir
+
+    path = getattr(args, "photomaker", None)
+    if path is None:
+        if real:
+            raise ValueError("--ref on a real SDXL model needs its ID encoder: --photomaker PATH to PhotoMaker v1's "
+                             "checkpoint (photomaker-v1.bin)")
+        path = data_dir() / "storyworld" / "id_encoder"
+    encoder = load_id_encoder(path).to(args.device)
+    strength = getattr(args, "id_strength", None)
+    return {"id_images": references, "id_encoder": encoder,
+            "style_strength_ratio": DEFAULT_ID_STRENGTH if strength is None else strength}
+
+
+DEFAULT_ID_STRENGTH = 20.0  # PhotoMaker's demo default (results/photomaker.json: the sweep)
 
 
 def story_settings(args, real: bool):

@@ -5,6 +5,7 @@
     python -m sdlite.train motion-cache --clips 3000 --seed 1 --out runs/motion/train_grid4 --latents --grid 4
     python -m sdlite.train motion-predictor --cache runs/motion/train_grid4 --out runs/motion/predictor_grid4 ...
     python -m sdlite.train video-decoder --cache runs/motion/train_grid4 --spatial-channels 4 --out runs/video ...
+    python -m sdlite.train id-encoder --out runs/id_encoder --export data/storyworld/id_encoder --force
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from . import add_threads_option, build_registry_parser, run_module_command, set
 
 STAGES = ("vae", "clip", "unet", "decoder")  # sdlite.train.storyworld.STAGES (a test keeps them equal)
 JOBS: tuple[str, ...] = tuple(f"sdlite.cli.train:add_{name}_parser" for name in (
-    "storyworld", "recognizer", "motion_cache", "motion_predictor", "video_decoder"))
+    "storyworld", "recognizer", "motion_cache", "motion_predictor", "video_decoder", "id_encoder"))
 
 
 
@@ -247,3 +248,45 @@ def build_parser(entries: tuple[str, ...] = JOBS) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     return run_module_command(build_parser(), "job", argv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# id-encoder: PhotoMaker's ID encoder, trained in storyworld
+# ----------------------------------------------------------------------------------------------------------
+def add_id_encoder_parser(sub) -> None:
+    ap = sub.add_parser("id-encoder", help="storyworld's PhotoMaker ID encoder (tower, FuseModule, UNet LoRA)",
+                        description="Train storyworld's ID encoder on reference -> target render pairs "
+                                    "(sdlite.train.id_encoder).")
+    ap.add_argument("--out", required=True, help="run folder (checkpoint, log.csv), e.g. runs/id_encoder")
+    ap.add_argument("--export", default=None, help="ID encoder folder written at the end, e.g. "
+                                                    "data/storyworld/id_encoder")
+    ap.add_argument("--force", action="store_true", help="allow --export to replace an existing folder")
+    ap.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    ap.add_argument("--tower-steps", type=int, default=None, help="stage 1 steps (tower + label heads)")
+    ap.add_argument("--steps", type=int, default=None, help="stage 2 steps (diffusion loss on ID pairs)")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--decay-steps", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this time")
+    ap.add_argument("--storyworld", default=None, help="pipeline folder (default data/storyworld)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads_option(ap)
+    ap.set_defaults(func=run_id_encoder)
+
+
+def run_id_encoder(args) -> int:
+    import dataclasses
+
+    from ..train.id_encoder import IDTrainConfig, train_id_encoder
+
+    set_threads(args)
+    overrides = {k: v for k, v in (("tower_steps", args.tower_steps), ("steps", args.steps),
+                                   ("batch_size", args.batch_size), ("decay_steps", args.decay_steps))
+                 if v is not None}
+    cfg = dataclasses.replace(IDTrainConfig(seed=args.seed), **overrides)
+    train_id_encoder(args.out, cfg, export=args.export, resume=args.resume, force=args.force,
+                     max_minutes=args.max_minutes, progress=not args.quiet, command=args.command_line,
+                     storyworld=args.storyworld)
+    if args.export:
+        print(f"wrote {args.export}")
+    return 0

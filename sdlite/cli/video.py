@@ -33,23 +33,9 @@ def add_video_parser(subparsers, name: str = "video") -> argparse.ArgumentParser
 
 def check_keyframe(path: str) -> None:
     """A keyframe must be a readable picture of a sane size; checked before any model loads."""
-    from PIL import Image, UnidentifiedImageError
+    from ..images import check_picture_file
 
-    p = Path(path)
-    if not p.is_file():
-        what = "is a folder" if p.is_dir() else "does not exist"
-        raise FileNotFoundError(f"keyframe {p} {what}: pass the path of a PNG/JPEG picture")
-    try:
-        with Image.open(p) as im:
-            size = im.size
-            im.verify()  # reads the whole file: a truncated picture fails here
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"keyframe {p} is not a readable picture ({err}): pass a PNG/JPEG file") from None
-    except Image.DecompressionBombError:
-        raise ValueError(f"keyframe {p} is far too large to be a keyframe: resize it (e.g. to 512 x 512)") from None
-    if max(size) > 8192:
-        raise ValueError(f"keyframe {p} is {size[0]} x {size[1]} px: resize it to at most 8192 px a side "
-                         "(it is scaled to the model's size anyway)")
+    check_picture_file(path, "keyframe")
 
 
 def run_video(args) -> int:

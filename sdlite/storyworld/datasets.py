@@ -13,8 +13,8 @@ from torch.utils.data import Dataset
 
 from ..images import to_tensor
 from .world import (
-    ATTRIBUTES, CLIP_KINDS, HAIR_COLOURS, HATS, IDENTITY_ATTRIBUTES, SCENES, SHIRT_COLOURS, TROUSERS_COLOURS,
-    Character, Panel, caption, check_size, clip_panels, labels, render, sample_character, sample_clip_endpoints,
+    ATTRIBUTES, CLASS_WORDS, CLIP_KINDS, HAIR_COLOURS, HATS, IDENTITY_ATTRIBUTES, SCENES, SHIRT_COLOURS,
+    TROUSERS_COLOURS, Character, Panel, caption, check_size, clip_panels, labels, render, sample_character, sample_clip_endpoints,
     sample_panel,
 )
 
@@ -164,3 +164,69 @@ class ClipDataset(Dataset):
         return {"frames": torch.stack([to_tensor(render(p, self.size)) for p in panels]),
                 "caption": text, "captions": [caption(a), caption(b)], "labels": _stack_labels(panels),
                 "kind": kind}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ID pairs: reference renders of a character -> a target render of the same character (the ID encoder's data)
+# ----------------------------------------------------------------------------------------------------------
+HELD_OUT_EVERY = 5  # one character in five is never shown to the ID encoder in training (its evaluation's)
+
+
+def is_held_out(character: Character) -> bool:
+    """True for the characters kept out of the ID encoder's training (a fixed fifth of the 1920, every attribute
+    value still seen in training, only its combinations held out): the evaluation's references come from these."""
+    key = (CLASS_WORDS.index(character.class_word), HAIR_COLOURS.index(character.hair),
+           SHIRT_COLOURS.index(character.shirt), TROUSERS_COLOURS.index(character.trousers), HATS.index(character.hat))
+    return int(np.random.SeedSequence([2024, *key]).generate_state(1)[0]) % HELD_OUT_EVERY == 0
+
+
+def sample_split_character(rng: np.random.Generator, held_out: bool) -> Character:
+    """A uniformly random character of one split (training: `held_out=False`; evaluation: True)."""
+    while True:
+        ch = sample_character(rng)
+        if is_held_out(ch) == held_out:
+            return ch
+
+
+def id_caption(panel: Panel, trigger_word: str = "img") -> str:
+    """The ID prompt of a panel: class word, trigger, action and scene, the identity left unsaid
+    ("a girl img, waving on the beach", as `[Lily] a girl img` + `[Lily] waving on the beach` in a story)."""
+    plain = caption(panel, drop=IDENTITY_ATTRIBUTES)  # "a girl, waving on the beach"
+    word = f"a {panel.character.class_word}"
+    return f"{word} {trigger_word}{plain[len(word):]}"
+
+
+class IDPairDataset(Dataset):
+    """References -> target, one character (PhotoMaker's training pairs, made by the renderer).
+
+    Item: {"references": uint8 (n, H, W, 3) renders of the character in other scenes and poses, "pixel_values":
+    float32 (3, H, W) in [-1, 1] the target, "caption": its ID prompt (identity unsaid, `id_caption`), "mask":
+    (H/4, W/4) the character's latent cells, "labels": {name: int} of the target}. Characters come from the
+    training split (`held_out=False`) or the held-out one.
+    """
+
+    def __init__(self, n: int, num_references: int = 1, seed: int = 0, size: int = 64, held_out: bool = False):
+        self.n = _check_len(n, "n")
+        if isinstance(num_references, bool) or not isinstance(num_references, (int, np.integer)) \
+                or num_references < 1:
+            raise ValueError(f"num_references={num_references!r}: use at least one reference image")
+        check_size(size)
+        self.num_references, self.seed, self.size, self.held_out = int(num_references), int(seed), int(size), held_out
+
+    def __len__(self) -> int:
+        return self.n
+
+    def panels(self, i: int) -> tuple[list[Panel], Panel]:
+        """(reference panels, target panel): the same character, the target in a scene no reference shows."""
+        rng = _item_rng(self.seed, _check_index(i, self.n), 4)
+        ch = sample_split_character(rng, self.held_out)
+        order = [SCENES[j] for j in rng.permutation(len(SCENES))]
+        target = sample_panel(rng, ch, scene=order[0])
+        refs = [sample_panel(rng, ch, scene=order[1 + j % (len(order) - 1)]) for j in range(self.num_references)]
+        return refs, target
+
+    def __getitem__(self, i: int) -> dict:
+        refs, target = self.panels(i)
+        return {"references": np.stack([render(p, self.size) for p in refs]),
+                "pixel_values": to_tensor(render(target, self.size)), "caption": id_caption(target),
+                "mask": character_mask(target, self.size, self.size // 4), "labels": labels(target)}

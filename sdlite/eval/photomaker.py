@@ -1,0 +1,206 @@
+"""PhotoMaker in storyworld, measured: do a story's panels follow the reference images?
+
+    python -m sdlite.eval photomaker --stories 50 --out results/photomaker.json
+
+Stories of one character from the held-out split (`storyworld.datasets.is_held_out`: the ID encoder never saw these
+characters in training), 4 panels, independent noise per panel, prompts that leave the identity unsaid ("a girl img,
+waving on the beach"). The references are renders of the character in other scenes and poses. The recognizer reads
+hair, shirt, trousers and hat in every panel and in the first reference; the *reference match* of an attribute is the
+share of panels that agree with the reference. Settings, all on the same stories and noise:
+
+    no_id            the text-only prompts (the baseline: the model picks the identity itself)
+    id               the ID path, one reference, CSA off
+    id_csa           the ID path with consistent self-attention (the official demo's "reference images" mode)
+    id_3_refs        three references, CSA off
+    id_strength_R    the delayed-conditioning sweep (style strength R %: text-only for the first R % of the steps),
+                     on *other* stories (`tuning_seed`); the default strength is chosen there, then used above
+
+Bars: reference_match_min (id) >= 0.75, reference_match_min_with_csa >= reference_match_min - 0.02, scene accuracy
+within 5 points of no_id.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..pipeline import CSAConfig, generate_story
+from ..story import parse_story
+from ..storyworld import world as sw
+from ..storyworld.datasets import id_caption, sample_split_character
+
+MATCHED = ("hair", "shirt", "trousers", "hat")
+STRENGTHS = (0.0, 10.0, 20.0, 30.0, 50.0)
+EVAL_SEED = 5150
+TUNING_SEED = 6160
+PANELS = 4
+
+
+@dataclass(frozen=True)
+class ReferenceStory:
+    """One evaluation story: its text (the `[Name] a girl img` form), the references' renders and the asked labels."""
+
+    text: str
+    references: tuple  # uint8 (H, W, 3) renders of the character in other scenes
+    scenes: tuple[str, ...]
+    actions: tuple[str, ...]
+    character: sw.Character
+
+
+def make_reference_stories(n: int, seed: int = EVAL_SEED, references: int = 3) -> list[ReferenceStory]:
+    """n stories of held-out characters, `PANELS` panels each, with `references` reference renders each."""
+    if n < 1:
+        raise ValueError(f"need at least one story, got n={n}")
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i, 77])
+        ch = sample_split_character(rng, held_out=True)
+        scenes = [sw.SCENES[j] for j in rng.permutation(len(sw.SCENES))]
+        panels = [sw.sample_panel(rng, ch, scene=scenes[j]) for j in range(PANELS)]
+        refs = [sw.render(sw.sample_panel(rng, ch, scene=scenes[PANELS + j % (len(scenes) - PANELS)]))
+                for j in range(references)]
+        lines = [f"[Ref] a {ch.class_word} img"] + [f"[Ref] {id_caption(p)[len(f'a {ch.class_word} img, '):]}"
+                                                   for p in panels]
+        out.append(ReferenceStory("\n".join(lines), tuple(refs), tuple(p.scene for p in panels),
+                                  tuple(p.action for p in panels), ch))
+    return out
+
+
+def reference_match(panels: np.ndarray, reference: np.ndarray, recognizer) -> dict[str, float]:
+    """Share of panels (n, H, W, 3) whose recognised hair / shirt / trousers / hat equal the reference's."""
+    pred = recognizer.predict(np.concatenate([reference[None], panels]))
+    return {a: float((pred[a][1:] == pred[a][0]).float().mean()) for a in MATCHED}
+
+
+def _scene_action(panels: np.ndarray, story: ReferenceStory, recognizer) -> tuple[float, float]:
+    pred = recognizer.predict(panels)
+    scene = np.mean([sw.SCENES[i] == s for i, s in zip(pred["scene"].tolist(), story.scenes)])
+    action = np.mean([sw.ACTIONS[i] == a for i, a in zip(pred["action"].tolist(), story.actions)])
+    return float(scene), float(action)
+
+
+def run_setting(pipe, encoder, stories: list[ReferenceStory], recognizer, *, use_id: bool = True, csa: bool = False,
+                references: int = 1, strength: float = 20.0, seed: int = 0) -> dict:
+    """Mean reference match per attribute, its minimum, scene and action accuracy of one setting over the stories."""
+    rows = []
+    for k, st in enumerate(stories):
+        story = parse_story(st.text)
+        kw = {"id_images": {"Ref": list(st.references[:references])}, "id_encoder": encoder,
+              "style_strength_ratio": strength} if use_id else {}
+        res = generate_story(pipe, story, csa=CSAConfig(enabled=csa), seed=seed + 1000 * k, progress=False, **kw)
+        panels = res.arrays()
+        match = reference_match(panels, st.references[0], recognizer)
+        scene, action = _scene_action(panels, st, recognizer)
+        rows.append({**match, "scene_accuracy": scene, "action_accuracy": action})
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    mean["reference_match_min"] = min(mean[a] for a in MATCHED)
+    return {k: round(v, 4) for k, v in mean.items()}
+
+
+def choose_strength(sweep: dict[str, dict], max_scene_drop: float = 0.05) -> float:
+    """The delayed-conditioning default: the strength with the best reference match among those whose scene
+    accuracy is within `max_scene_drop` of the no-ID baseline (the trade-off PhotoMaker describes)."""
+    base = sweep["no_id"]["scene_accuracy"]
+    ok = [(row["reference_match_min"], -float(name.split("_")[-1]), float(name.split("_")[-1]))
+          for name, row in sweep.items() if name.startswith("id_strength_")
+          and base - row["scene_accuracy"] <= max_scene_drop]
+    if not ok:
+        raise ValueError("no strength keeps scene accuracy within the limit: widen the sweep")
+    return max(ok)[2]
+
+
+def run_photomaker_eval(pipe, encoder, recognizer, *, n_stories: int = 50, n_tuning: int = 24, seed: int = 0,
+                        command: str = "", progress: bool = True) -> dict:
+    """The whole table (see the module doc) as a dict ready for results/photomaker.json."""
+    t0 = time.time()
+    say = print if progress else (lambda *a, **k: None)
+    tuning = make_reference_stories(n_tuning, TUNING_SEED)
+    sweep = {"no_id": run_setting(pipe, encoder, tuning, recognizer, use_id=False, seed=seed)}
+    for r in STRENGTHS:
+        sweep[f"id_strength_{r:g}"] = run_setting(pipe, encoder, tuning, recognizer, strength=r, seed=seed)
+        say(f"tuning strength {r:g}: {sweep[f'id_strength_{r:g}']}")
+    strength = choose_strength(sweep)
+    stories = make_reference_stories(n_stories, EVAL_SEED)
+    table = {
+        "no_id": run_setting(pipe, encoder, stories, recognizer, use_id=False, seed=seed),
+        "id": run_setting(pipe, encoder, stories, recognizer, strength=strength, seed=seed),
+        "id_csa": run_setting(pipe, encoder, stories, recognizer, csa=True, strength=strength, seed=seed),
+        "id_3_refs": run_setting(pipe, encoder, stories, recognizer, references=3, strength=strength, seed=seed),
+    }
+    for name, row in table.items():
+        say(f"{name}: {row}")
+    result = {
+        "reference_match_min": table["id"]["reference_match_min"],
+        "reference_match_min_with_csa": table["id_csa"]["reference_match_min"],
+        "no_id_reference_match_min": table["no_id"]["reference_match_min"],
+        "scene_accuracy_drop": round(table["no_id"]["scene_accuracy"] - table["id"]["scene_accuracy"], 4),
+        "n_stories": n_stories,
+        "panels_per_story": PANELS,
+        "style_strength_ratio": strength,
+        "table": table,
+        "strength_sweep": {"n_stories": n_tuning, "seed": TUNING_SEED, "rows": sweep},
+        "seconds": round(time.time() - t0, 1),
+        "command": command,
+    }
+    result["bars"] = {
+        "reference_match_min_ge_0.75": result["reference_match_min"] >= 0.75,
+        "reference_match_min_with_csa_ge_reference_match_min_minus_0.02":
+            result["reference_match_min_with_csa"] >= result["reference_match_min"] - 0.02,
+        "scene_accuracy_drop_le_0.05": result["scene_accuracy_drop"] <= 0.05,
+    }
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the tower sees: a linear probe of its pooled output
+# ----------------------------------------------------------------------------------------------------------
+PROBED = ("class_word", "hair", "shirt", "trousers", "hat", "scene")
+
+
+def _pooled(vision_model, panels, mean, std) -> torch.Tensor:
+    from ..id_encoder import id_pixel_values
+
+    images = [sw.render(p) for p in panels]
+    pix = id_pixel_values(images, vision_model.config.image_size, mean=mean, std=std)
+    with torch.no_grad():
+        return vision_model(pixel_values=pix).pooler_output  # (n, hidden)
+
+
+def tower_probe(vision_model, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), n_train: int = 1500, n_test: int = 500,
+                seed: int = 0, steps: int = 300) -> dict[str, float]:
+    """Held-out accuracy of a linear classifier per label on a frozen tower's pooled output: what the tower *sees*.
+    Trained on training-split characters, tested on held-out ones (seeded; a few seconds on CPU)."""
+    rng = np.random.default_rng([seed, 31])
+    train = [sw.sample_panel(rng, sample_split_character(rng, False)) for _ in range(n_train)]
+    test = [sw.sample_panel(rng, sample_split_character(rng, True)) for _ in range(n_test)]
+    xtr, xte = _pooled(vision_model, train, mean, std), _pooled(vision_model, test, mean, std)
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+    out = {}
+    for name in PROBED:
+        ytr = torch.tensor([sw.labels(p)[name] for p in train])
+        yte = torch.tensor([sw.labels(p)[name] for p in test])
+        gen = torch.Generator().manual_seed(seed)
+        head = torch.nn.Linear(xtr.shape[1], len(sw.ATTRIBUTES[name]))
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
+            head.bias.zero_()
+        opt = torch.optim.Adam(head.parameters(), lr=0.05)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(head(xtr), ytr) + 1e-3 * head.weight.pow(2).sum()
+            loss.backward()
+            opt.step()
+        out[name] = round(float((head(xte).argmax(-1) == yte).float().mean()), 3)
+    return out
+
+
+def write_result(result: dict, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return out

@@ -1,0 +1,334 @@
+"""PhotoMaker end to end in storyworld: the training pairs and their held-out split, the trainer (tiny models, a few
+steps, resumed and exported), the ID encoder folder format, reference-image mode in `generate_story` and in
+`sdlite story --ref`, the evaluation's measures, and the shipped encoder with its results."""
+import dataclasses
+import json
+import types
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sdlite.pipeline
+from sdlite.cli import main
+from sdlite.eval import photomaker as pm
+from sdlite.id_encoder import (
+    IDEncoder, IDEncoderConfig, fuse_photomaker_lora, id_pixel_values, load_id_encoder, save_id_encoder,
+)
+from sdlite.paths import data_dir
+from sdlite.pipeline import CSAConfig, generate_story
+from sdlite.story import parse_story
+from sdlite.storyworld import world as sw
+from sdlite.storyworld.datasets import IDPairDataset, id_caption, is_held_out, sample_split_character
+from sdlite.storyworld.models import tiny_storyworld_pipeline
+from sdlite.train.id_encoder import IDTrainConfig, learning_rates, storyworld_id_encoder, train_id_encoder
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = data_dir() / "storyworld" / "id_encoder"
+STORY = "[Lily] a girl img\n[Lily] waving on the beach # Hi.\n[Lily] sitting in the park # Sit.\n"
+LILY = sw.Character("girl", "pink", "green", "blue", "crown")
+
+
+def all_characters():
+    return [sw.Character(*c) for c in product(sw.CLASS_WORDS, sw.HAIR_COLOURS, sw.SHIRT_COLOURS,
+                                              sw.TROUSERS_COLOURS, sw.HATS)]
+
+
+def lily_picture(seed=1) -> Image.Image:
+    return Image.fromarray(sw.render(sw.sample_panel(np.random.default_rng(seed), LILY)))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_sw")
+    tiny_storyworld_pipeline(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_folder, tmp_path_factory):
+    """A tiny storyworld pipeline and an ID encoder trained on it for a few steps of both stages, exported."""
+    root = tmp_path_factory.mktemp("idt")
+    cfg = IDTrainConfig(tower_steps=2, tower_batch_size=4, steps=3, batch_size=4, log_every=1, ckpt_every=2,
+                        warmup=1, decay_steps=1, max_references=2)
+    train_id_encoder(root / "run", cfg, export=root / "export", progress=False, storyworld=tiny_folder)
+    return types.SimpleNamespace(folder=tiny_folder, run=root / "run", export=root / "export", cfg=cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the data
+# ----------------------------------------------------------------------------------------------------------
+def test_a_fifth_of_the_characters_is_held_out_and_every_attribute_value_is_still_trained():
+    chars = all_characters()
+    held = [c for c in chars if is_held_out(c)]
+    assert 0.17 < len(held) / len(chars) < 0.23
+    train = [c for c in chars if not is_held_out(c)]
+    for attr in ("class_word", "hair", "shirt", "trousers", "hat"):
+        assert {getattr(c, attr) for c in train} == {getattr(c, attr) for c in chars}
+    assert [is_held_out(c) for c in chars] == [is_held_out(c) for c in chars]  # a fixed split
+
+
+def test_pairs_show_one_training_character_and_their_caption_leaves_the_identity_unsaid():
+    ds = IDPairDataset(40, num_references=3, seed=3)
+    for i in range(len(ds)):
+        refs, target = ds.panels(i)
+        assert len(refs) == 3 and all(r.character == target.character for r in refs)
+        assert not is_held_out(target.character)
+        assert target.scene not in {r.scene for r in refs}  # the reference never shows the target's scene
+    item = ds[0]
+    refs, target = ds.panels(0)
+    assert item["references"].shape == (3, 64, 64, 3) and item["references"].dtype == np.uint8
+    np.testing.assert_array_equal(item["references"][1], sw.render(refs[1]))
+    words = item["caption"].replace(",", "").split()
+    assert words[:3] == ["a", target.character.class_word, "img"]
+    ch = target.character
+    assert not {ch.hair, ch.shirt, ch.trousers, "hair", "shirt", "trousers", "hat", "cap", "crown"} & set(words)
+    assert item["mask"].shape == (16, 16) and 0 < float(item["mask"].sum()) < 256
+    held = IDPairDataset(20, seed=3, held_out=True)
+    assert all(is_held_out(held.panels(i)[1].character) for i in range(20))
+
+
+def test_the_id_caption_is_what_a_story_makes_of_the_trigger_form():
+    panel = sw.sample_panel(np.random.default_rng(0), LILY, scene="beach", action="waving")
+    story = parse_story("[Lily] a girl img\n[Lily] waving on the beach\n")
+    assert id_caption(panel) == story.panels[0].id_prompt == "a girl img, waving on the beach"
+
+
+def test_pair_dataset_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_references"):
+        IDPairDataset(4, num_references=0)
+    with pytest.raises(ValueError, match="num_references"):
+        IDPairDataset(4, num_references=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the encoder's input and its folder format
+# ----------------------------------------------------------------------------------------------------------
+def test_storyworld_encoders_take_renders_in_minus_one_to_one():
+    config = IDEncoderConfig.storyworld({"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+                                         "num_hidden_layers": 1, "image_size": 64, "patch_size": 8}, 16)
+    assert config.embed_dim == 32 and config.image_mean == (0.5, 0.5, 0.5)
+    render = sw.render(sw.sample_panel(np.random.default_rng(2), LILY))
+    x = IDEncoder(config).pixel_values([render])
+    want = torch.from_numpy(render).permute(2, 0, 1).float() / 127.5 - 1
+    torch.testing.assert_close(x[0], want, rtol=0, atol=1e-5)
+    clip = id_pixel_values([render], 64)  # CLIP's normalisation by default (PhotoMaker's)
+    assert not torch.allclose(clip, x)
+    with pytest.raises(ValueError, match="image_std"):
+        IDEncoderConfig(image_std=(0.5, 0.0, 0.5))
+
+
+def test_an_id_encoder_folder_round_trips_and_never_overwrites(tmp_path):
+    encoder = IDEncoder(IDEncoderConfig.tiny())
+    encoder.lora_weights = {"unet.a.lora.down.weight": torch.ones(2, 3)}
+    save_id_encoder(encoder, tmp_path / "enc")
+    back = load_id_encoder(tmp_path / "enc")
+    assert back.config == encoder.config
+    for (k, v), (k2, v2) in zip(encoder.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert torch.equal(back.lora_weights["unet.a.lora.down.weight"], torch.ones(2, 3))
+    with pytest.raises(FileExistsError, match="force"):
+        save_id_encoder(encoder, tmp_path / "enc")
+    encoder.lora_weights = {}
+    save_id_encoder(encoder, tmp_path / "enc", force=True)
+    assert load_id_encoder(tmp_path / "enc").lora_weights == {}  # the old LoRA file went with the old encoder
+
+
+def test_bad_id_encoder_paths_say_what_to_pass(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ID encoder folder"):
+        load_id_encoder(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="id_encoder.safetensors is missing"):
+        load_id_encoder(tmp_path / "empty")
+    save_id_encoder(IDEncoder(IDEncoderConfig.tiny()), tmp_path / "enc")
+    (tmp_path / "enc" / "id_encoder.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="damaged"):
+        load_id_encoder(tmp_path / "enc")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the trainer
+# ----------------------------------------------------------------------------------------------------------
+def test_stage_one_trains_the_tower_only_then_everything_learns():
+    cfg = IDTrainConfig(tower_steps=10, steps=20, warmup=2, decay_steps=5)
+    first = learning_rates(cfg, 5)
+    assert first["tower"] > 0 and first["heads"] > 0 and first["fuse"] == first["lora"] == 0
+    second = learning_rates(cfg, 15)
+    assert second["fuse"] > 0 and second["lora"] > 0
+    assert second["tower"] == pytest.approx(second["fuse"] * cfg.tower_lr_scale)
+    assert learning_rates(cfg, 29)["fuse"] < second["fuse"]  # the cool-down at the end
+    with pytest.raises(ValueError, match="text_fraction"):
+        IDTrainConfig(text_fraction=1.0)
+
+
+def test_the_encoder_starts_from_storyworld_clips_tower(tiny_folder):
+    from sdlite.pipeline import load_pipeline
+    from sdlite.storyworld.models import load_storyworld_clip
+
+    clip, _ = load_storyworld_clip(folder=tiny_folder)
+    encoder = storyworld_id_encoder(load_pipeline(tiny_folder), clip)
+    for k, v in clip.vision_model.state_dict().items():
+        assert torch.equal(encoder.vision_model.state_dict()[k], v)
+    assert encoder.config.embed_dim == 2 * clip.config.text_config.hidden_size  # the UNet's cross-attention width
+
+
+def test_training_logs_both_stages_and_exports_an_encoder_with_its_lora(trained):
+    rows = (trained.run / "log.csv").read_text().splitlines()
+    stages = [r.split(",")[1] for r in rows[1:]]
+    assert stages == ["tower", "tower", "fuse", "fuse", "fuse"]
+    record = json.loads((trained.export / "training.json").read_text())
+    assert record["config"]["steps"] == 3 and record["cpu_seconds"] > 0
+    encoder = load_id_encoder(trained.export)
+    ups = [v for k, v in encoder.lora_weights.items() if "lora.up" in k]
+    assert ups and any(float(v.abs().sum()) > 0 for v in ups)  # the LoRA learned (it starts at zero)
+    assert all(k.startswith("unet.") for k in encoder.lora_weights)
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(trained, tmp_path):
+    cfg = trained.cfg
+    run = tmp_path / "run"
+    train_id_encoder(run, cfg, progress=False, storyworld=trained.folder, max_minutes=0.0)  # stops after one step
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 1
+    train_id_encoder(run, cfg, export=tmp_path / "export", resume=True, progress=False, storyworld=trained.folder)
+    a, b = load_id_encoder(trained.export), load_id_encoder(tmp_path / "export")
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_folder_is_not_started_twice(trained):
+    with pytest.raises(FileExistsError, match="resume"):
+        train_id_encoder(trained.run, trained.cfg, progress=False, storyworld=trained.folder)
+
+
+def test_the_exported_lora_fuses_into_a_storyworld_pipeline(trained):
+    from sdlite.pipeline import load_pipeline
+
+    pipe = load_pipeline(trained.folder)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    assert fuse_photomaker_lora(pipe, load_id_encoder(trained.export).lora_weights)
+    after = pipe.unet.state_dict()
+    assert set(after) == set(before)  # plain layers again, the LoRA fused into their weights
+    assert any(not torch.equal(before[k], after[k]) for k in before if "to_q" in k)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reference-image mode
+# ----------------------------------------------------------------------------------------------------------
+def test_delayed_conditioning_strength_decides_whether_the_reference_is_used(tiny_folder):
+    from sdlite.pipeline import load_pipeline
+
+    pipe = load_pipeline(tiny_folder)
+    from sdlite.storyworld.models import load_storyworld_clip
+
+    encoder = storyworld_id_encoder(pipe, load_storyworld_clip(folder=tiny_folder)[0])  # no LoRA: the UNet as is
+    story = parse_story(STORY)
+    kw = dict(csa=CSAConfig(enabled=False), steps=4, seed=3, progress=False)
+    plain = generate_story(pipe, story, **kw).arrays()
+    never = generate_story(pipe, story, id_images={"Lily": [lily_picture()]}, id_encoder=encoder,
+                           style_strength_ratio=100.0, **kw).arrays()
+    np.testing.assert_array_equal(never, plain)  # text-only for every step: the reference is never read
+    early = generate_story(pipe, story, id_images={"Lily": [lily_picture()]}, id_encoder=encoder,
+                           style_strength_ratio=0.0, **kw).arrays()
+    assert not np.array_equal(early, plain)  # the ID prompt from step 1 on
+    other = generate_story(pipe, story, id_images={"Lily": [lily_picture(), lily_picture(7)]}, id_encoder=encoder,
+                           style_strength_ratio=0.0, **kw).arrays()
+    assert not np.array_equal(other, early)  # two references are two ID tokens, not one
+
+
+def run_cli(tmp_path, *options, story=STORY):
+    (tmp_path / "s.txt").write_text(story)
+    lily_picture().save(tmp_path / "lily.png")
+    return main(["story", str(tmp_path / "s.txt"), "--out", str(tmp_path / "o" / "page.png"), *options])
+
+
+@pytest.mark.parametrize("ref, story, message", [
+    ("Lily=missing.png", STORY, "reference image .*missing.png does not exist"),
+    ("Bob={lily}", STORY, "no character 'Bob'"),
+    ("Lily={lily}", STORY.replace("a girl img", "a girl"), "has no trigger word"),
+    ("Lily", STORY, "write NAME=IMAGE"),
+    ("Lily={story}", STORY, "not a readable picture"),
+])
+def test_bad_references_fail_before_any_model_loads(tmp_path, monkeypatch, capsys, ref, story, message):
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the references were checked")
+
+    monkeypatch.setattr(sdlite.pipeline, "load_pipeline", no_model)
+    monkeypatch.setattr(sdlite.pipeline, "load_tokenizer", no_model)
+    ref = ref.format(lily=tmp_path / "lily.png", story=tmp_path / "s.txt")
+    assert run_cli(tmp_path, "--ref", ref, story=story) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    import re
+
+    assert re.search(message, err), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_strength_and_photomaker_need_a_reference(tmp_path, capsys):
+    assert run_cli(tmp_path, "--id-strength", "30") == 2
+    assert "--ref" in capsys.readouterr().err
+    assert run_cli(tmp_path, "--ref", f"Lily={tmp_path / 'lily.png'}", "--id-strength", "120") == 2
+    assert "0 to 100" in capsys.readouterr().err
+
+
+def test_story_ref_generates_with_the_reference(trained, tmp_path):
+    args = ["--model", str(trained.folder), "--photomaker", str(trained.export), "--quiet", "--no-csa"]
+    assert run_cli(tmp_path, "--ref", f"Lily={tmp_path / 'lily.png'}", "--id-strength", "0", *args) == 0
+    with_ref = np.asarray(Image.open(tmp_path / "o" / "page_panels" / "panel_01.png"))
+    assert main(["story", str(tmp_path / "s.txt"), "--out", str(tmp_path / "p" / "page.png"), "--model",
+                 str(trained.folder), "--quiet", "--no-csa"]) == 0
+    without = np.asarray(Image.open(tmp_path / "p" / "page_panels" / "panel_01.png"))
+    assert not np.array_equal(with_ref, without)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the evaluation
+# ----------------------------------------------------------------------------------------------------------
+def test_evaluation_stories_are_held_out_and_unsaid():
+    stories = pm.make_reference_stories(6, seed=1, references=2)
+    for st in stories:
+        assert is_held_out(st.character) and len(st.references) == 2
+        story = parse_story(st.text)
+        assert len(story) == pm.PANELS and list(story.characters) == ["Ref"]
+        ch = st.character
+        words = set(" ".join(story.prompts).replace(",", "").split())
+        assert not {ch.hair, ch.shirt, ch.trousers} & words
+    assert [s.text for s in pm.make_reference_stories(6, seed=1, references=2)] == [s.text for s in stories]
+
+
+class _Reader:
+    """A stand-in recognizer that reads labels from a lookup of exact pictures."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def predict(self, images):
+        rows = [self.table[np.asarray(im).tobytes()] for im in images]
+        return {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+
+
+def test_reference_match_counts_the_panels_that_agree_with_the_reference():
+    rng = np.random.default_rng(0)
+    ref_panel = sw.sample_panel(rng, LILY)
+    same = [sw.sample_panel(rng, LILY) for _ in range(2)]
+    other_ch = dataclasses.replace(LILY, hair="black", hat="no hat")
+    other = [sw.sample_panel(rng, other_ch) for _ in range(2)]
+    pics = [sw.render(p) for p in [ref_panel, *same, *other]]
+    reader = _Reader({im.tobytes(): sw.labels(p) for im, p in zip(pics, [ref_panel, *same, *other])})
+    got = pm.reference_match(np.stack(pics[1:]), pics[0], reader)
+    assert got == {"hair": 0.5, "shirt": 1.0, "trousers": 1.0, "hat": 0.5}
+
+
+def test_the_strength_is_chosen_by_reference_match_within_the_scene_limit():
+    def row(match, scene):
+        return {"reference_match_min": match, "scene_accuracy": scene}
+
+    sweep = {"no_id": row(0.2, 0.95), "id_strength_0": row(0.9, 0.70), "id_strength_10": row(0.8, 0.92),
+             "id_strength_20": row(0.8, 0.94), "id_strength_50": row(0.5, 0.95)}
+    assert pm.choose_strength(sweep) == 10.0  # 0 loses the scene; 10 and 20 tie: the lower strength
+    with pytest.raises(ValueError, match="widen"):
+        pm.choose_strength({"no_id": row(0.2, 1.0), "id_strength_0": row(0.9, 0.5)})
