@@ -215,6 +215,25 @@ class CSAState:
 # ----------------------------------------------------------------------------------------------------
 # 3. The fast version: a diffusers attention processor
 # ----------------------------------------------------------------------------------------------------
+def prepare_tokens(attn, hidden_states: torch.Tensor, temb: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, tuple[int, int, int] | None]:
+    """The input steps of diffusers' `AttnProcessor2_0`, in its order: spatial norm, (B, C, H, W) -> (B, N, C),
+    group norm. Returns the tokens (B, N, C) and the (C, H, W) to fold the output back into (None for 3-D input)."""
+    shown = tuple(hidden_states.shape)
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    spatial = None
+    if hidden_states.ndim == 4:
+        b, c, h, w = hidden_states.shape
+        spatial = (c, h, w)
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)  # (B, N, C)
+    if hidden_states.ndim != 3:
+        raise ValueError(f"hidden_states must be (B, N, C) or (B, C, H, W), got {shown}")
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states, spatial
+
+
 def _stock_processor():
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -304,20 +323,11 @@ class ConsistentSelfAttnProcessor:
 
         # prepare: (B, C, H, W) -> (B, N, C), spatial/group norm, as AttnProcessor2_0 does
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b4, c4, h4, w4 = hidden_states.shape
-            hidden_states = hidden_states.view(b4, c4, h4 * w4).transpose(1, 2)
-        if hidden_states.ndim != 3:
-            raise ValueError(f"hidden_states must be (B, N, C) or (B, C, H, W), got {tuple(residual.shape)}")
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        hidden_states, spatial = prepare_tokens(attn, hidden_states, temb)
         batch, tokens, channels = hidden_states.shape  # (B, N, C), B = G * images
         groups = 2 if state.guidance_halves else 1
         images = batch // groups
-        residual_3d = residual.view(batch, residual.shape[1], -1).transpose(1, 2) if input_ndim == 4 else residual
+        residual_3d = residual.view(batch, residual.shape[1], -1).transpose(1, 2) if spatial else residual
 
         if state.mode == "write":
             self._write_bank(hidden_states, groups, images, tokens)
@@ -330,8 +340,8 @@ class ConsistentSelfAttnProcessor:
             return self.original(attn, residual, attention_mask=None, temb=temb, **kwargs)
         else:
             out = self._windows(attn, hidden_states, residual_3d, groups, images, tokens, sampled_indices)
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, -1, h4, w4)
+        if spatial:
+            out = out.transpose(-1, -2).reshape(batch, -1, *spatial[1:])
         return out
 
     # -- helpers -------------------------------------------------------------------------------------

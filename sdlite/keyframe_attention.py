@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .attention import prepare_tokens
+
 
 def _check_frames(batch: int, frames: int) -> int:
     if frames < 2:
@@ -78,16 +80,9 @@ class KeyframeAttnProcessor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("KeyframeAttnProcessor is for self-attention (attn1) layers without a mask: leave "
                              "cross-attention and the motion modules on their own processors")
-        # prepare: (B*L, C, H, W) -> (B*L, N, C)
+        # prepare: (B*L, C, H, W) -> (B*L, N, C), as AttnProcessor2_0 (and CSA's processor) does
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            bl, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(bl, c, h * w).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        hidden_states, spatial = prepare_tokens(attn, hidden_states, temb)
         batch, tokens, _ = hidden_states.shape
 
         query = attn.to_q(hidden_states)  # (B*L, N, inner)
@@ -106,8 +101,8 @@ class KeyframeAttnProcessor:
         out = out.transpose(1, 2).reshape(batch, tokens, inner).to(query.dtype)
 
         out = attn.to_out[1](attn.to_out[0](out))  # output projection, dropout
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(bl, c, h, w)
+        if spatial:
+            out = out.transpose(-1, -2).reshape(batch, *spatial)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
