@@ -4,6 +4,7 @@
 #   make student  student versions of the notebooks in student/ (exercises without solutions, no outputs)
 #   make demo   the main job: the bundled example story -> a comic page (CPU, storyworld, about a minute)
 #   make train-storyworld  rebuild every shipped checkpoint in data/storyworld from scratch (2-core CPU, about 2.8 h)
+#   make train-id-encoder  storyworld's PhotoMaker ID encoder, data/storyworld/id_encoder (one core, about an hour)
 #   make eval / make benchmarks   the committed results/ and benchmarks/ figures
 #   make mutation  mutation testing of the paper's modules with mutmut, one shard per module (MODULE=comic for one)
 PYTHON ?= python3
@@ -19,7 +20,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install test unit notebooks lab demo clean-venv execute-notebook train-storyworld train-motion eval benchmarks student browser-test mutation
+.PHONY: install test unit notebooks lab demo clean-venv execute-notebook train-storyworld train-motion train-id-encoder eval benchmarks student browser-test mutation
 
 $(PY):
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -84,11 +85,17 @@ train-motion: install
 	$(PY) -m sdlite.train video-decoder --cache runs/motion/train_grid4 --init data/motion/decoder_3000_steps --keyframe-attention --out runs/video_kf --export data/motion/decoder --steps 1000 --batch-size 4 --lr 3e-4 --threads 1 --force
 	$(PY) -m sdlite.train video-decoder --cache runs/motion/train_grid4 --init data/motion/decoder_3000_steps --out runs/video_plain --export data/motion/decoder_no_keyframes --steps 1000 --batch-size 4 --lr 3e-4 --threads 1 --force
 
+# storyworld's PhotoMaker ID encoder (data/storyworld/id_encoder/, on top of data/storyworld/): 600 tower steps, then
+# 5000 steps of the diffusion loss on reference -> target pairs (about an hour on one core; resumable with --resume).
+train-id-encoder: install
+	$(PY) -m sdlite.train id-encoder --out runs/id_encoder --export data/storyworld/id_encoder --force --threads 1
+
 # The committed evaluation tables (long: run on an otherwise idle machine).
 eval: install
 	$(PY) -m sdlite.eval storyworld --out results/storyworld.json
 	$(PY) -m sdlite.eval consistency --stories 50 --panels 4 4 --batch-stories 25 --shared-settings no_csa,default --threads 1 --out results/consistency.json --force
 	$(PY) -m sdlite.eval transitions --clips 100 --steps 8 --methods latent_interpolation,no_predictor,temporal_only,full,true_embeddings --threads 1 --out results/motion.json --force
+	$(PY) -m sdlite.eval photomaker --stories 50 --tuning-stories 24 --threads 1 --out results/photomaker.json --force
 	$(PY) -m sdlite.eval decoder-ablation --clips 100 --steps 8 --decoder "3000 steps, no keyframe reading=data/motion/decoder_3000_steps" --decoder "3000 + 1000 steps, no keyframe reading=data/motion/decoder_no_keyframes" --decoder "3000 + 1000 steps, keyframe reading (shipped)=data/motion/decoder" --threads 1 --out results/motion_ablation.json --force
 
 benchmarks: install

@@ -107,13 +107,21 @@ class CsvLog:
             csv.writer(f).writerow([_fmt(row.get(k, "")) for k in self.fields])
 
 
+def _column(values: list) -> np.ndarray:
+    """One log column: floats (NaN where a row has no value), or the strings as written when it holds words."""
+    try:
+        return np.array([float(v) if v not in ("", None) else np.nan for v in values])
+    except ValueError:  # e.g. a `stage` column: "tower", "fuse"
+        return np.array(["" if v is None else v for v in values])
+
+
 def read_log(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A run's log.csv as columns of floats (NaN where a row has no value)."""
+    """A run's log.csv as columns of floats (NaN where a row has no value); a column of words stays strings."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         return {}
-    return {k: np.array([float(r[k]) if r[k] not in ("", None) else np.nan for r in rows]) for k in rows[0]}
+    return {k: _column([r[k] for r in rows]) for k in rows[0]}
 
 
 # ----------------------------------------------------------------------------------------------------------
