@@ -86,7 +86,7 @@ train-motion: install
 	$(PY) -m sdlite.train video-decoder --cache runs/motion/train_grid4 --init data/motion/decoder_3000_steps --out runs/video_plain --export data/motion/decoder_no_keyframes --steps 1000 --batch-size 4 --lr 3e-4 --threads 1 --force
 
 # storyworld's PhotoMaker ID encoder (data/storyworld/id_encoder/, on top of data/storyworld/): 600 tower steps, then
-# 5000 steps of the diffusion loss on reference -> target pairs (about an hour on one core; resumable with --resume).
+# 4000 steps of the diffusion loss on reference -> target pairs (about an hour on one core; resumable with --resume).
 train-id-encoder: install
 	$(PY) -m sdlite.train id-encoder --out runs/id_encoder --export data/storyworld/id_encoder --force --threads 1
 

@@ -164,6 +164,20 @@ def test_stage_one_trains_the_tower_only_then_everything_learns():
         IDTrainConfig(text_fraction=1.0)
 
 
+def test_noisy_timesteps_weigh_more_up_to_the_cap():
+    from diffusers.training_utils import compute_snr
+
+    from sdlite.storyworld.models import build_scheduler
+    from sdlite.train.id_encoder import noise_weight
+
+    snr = compute_snr(build_scheduler(), torch.tensor([0, 100, 500, 700, 999]))
+    w = noise_weight(snr, 20.0)
+    assert w[0] == w[1] == 1.0  # little noise: the plain loss
+    assert 1.0 < w[2] < w[3] < 20.0 and w[4] == 20.0
+    torch.testing.assert_close(w[2], 1 / snr[2])  # in between: 1/SNR, as an x0 loss weighs it
+    assert torch.equal(noise_weight(snr, 1.0), torch.ones(5))  # cap 1: the plain min-SNR loss
+
+
 def test_the_encoder_starts_from_storyworld_clips_tower(tiny_folder):
     from sdlite.pipeline import load_pipeline
     from sdlite.storyworld.models import load_storyworld_clip

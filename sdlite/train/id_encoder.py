@@ -11,7 +11,8 @@ one run, one optimizer, one checkpoint (resumable at any step):
    hat barely better than chance (a linear probe: notebook 02); a fuse MLP cannot carry what the tower does not see.
 2. **fuse** (`steps`): PhotoMaker's recipe: the projections, the FuseModule and a LoRA on every attention layer of
    the UNet (peft, through diffusers' `add_adapter`) learn from the diffusion loss, min-SNR weighted and weighted up
-   on the character's latent cells (storyworld knows them exactly); the tower goes on learning at a tenth of the rate,
+   on the character's latent cells (storyworld knows them exactly) and on the noisiest timesteps (`noise_weight`:
+   without it shirt and trousers were never learned); the tower goes on learning at a tenth of the rate,
    its label heads kept as a small auxiliary loss. A quarter of each batch are ordinary fully captioned renders
    without ID, so the LoRA'd UNet still follows text (delayed conditioning starts every ID panel text-only).
 
@@ -53,7 +54,7 @@ class IDTrainConfig:
     tower_steps: int = 600  # stage 1: tower + label heads on single renders
     tower_batch_size: int = 64
     tower_lr: float = 5e-4
-    steps: int = 5000  # stage 2: the diffusion loss on ID pairs
+    steps: int = 4000  # stage 2: the diffusion loss on ID pairs
     batch_size: int = 16  # images per step, of which text_fraction without ID
     lr: float = 5e-4  # projections, FuseModule, LoRA
     tower_lr_scale: float = 0.1  # the tower's rate in stage 2, relative to lr
@@ -61,11 +62,13 @@ class IDTrainConfig:
     max_references: int = 3  # step s uses 1 + s % max_references reference renders per pair
     lora_rank: int = 16
     label_weight: float = 0.1  # stage 2: weight of the heads' cross-entropy (the tower keeps seeing identity)
+    # stage 2: noisy timesteps weigh up to this many times more (x 1/SNR, as an x0 loss would): see `noise_weight`
+    high_noise_weight: float = 20.0
     character_weight: float = 4.0
     min_snr_gamma: float = 5.0
     caption_dropout: float = 0.1  # zeroed prompts (unconditional), for classifier-free guidance
     warmup: int = 100
-    decay_steps: int = 1500  # stage 2's rate falls linearly to 0 over its last decay_steps
+    decay_steps: int = 1200  # stage 2's rate falls linearly to 0 over its last decay_steps
     log_every: int = 50
     ckpt_every: int = 250
     seed: int = 0
@@ -153,6 +156,16 @@ def learning_rates(cfg: IDTrainConfig, step: int) -> dict[str, float]:
     return {"tower": cfg.lr * cfg.tower_lr_scale * f, "heads": cfg.lr * f, "fuse": cfg.lr * f, "lora": cfg.lr * f}
 
 
+def noise_weight(snr: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-image loss weight max(1, min(1/SNR, cap)): 1 at low noise, up to `cap` at the noisiest timesteps.
+
+    Why: the colours of large regions (shirt, trousers) are decided in the first, noisiest steps, where the
+    epsilon error is small whatever the model draws (the noisy latent is almost all noise). With the plain min-SNR
+    epsilon loss the ID encoder learned hair and hat but ignored shirt and trousers (`docs/storyworld-recipe.md`);
+    weighting those timesteps as an x0 loss would (1/SNR), capped, gives the colours their share."""
+    return torch.clamp(1.0 / snr, min=1.0, max=cap)
+
+
 def _stack_labels(items: list[dict], device) -> dict[str, torch.Tensor]:
     return {name: torch.tensor([it["labels"][name] for it in items], device=device) for name in ID_LABELS}
 
@@ -221,7 +234,12 @@ def _fuse_step(model: IDTraining, data: IDBatches, trainer: UnetTrainer, tokeniz
         latents = trainer.vae.encode(pixels.to(device)).latent_dist.mean * trainer.vae.config.scaling_factor
     h, w = pixels.shape[-2:]
     time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=text.dtype, device=device).repeat(len(masks), 1)
-    diffusion = trainer.loss(model.unet, latents, text, pooled, time_ids, torch.stack(masks), gen)
+    from diffusers.training_utils import compute_snr
+
+    timesteps = torch.randint(0, len(trainer.alphas_cumprod), (len(masks),), generator=gen)
+    weight = noise_weight(compute_snr(trainer.scheduler, timesteps), cfg.high_noise_weight)
+    diffusion = trainer.loss(model.unet, latents, text, pooled, time_ids, torch.stack(masks), gen, timesteps=timesteps,
+                             sample_weight=weight)
     return {"loss": diffusion + cfg.label_weight * label_loss, "diffusion": diffusion, "label_acc": label_acc,
             "references": k}
 
