@@ -25,6 +25,18 @@ def test_pair_agreement_counts_pairs():
     assert pair_agreement(["red", "red", "blue"]) == pytest.approx(1 / 3)
 
 
+def test_agreement_and_accuracy_of_tensors_are_python_floats():
+    # tensors are read with .tolist(): list(tensor) would compare 0-d tensors and return a 0-d tensor, which the
+    # rows' JSON cannot hold
+    values = [pair_agreement(torch.tensor([2, 2, 5])), label_accuracy(torch.tensor([1, 2]), [1, 3]),
+              label_accuracy([1, 2], torch.tensor([1, 3])), label_accuracy(torch.tensor([1, 2]), torch.tensor([1, 2]))]
+    assert values == [pytest.approx(1 / 3), 0.5, 0.5, 1.0]
+    assert [type(v) for v in values] == [float] * 4
+    json.dumps(values)
+    out = identity_agreement({a: torch.tensor([0, 0, 1]) for a in sw.IDENTITY_ATTRIBUTES})
+    assert all(type(v) is float for v in out.values()) and out["mean"] == pytest.approx(1 / 3)
+
+
 def test_identity_agreement_per_attribute_and_mean():
     pred = {"hair": torch.tensor([0, 0, 0]), "shirt": torch.tensor([0, 1, 2]), "trousers": torch.tensor([1, 1, 0]),
             "hat": torch.tensor([3, 3, 3]), "scene": torch.tensor([0, 1, 2])}
@@ -41,6 +53,8 @@ def test_label_accuracy_and_mean_rows():
     with pytest.raises(ValueError, match="as many predictions as targets"):
         label_accuracy([1], [1, 2])
     assert mean_rows([{"a": 1.0}, {"a": 0.0}]) == {"a": 0.5}
+    with pytest.raises(ValueError, match="^no rows to average$"):
+        mean_rows([])
 
 
 def test_clip_scores_by_hand():
@@ -48,6 +62,8 @@ def test_clip_scores_by_hand():
     assert clip_i(e) == pytest.approx((0 + 2 ** -0.5 + 2 ** -0.5) / 3)
     assert clip_t(e, e) == pytest.approx(1.0)
     assert clip_i(e[:1]) == 1.0
+    assert clip_i(e[:2]) == pytest.approx(0.0)  # two images: one pair, orthogonal (not the 1.0 of a single image)
+    assert clip_i(e[1:]) == pytest.approx(2 ** -0.5)
     with pytest.raises(ValueError, match="one prompt per image"):
         clip_t(e, e[:2])
 
@@ -73,8 +89,14 @@ def test_score_story_on_renders_of_one_and_of_different_characters():
         row = score_story(images, prompts, [p.scene for p in panels], [p.action for p in panels], _Oracle(panels))
         assert row["scene_accuracy"] == 1.0 and row["action_accuracy"] == 1.0
         assert (row["identity_agreement"] == 1.0) == expect_one
+    assert all(type(v) is float for v in row.values())
     with pytest.raises(ValueError, match="one prompt, scene and action per panel"):
         score_story(images, prompts[:2], [], [], _Oracle(panels))
+    # CLIP scores without the tokenizer: refused before the model is used (any object stands for it)
+    with pytest.raises(ValueError, match=r"^clip scores need the CLIP tokenizer too: pass clip_tokenizer "
+                                         r"\(load_storyworld_clip\(\)\)$"):
+        score_story(images, prompts, [p.scene for p in panels], [p.action for p in panels], _Oracle(panels),
+                    clip=object())
 
 
 def test_clip_embeddings_shapes_and_norm():
