@@ -132,9 +132,11 @@ def summarize(name: str, result: dict[str, str], equivalents: dict[str, str], se
     counts = Counter(result.values())
     not_caught = sorted(k for k, v in result.items() if v not in CAUGHT)
     unexplained = [k for k in not_caught if k not in equivalents]
+    # the mutated module's prefix, e.g. "sdlite.eval.metrics." (mutant names are "<module>.x_<function>__mutmut_N")
+    prefix = next(iter(result)).rsplit(".", 1)[0] + "." if result else f"sdlite.{name}."
     return {"module": name, "total": len(result), "caught": sum(counts[c] for c in CAUGHT), "counts": dict(counts),
             "equivalent": [k for k in not_caught if k in equivalents], "unexplained": unexplained,
-            "stale_equivalents": [k for k in equivalents if k.startswith(f"sdlite.{name}.")
+            "stale_equivalents": [k for k in equivalents if k.startswith(prefix)
                                   and result.get(k, "killed") in CAUGHT],  # gone, or caught by now
             "seconds": round(seconds, 1)}
 
