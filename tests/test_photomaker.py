@@ -196,6 +196,7 @@ def test_training_logs_both_stages_and_exports_an_encoder_with_its_lora(trained)
     assert log["stage"].tolist() == ["tower", "tower", "fuse", "fuse", "fuse"]  # a column of words stays words
     assert log["step"].tolist() == [1, 2, 3, 4, 5] and np.isnan(log["diffusion"][0]) and log["diffusion"][2] > 0
     record = json.loads((trained.export / "training.json").read_text())
+    assert (trained.export / "log.csv").read_text() == (trained.run / "log.csv").read_text()
     assert record["config"]["steps"] == 3 and record["cpu_seconds"] > 0
     encoder = load_id_encoder(trained.export)
     ups = [v for k, v in encoder.lora_weights.items() if "lora.up" in k]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,4 +316,5 @@ def train_id_encoder(out: str | Path, cfg: IDTrainConfig, export: str | Path | N
                   "parameters": {"id_encoder": sum(p.numel() for p in encoder.parameters()),
                                  "lora": sum(v.numel() for v in encoder.lora_weights.values())}}
         (Path(export) / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+        shutil.copyfile(out / "log.csv", Path(export) / "log.csv")  # the loss curves ship with the weights
     return encoder
