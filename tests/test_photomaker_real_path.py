@@ -220,3 +220,25 @@ def test_a_v2_checkpoint_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="lora_weights must be a dict of name -> tensor"):
         load_photomaker_id_encoder({"id_encoder": IDEncoder(IDEncoderConfig.tiny()).state_dict(),
                                     "lora_weights": {"a": 1}}, IDEncoderConfig.tiny())
+
+
+def test_story_ref_runs_on_a_real_layout_sdxl_folder_with_photomaker_path(folder, tmp_path, capsys):
+    """`sdlite story --ref NAME=IMAGE --photomaker PATH` on the real-layout folder: the trigger registered, the
+    encoder's LoRA fused, panels written; without --photomaker a real model is refused before it loads. (PATH is an
+    ID encoder folder here: a real photomaker-v1.bin holds a 300 M-parameter ViT-L tower, too large for a test.)"""
+    from PIL import Image
+
+    from sdlite.cli import main
+    from sdlite.id_encoder import save_id_encoder
+
+    enc = encoder(load_pipeline(folder))
+    enc.lora_weights = tiny_photomaker_lora(load_pipeline(folder).unet)
+    save_id_encoder(enc, tmp_path / "photomaker")
+    Image.fromarray(FACE).save(tmp_path / "bob.png")
+    (tmp_path / "s.txt").write_text(STORY)
+    common = ["story", str(tmp_path / "s.txt"), "--model", str(folder), "--ref", f"Bob={tmp_path / 'bob.png'}",
+              "--size", "64", "--steps", "2", "--no-csa", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "a" / "page.png")]) == 2
+    assert "--photomaker PATH" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main([*common, "--photomaker", str(tmp_path / "photomaker"), "--out", str(tmp_path / "b" / "page.png")]) == 0
+    assert sorted(p.name for p in (tmp_path / "b" / "page_panels").iterdir()) == ["panel_01.png", "panel_02.png"]
