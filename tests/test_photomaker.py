@@ -349,3 +349,63 @@ def test_the_strength_is_chosen_by_reference_match_within_the_scene_limit():
     assert pm.choose_strength(sweep) == 10.0  # 0 loses the scene; 10 and 20 tie: the lower strength
     with pytest.raises(ValueError, match="widen"):
         pm.choose_strength({"no_id": row(0.2, 1.0), "id_strength_0": row(0.9, 0.5)})
+# ----------------------------------------------------------------------------------------------------------
+# the shipped encoder and its results
+# ----------------------------------------------------------------------------------------------------------
+def test_the_shipped_encoder_loads_with_its_recipe():
+    encoder = load_id_encoder(SHIPPED)
+    record = json.loads((SHIPPED / "training.json").read_text())
+    assert record["command"].startswith("python -m sdlite.train id-encoder")
+    assert encoder.lora_weights and record["cpu_seconds"] > 0
+
+
+def test_the_shipped_tower_sees_what_storyworld_clips_tower_misses():
+    from sdlite.storyworld.models import load_storyworld_clip
+
+    clip, _ = load_storyworld_clip()
+    before = pm.tower_probe(clip.vision_model, n_train=600, n_test=300, steps=150)
+    after = pm.tower_probe(load_id_encoder(SHIPPED).vision_model, n_train=600, n_test=300, steps=150)
+    assert after["hair"] > before["hair"] + 0.2 and after["hat"] > before["hat"] + 0.2
+    assert min(after[a] for a in ("class_word", "hair", "shirt", "trousers", "hat")) > 0.8
+
+
+def test_results_photomaker_json_is_whole_and_its_bars_follow_its_numbers():
+    from sdlite.cli.story import STORYWORLD_ID_STRENGTH
+
+    res = json.loads((ROOT / "results" / "photomaker.json").read_text())
+    for key in ("reference_match_min", "reference_match_min_with_csa", "no_id_reference_match_min",
+                "scene_accuracy_drop", "n_stories"):
+        assert isinstance(res[key], (int, float)), key
+    assert res["n_stories"] >= 50
+    table = res["table"]
+    assert res["reference_match_min"] == table["id"]["reference_match_min"] == min(
+        table["id"][a] for a in pm.MATCHED)
+    assert res["no_id_reference_match_min"] == table["no_id"]["reference_match_min"]
+    assert res["bars"]["reference_match_min_ge_0.75"] == (res["reference_match_min"] >= 0.75)
+    assert res["scene_accuracy_drop"] == pytest.approx(table["no_id"]["scene_accuracy"] -
+                                                       table["id"]["scene_accuracy"], abs=1e-4)
+    assert res["style_strength_ratio"] == STORYWORLD_ID_STRENGTH  # the CLI's default is the one the sweep chose
+    assert res["command"].startswith("python -m sdlite.eval photomaker")
+
+
+def test_the_shipped_encoder_denoises_its_own_character_better_than_another():
+    from sdlite.pipeline import load_pipeline
+
+    encoder = load_id_encoder(SHIPPED)
+    pipe = load_pipeline("storyworld")
+    fuse_photomaker_lora(pipe, encoder.lora_weights)
+    gap = pm.reference_loss_gap(pipe, encoder, n=16, seed=3)
+    assert gap["other"] > 1.1 * gap["own"], gap
+
+
+def test_the_shipped_encoder_makes_held_out_characters_panels_follow_their_reference():
+    from sdlite.pipeline import load_pipeline
+    from sdlite.storyworld.recognizer import load_recognizer
+
+    stories = pm.make_reference_stories(4, seed=8)  # not the evaluation's seeds
+    encoder, recognizer = load_id_encoder(SHIPPED), load_recognizer()
+    plain = pm.run_setting(load_pipeline("storyworld"), encoder, stories, recognizer, use_id=False)
+    with_id = pm.run_setting(load_pipeline("storyworld"), encoder, stories, recognizer)
+    assert with_id["shirt"] >= plain["shirt"] + 0.3 and with_id["trousers"] >= plain["trousers"] + 0.2, (plain, with_id)
+    assert sum(with_id[a] for a in pm.MATCHED) >= sum(plain[a] for a in pm.MATCHED) + 1.0
+    assert with_id["scene_accuracy"] >= plain["scene_accuracy"] - 0.1

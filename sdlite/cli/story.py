@@ -42,8 +42,9 @@ def add_story_parser(subparsers) -> None:
                         "(photomaker-v1.bin); default on storyworld: its own, data/storyworld/id_encoder")
     p.add_argument("--id-strength", type=float, default=None, metavar="R",
                    help="--ref: style strength in %% (PhotoMaker's style_strength_ratio): the first R %% of the "
-                        "steps use the text-only prompt, the rest the reference (default 20; lower follows the "
-                        "reference more, higher the text)")
+                        "steps use the text-only prompt, the rest the reference (default: 20 on real SDXL, as "
+                        "PhotoMaker; 10 on storyworld, chosen by its evaluation; lower follows the reference more, "
+                        "higher the text)")
     p.add_argument("--preset", choices=["official"], default=None,
                    help="official: the official StoryDiffusion demo's settings (official sampling, rates 0.5 at both "
                         "resolutions, no CSA at step 0 then random skips, 1 reference panel, the same seed for every "
@@ -124,7 +125,7 @@ def check_story_options(args) -> None:
          f"--bank-steps {getattr(args, 'bank_steps', None)}: use 1 or more steps")
     strength = getattr(args, "id_strength", None)
     need(strength is None or (math.isfinite(strength) and 0 <= strength <= 100),
-         f"--id-strength {strength}: a percentage of the steps, 0 to 100 (default 20)")
+         f"--id-strength {strength}: a percentage of the steps, 0 to 100")
     need(strength is None or bool(getattr(args, "ref", None)), "--id-strength works with --ref: add --ref NAME=IMAGE")
     need(getattr(args, "photomaker", None) is None or bool(getattr(args, "ref", None)),
          "--photomaker works with --ref: add --ref NAME=IMAGE (the character's reference picture)")
@@ -276,11 +277,13 @@ def reference_mode(args, references: dict, real: bool) -> dict:
         path = data_dir() / "storyworld" / "id_encoder"
     encoder = load_id_encoder(path).to(args.device)
     strength = getattr(args, "id_strength", None)
+    default = PHOTOMAKER_ID_STRENGTH if real else STORYWORLD_ID_STRENGTH
     return {"id_images": references, "id_encoder": encoder,
-            "style_strength_ratio": DEFAULT_ID_STRENGTH if strength is None else strength}
+            "style_strength_ratio": default if strength is None else strength}
 
 
-DEFAULT_ID_STRENGTH = 20.0  # PhotoMaker's demo default (results/photomaker.json: the sweep)
+PHOTOMAKER_ID_STRENGTH = 20.0  # PhotoMaker's own default, for real SDXL with photomaker-v1.bin
+STORYWORLD_ID_STRENGTH = 10.0  # storyworld's encoder: chosen by `python -m sdlite.eval photomaker` on its tuning stories
 
 
 def story_settings(args, real: bool):
