@@ -24,7 +24,9 @@ from sdlite.story import parse_story
 from sdlite.storyworld import world as sw
 from sdlite.storyworld.datasets import IDPairDataset, id_caption, is_held_out, sample_split_character
 from sdlite.storyworld.models import tiny_storyworld_pipeline
-from sdlite.train.id_encoder import IDTrainConfig, learning_rates, storyworld_id_encoder, train_id_encoder
+from sdlite.train.id_encoder import (
+    IDTrainConfig, learning_rates, reference_loss_gap, storyworld_id_encoder, train_id_encoder,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = data_dir() / "storyworld" / "id_encoder"
@@ -394,7 +396,7 @@ def test_the_shipped_encoder_denoises_its_own_character_better_than_another():
     encoder = load_id_encoder(SHIPPED)
     pipe = load_pipeline("storyworld")
     fuse_photomaker_lora(pipe, encoder.lora_weights)
-    gap = pm.reference_loss_gap(pipe, encoder, n=16, seed=3)
+    gap = reference_loss_gap(pipe, encoder, n=16, seed=3)
     assert gap["other"] > 1.1 * gap["own"], gap
 
 

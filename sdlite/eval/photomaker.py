@@ -199,41 +199,6 @@ def tower_probe(vision_model, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), n_train
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The telling sign: is the loss lower with the character's own references than with another's?
-# ----------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def reference_loss_gap(pipe, encoder, n: int = 16, seed: int = 0, character_weight: float = 4.0) -> dict[str, float]:
-    """The ID encoder's training loss on `n` held-out pairs at fixed timesteps and noise, with each target's own
-    references and with the references of the next pair (another character). An encoder that carries identity
-    denoises its own character better: `own` < `other`. `pipe.unet` should hold the encoder's LoRA
-    (`fuse_photomaker_lora`), as at generation."""
-    from ..id_encoder import encode_id_prompts, fuse_id_embeddings
-    from ..storyworld.datasets import IDPairDataset
-    from ..train.storyworld import TrainConfig
-    from ..train.unet import UnetTrainer
-
-    items = [IDPairDataset(n, num_references=1, seed=seed, held_out=True)[i] for i in range(n)]
-    pix = encoder.pixel_values([it["references"][0] for it in items])[:, None]  # (n, 1, 3, S, S)
-    text, pooled, mask = encode_id_prompts(pipe.text_encoder, pipe.text_encoder_2, (pipe.tokenizer, pipe.tokenizer_2),
-                                           [it["caption"] for it in items], 1)
-    trainer = UnetTrainer(pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
-                          TrainConfig(steps=1, batch_size=1, lr=1.0, character_weight=character_weight), "cpu")
-    pixels = torch.stack([it["pixel_values"] for it in items])
-    latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-    gen = torch.Generator().manual_seed(seed)
-    timesteps = torch.randint(100, 900, (n,), generator=gen)
-    noise = torch.randn(latents.shape, generator=gen)
-    time_ids = torch.tensor([64, 64, 0, 0, 64, 64], dtype=text.dtype).repeat(n, 1)
-    masks = torch.stack([it["mask"] for it in items])
-    ids = encoder.id_embeddings(pix)  # (n, 1, D)
-    out = {}
-    for name, order in (("own", torch.arange(n)), ("other", torch.arange(n).roll(1))):
-        fused = fuse_id_embeddings(text, ids[order], mask, encoder.fuse_module)
-        out[name] = float(trainer.loss(pipe.unet, latents, fused, pooled, time_ids, masks, gen, timesteps, noise))
-    return out
-
-
 def write_result(result: dict, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
