@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -235,8 +236,6 @@ def _fuse_step(model: IDTraining, data: IDBatches, trainer: UnetTrainer, tokeniz
         latents = trainer.vae.encode(pixels.to(device)).latent_dist.mean * trainer.vae.config.scaling_factor
     h, w = pixels.shape[-2:]
     time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=text.dtype, device=device).repeat(len(masks), 1)
-    from diffusers.training_utils import compute_snr
-
     timesteps = torch.randint(0, len(trainer.alphas_cumprod), (len(masks),), generator=gen)
     weight = noise_weight(compute_snr(trainer.scheduler, timesteps), cfg.high_noise_weight)
     diffusion = trainer.loss(model.unet, latents, text, pooled, time_ids, torch.stack(masks), gen, timesteps=timesteps,
@@ -273,7 +272,7 @@ def train_id_encoder(out: str | Path, cfg: IDTrainConfig, export: str | Path | N
     data = IDBatches(cfg)
     log = CsvLog(out / "log.csv", ["step", "stage", "loss", "diffusion", "label_acc", "references", "lr", "seconds"])
     seconds = float(ckpt.state.get("seconds", 0.0))
-    start, t0 = time.time(), ckpt.step
+    start = time.time()
     bar = tqdm(range(ckpt.step, cfg.total_steps), initial=ckpt.step, total=cfg.total_steps, disable=not progress,
                desc="id-encoder")
     step = ckpt.step
@@ -305,7 +304,7 @@ def train_id_encoder(out: str | Path, cfg: IDTrainConfig, export: str | Path | N
     model.eval()
     encoder = model.encoder
     encoder.lora_weights = model.lora_state_dict()
-    finished = step + 1 >= cfg.total_steps if cfg.total_steps > t0 else True
+    finished = step + 1 >= cfg.total_steps  # False only when --max-minutes stopped the run early
     if export is not None and finished:
         save_id_encoder(encoder, export, force=force)
         total = seconds + time.time() - start
