@@ -241,7 +241,7 @@ def run_story_command(args) -> int:
 def check_references(story, refs: list[str]) -> dict[str, list]:
     """``--ref NAME=IMAGE`` options -> {name: [RGB pictures]}, checked before any model loads: the form, a character
     of the story, the trigger word in its description, and a whole, readable picture."""
-    from ..images import check_picture_file, read_picture
+    from ..images import read_picture
     from ..tokenization import TRIGGER_WORD
 
     references: dict[str, list] = {}
@@ -257,9 +257,8 @@ def check_references(story, refs: list[str]) -> dict[str, list]:
         if TRIGGER_WORD not in ch.description.lower().split():
             raise ValueError(f"--ref {ref!r}: line {ch.line}: [{name}] {ch.description!r} has no trigger word: write "
                              f"{TRIGGER_WORD!r} right after the class word, e.g. [{name}] a girl {TRIGGER_WORD}")
-        check_picture_file(image, "reference image")
-        references.setdefault(name, []).append(image)
-    return {name: [read_picture(path, "reference image") for path in paths] for name, paths in references.items()}
+        references.setdefault(name, []).append(read_picture(image, "reference image"))  # checked, then read
+    return references
 
 
 def reference_mode(args, references: dict, real: bool) -> dict:
