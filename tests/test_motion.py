@@ -1,6 +1,7 @@
 """The semantic motion predictor (sdlite.motion) and the video decoder's shapes, real-scale configs and CLI."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -16,7 +17,9 @@ from sdlite.eval import video_metrics as vm
 from sdlite.motion import (
     PAPER_SIZE, ImageEmbedder, SemanticMotionPredictor, frame_fractions, linear_interpolation, predictor_errors,
 )
-from sdlite.storyworld.models import StoryworldSizes, build_clip, build_scheduler, build_storyworld_tokenizer, build_vae
+from sdlite.storyworld.models import (
+    StoryworldSizes, build_clip, build_scheduler, build_storyworld_tokenizer, build_vae, load_storyworld_clip,
+)
 from sdlite.train import motion as train_motion
 from sdlite.train import video as train_video
 from sdlite.train.motion import build_cache, load_cache, train_predictor
@@ -678,3 +681,364 @@ def test_predictor_errors_are_the_mean_squared_errors_themselves():
     assert err["mse_linear"] == pytest.approx(float(miss.pow(2).mean()), rel=1e-5)
     assert err["mse_predictor"] == pytest.approx(float((miss + 0.5).pow(2).mean()), rel=1e-5)
     assert err["ratio"] == pytest.approx(err["mse_predictor"] / err["mse_linear"])
+
+
+# --- mutation survivors (tools/mutation.py motion; docs/mutation.md) ---
+# Each test builds what it checks itself (no module-scoped fixture: mutmut charges a fixture's calls to the
+# first test that used it).
+
+
+def _tiny_clip_folder(folder):
+    """A storyworld folder holding only `clip/` (what load_storyworld_clip reads): the tiny CLIP, random weights."""
+    tok = build_storyworld_tokenizer()
+    clip = build_clip(StoryworldSizes.named("tiny"), tok, seed=1).eval()
+    clip.save_pretrained(folder / "clip")
+    tok.save_pretrained(folder / "clip")
+    return clip
+
+
+def _tiny_vit(folder, dtype=torch.float32):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14, projection_dim=8)
+    torch.manual_seed(0)
+    model = CLIPVisionModelWithProjection(cfg).eval()
+    model.to(dtype).save_pretrained(folder)
+    return model
+
+
+def test_storyworld_embedder_reads_the_given_folder_with_its_grid(tmp_path):
+    clip = _tiny_clip_folder(tmp_path / "sw")
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    emb = ImageEmbedder.storyworld(tmp_path / "sw")  # default device cpu, default grid 0
+    assert (emb.grid, emb.pooled_dim, emb.embed_dim) == (0, E, E)
+    torch.testing.assert_close(emb(x), ImageEmbedder(clip)(x), rtol=0, atol=0)
+    cells = ImageEmbedder.storyworld(tmp_path / "sw", grid=2)
+    assert (cells.grid, cells.embed_dim) == (2, 5 * E)
+    torch.testing.assert_close(cells(x), ImageEmbedder(clip, grid=2)(x), rtol=0, atol=0)
+
+
+def test_storyworld_embedder_defaults_to_the_shipped_clip():
+    clip, _ = load_storyworld_clip()
+    emb = ImageEmbedder.storyworld()
+    assert emb.grid == 0 and emb.embed_dim == emb.pooled_dim == clip.visual_projection.out_features
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    torch.testing.assert_close(emb(x), ImageEmbedder(clip)(x), rtol=0, atol=0)
+
+
+def test_storyworld_embedder_puts_the_tower_on_the_given_device(tmp_path):
+    _tiny_clip_folder(tmp_path / "sw")
+    emb = ImageEmbedder.storyworld(tmp_path / "sw", device="meta")
+    assert {p.device.type for p in emb.vision_model.parameters()} == {"meta"}
+    assert emb.visual_projection.weight.device.type == "meta"
+
+
+def test_real_clip_tower_is_loaded_in_float32_onto_the_device_with_its_grid(tmp_path):
+    """A tower saved in float16 is loaded in float32 (transformers would keep float16 by default), `device` moves
+    the whole embedder and `grid` reaches it."""
+    _tiny_vit(tmp_path / "vit16", torch.float16)
+    emb = ImageEmbedder.from_pretrained(tmp_path / "vit16")
+    assert {p.dtype for p in emb.parameters()} == {torch.float32}
+    x = torch.rand(2, 3, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert emb(x).dtype == torch.float32 and emb.grid == 0 and emb.embed_dim == 8
+    grid = ImageEmbedder.from_pretrained(tmp_path / "vit16", grid=1)
+    assert (grid.grid, grid.embed_dim, grid(x).shape) == (1, 16, (2, 16))
+    meta = ImageEmbedder.from_pretrained(tmp_path / "vit16", device="meta")
+    assert meta.mean.device.type == "meta"
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+
+
+def test_real_clip_tower_is_loaded_offline(tmp_path, monkeypatch):
+    """Offline (the docstring's promise): transformers is asked for local files only, so a hub id that is not in
+    the local cache fails at once instead of trying the network (about 50 s of retries with no network)."""
+    from transformers import CLIPVisionModelWithProjection
+
+    _tiny_vit(tmp_path / "vit")
+    load, seen = CLIPVisionModelWithProjection.from_pretrained, []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("local_files_only"))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(CLIPVisionModelWithProjection, "from_pretrained", spy)
+    ImageEmbedder.from_pretrained(tmp_path / "vit")
+    assert seen == [True]
+
+
+def test_cells_of_a_non_square_patch_grid_are_refused():
+    tok = build_storyworld_tokenizer()
+    emb = ImageEmbedder(build_clip(StoryworldSizes.named("tiny"), tok, seed=1).eval(), grid=2)
+    with pytest.raises(ValueError, match="^" + re.escape("5 patch tokens do not form a square grid") + "$"):
+        emb.cells(torch.zeros(1, 1 + 5, 7))
+
+
+def test_shipped_predictor_loads_from_data_motion():
+    pred = motion.SemanticMotionPredictor.storyworld()
+    assert not pred.training
+    config = json.loads((motion.motion_dir() / "predictor" / "config.json").read_text())
+    assert pred.config.embed_dim == config["embed_dim"] and pred.config.image_grid == config["image_grid"]
+
+
+def test_missing_predictor_message_names_what_and_how(tmp_path):
+    folder = tmp_path / "nothing"
+    expected = (f"{folder} holds no predictor: train it with `python -m sdlite.train motion-predictor` "
+                "or restore data/motion from git")
+    with pytest.raises(FileNotFoundError, match="^" + re.escape(expected) + "$"):
+        SemanticMotionPredictor.storyworld(folder)
+
+
+def _embedder_and_predictor():
+    tok = build_storyworld_tokenizer()
+    emb = ImageEmbedder(build_clip(StoryworldSizes.named("tiny"), tok, seed=1).eval())
+    torch.manual_seed(0)
+    pred = SemanticMotionPredictor(embed_dim=E, hidden_size=32, num_layers=1, num_heads=2, head_dim=16).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        pred.proj_out.weight.copy_(torch.randn(pred.proj_out.weight.shape, generator=g) * 0.1)
+        pred.proj_out.bias.copy_(torch.randn(pred.proj_out.bias.shape, generator=g) * 0.1)
+    return emb, pred
+
+
+def test_predict_frame_embeddings_without_a_predictor_interpolates_the_keyframes():
+    emb, _ = _embedder_and_predictor()
+    g = torch.Generator().manual_seed(2)
+    start, end = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1, torch.rand(3, 3, 64, 64, generator=g) * 2 - 1
+    out = motion.predict_frame_embeddings(emb, None, start, end, 5)  # 3 clips: both halves split right
+    e_start, e_end = emb(torch.cat([start, end])).split(3)  # one batch, as the function embeds them
+    torch.testing.assert_close(out, linear_interpolation(e_start, e_end, 5), rtol=0, atol=0)
+    assert motion.predict_frame_embeddings(emb, None, start[:1], end[:1]).shape == (1, 16, E)  # 16 by default
+
+
+def test_predict_frame_embeddings_with_a_predictor_uses_its_frames_and_dtype():
+    emb, pred = _embedder_and_predictor()
+    g = torch.Generator().manual_seed(3)
+    start, end = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1, torch.rand(3, 3, 64, 64, generator=g) * 2 - 1
+    e_start, e_end = emb(torch.cat([start, end])).split(3)  # one batch, as the function embeds them
+    out = motion.predict_frame_embeddings(emb, pred, start, end, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(out, pred(e_start, e_end, 5), rtol=0, atol=0)
+    assert motion.predict_frame_embeddings(emb, pred, start[:1], end[:1]).shape == (1, 16, E)  # 16 by default
+    # under CPU autocast the embedder gives bfloat16 embeddings: the float32 predictor gets them in float32, so
+    # the frame fractions (computed in the keyframes' dtype) are not rounded to bfloat16 (1/3 -> 0.333984)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        e16 = emb(torch.cat([start, end]))
+        assert e16.dtype == torch.bfloat16
+        out16 = motion.predict_frame_embeddings(emb, pred, start, end, 4)
+        with torch.no_grad():
+            ref16 = pred(e16[:3].float(), e16[3:].float(), 4)
+    torch.testing.assert_close(out16, ref16, rtol=0, atol=0)
+
+
+def test_predictor_errors_message_and_the_smallest_clips():
+    for shape in [(2, 2, 8), (2, 8), (2, 2, 8, 1)]:
+        expected = f"embeds must be (N, L, D) with L >= 3 (in-between frames to score), got {shape}"
+        with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+            predictor_errors(SemanticMotionPredictor(embed_dim=8, hidden_size=16, num_layers=1, num_heads=2,
+                                                     head_dim=8), torch.zeros(shape))
+    # L = 3 (one in-between frame) and D = 2 are scored
+    e0, e1 = torch.randn(4, 2, generator=torch.Generator().manual_seed(0)).chunk(2)
+    clips = linear_interpolation(e0, e1, 3)  # (2, 3, 2)
+    pred = SemanticMotionPredictor(embed_dim=2, hidden_size=16, num_layers=1, num_heads=2, head_dim=8)
+    err = predictor_errors(pred, clips + torch.tensor([0.0, 0.5, 0.0]).view(1, 3, 1))
+    assert err["mse_linear"] == pytest.approx(0.25) and err["mse_predictor"] == pytest.approx(0.25)
+
+
+def test_predictor_errors_batches_256_clips_at_a_time():
+    class Spy(torch.nn.Module):
+        dtype, device = torch.float32, torch.device("cpu")
+
+        def __init__(self):
+            super().__init__()
+            self.batches = []
+
+        def forward(self, start, end, frames):
+            self.batches.append(len(start))
+            return linear_interpolation(start, end, frames)
+
+    spy = Spy()
+    err = predictor_errors(spy, torch.zeros(300, 3, 2))
+    assert spy.batches == [256, 44] and err["mse_predictor"] == 0.0
+
+
+def test_predictor_errors_converts_the_clips_to_the_predictors_dtype():
+    torch.manual_seed(0)
+    pred = SemanticMotionPredictor(embed_dim=8, hidden_size=16, num_layers=1, num_heads=2, head_dim=8)
+    clips = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    err = predictor_errors(pred, clips)  # float64 clips, float32 predictor
+    assert err == predictor_errors(pred, clips.float())
+    assert err["ratio"] == pytest.approx(1.0)  # untrained: interpolation
+
+
+def test_predictor_errors_moves_the_clips_to_the_predictors_device():
+    """The clips go where the predictor is (a stand-in on the meta device records where its input lives)."""
+    class Elsewhere(torch.nn.Module):
+        dtype, device = torch.float32, torch.device("meta")
+
+        def forward(self, start, end, frames):
+            raise LookupError(f"{start.device.type} {end.device.type}")
+
+    with pytest.raises(LookupError, match="^meta meta$"):
+        predictor_errors(Elsewhere(), torch.zeros(2, 4, 3))
+
+
+def _tiny_embedder(**kw):
+    tok = build_storyworld_tokenizer()
+    return ImageEmbedder(build_clip(StoryworldSizes.named("tiny"), tok, seed=1).eval(), **kw)
+
+
+def test_grid_parts_refuses_what_is_not_a_plain_int():
+    assert motion.grid_parts(2) == 5 and motion.grid_parts(0, 7) == 1
+    for bad in (2.0, True, -1):
+        expected = f"grid={bad!r} must be an int >= 0 (0: the pooled embedding only)"
+        with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+            motion.grid_parts(bad)
+
+
+def test_embedder_needs_both_tower_parts_and_says_what_it_got():
+    class HalfClip(torch.nn.Module):  # a vision tower without its projection
+        def __init__(self):
+            super().__init__()
+            self.vision_model = torch.nn.Identity()
+
+    for wrong, name in ((HalfClip(), "HalfClip"), (torch.nn.Linear(2, 2), "Linear")):
+        expected = (f"ImageEmbedder needs a CLIPModel or CLIPVisionModelWithProjection, got {name}: load one with "
+                    "transformers' from_pretrained")
+        with pytest.raises(TypeError, match="^" + re.escape(expected) + "$"):
+            ImageEmbedder(wrong)
+
+
+def test_embedder_is_frozen_and_saves_only_the_tower():
+    emb = _tiny_embedder()
+    assert not any(p.requires_grad for p in emb.parameters()) and not emb.training
+    keys = set(emb.state_dict())
+    assert keys and all(k.startswith(("vision_model.", "visual_projection.")) for k in keys)  # no mean / std
+
+
+def test_embedder_normalisation_with_one_of_mean_and_std():
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mean = torch.tensor([0.5, 0.25, 0.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(_tiny_embedder(mean=(0.5, 0.25, 0.0)).preprocess(x), (x + 1) / 2 - mean)  # std 1
+    # an empty mean still asks for normalisation: [-1, 1] -> [0, 1], shifted by 0
+    torch.testing.assert_close(_tiny_embedder(mean=()).preprocess(x), (x + 1) / 2)
+    torch.testing.assert_close(_tiny_embedder(mean=(), std=()).preprocess(x), (x + 1) / 2)
+    torch.testing.assert_close(_tiny_embedder().preprocess(x), x, rtol=0, atol=0)  # no mean: as it is
+
+
+def test_embedder_resizes_when_either_side_differs():
+    emb = _tiny_embedder()
+    assert emb.image_size == 64
+    g = torch.Generator().manual_seed(0)
+    for h, w in ((64, 32), (32, 64), (48, 48)):
+        x = torch.rand(1, 3, h, w, generator=g) * 2 - 1
+        out = emb.preprocess(x)
+        assert out.shape == (1, 3, 64, 64)
+        ref = torch.nn.functional.interpolate(x, size=(64, 64), mode="bicubic", align_corners=False)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_embedder_refuses_what_is_not_a_batch_of_rgb_tensors():
+    emb = _tiny_embedder()
+    advice = ": convert uint8 pictures with sdlite.storyworld.to_tensor"
+    for bad, got in ((torch.zeros(3, 3, 64), "(3, 3, 64)"), (torch.zeros(2, 64, 64, 3), "(2, 64, 64, 3)"),
+                     (np.zeros((2, 3, 64, 64), np.uint8), "ndarray"), ([1, 2], "list")):
+        expected = f"images must be a float tensor (B, 3, H, W) in [-1, 1], got {got}{advice}"
+        with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+            emb.preprocess(bad)
+
+
+def test_fraction_embedding_is_the_sinusoidal_formula():
+    """sin and cos of 1000 t / 10000**(i / half), i < half = dim // 2, and a zero column for an odd dim."""
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    for dim in (8, 9):
+        half = dim // 2
+        freqs = np.exp(-np.log(10_000.0) * np.arange(half) / half)
+        angles = 1000.0 * t.double().numpy()[:, None] * freqs[None]
+        ref = np.concatenate([np.sin(angles), np.cos(angles), np.zeros((4, dim - 2 * half))], axis=1)
+        out = motion.fraction_embedding(t, dim)
+        assert out.shape == (4, dim) and out.dtype == torch.float32
+        np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=3e-4)
+    angles = 1000.0 * 0.5 * np.exp(-np.log(100.0) * np.arange(2) / 2)  # another max_period
+    np.testing.assert_allclose(motion.fraction_embedding(torch.tensor([0.5]), 4, max_period=100.0).numpy()[0],
+                               np.concatenate([np.sin(angles), np.cos(angles)]), rtol=0, atol=1e-4)
+
+
+def test_fraction_embedding_stays_on_the_device_of_t_and_in_float32():
+    out = motion.fraction_embedding(torch.linspace(0, 1, 3, device="meta"), 8)
+    assert out.device.type == "meta" and out.shape == (3, 8)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = motion.fraction_embedding(torch.tensor([0.0, 0.5, 1.0]), 8)
+    finally:
+        torch.set_default_dtype(before)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, motion.fraction_embedding(torch.tensor([0.0, 0.5, 1.0]), 8), rtol=0, atol=0)
+
+
+def _randomized_predictor(**kw):
+    torch.manual_seed(0)
+    pred = SemanticMotionPredictor(**{**dict(embed_dim=8, hidden_size=16, num_layers=2, num_heads=2, head_dim=8),
+                                      **kw}).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        pred.proj_out.weight.copy_(torch.randn(pred.proj_out.weight.shape, generator=g) * 0.1)
+        pred.proj_out.bias.copy_(torch.randn(pred.proj_out.bias.shape, generator=g) * 0.1)
+    return pred
+
+
+def test_predictor_forward_is_interpolation_plus_the_pinned_correction():
+    """The forward pass by its parts: h = proj_in(interp) + frame_embed(features of t); the blocks; the correction
+    proj_out(norm_out(h)), zero at both keyframes; interp + correction. 16 frames by default."""
+    pred = _randomized_predictor()
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)
+    with torch.no_grad():
+        for frames in (5, 16):
+            interp = linear_interpolation(a, b, frames)
+            h = pred.proj_in(interp) + pred.frame_embed(motion.fraction_embedding(torch.linspace(0, 1, frames), 16))
+            for block in pred.blocks:
+                h = block(h)
+            delta = pred.proj_out(pred.norm_out(h))
+            delta[:, [0, -1]] = 0
+            torch.testing.assert_close(pred(a, b, frames), interp + delta)
+        torch.testing.assert_close(pred(a, b), pred(a, b, 16), rtol=0, atol=0)
+
+
+def test_predictor_runs_on_the_device_of_its_inputs():
+    pred = _randomized_predictor().to("meta")
+    out = pred(torch.zeros(2, 8, device="meta"), torch.zeros(2, 8, device="meta"), 4)
+    assert out.device.type == "meta" and out.shape == (2, 4, 8)
+
+
+def test_predictor_output_dtype_does_not_follow_the_default_dtype():
+    pred = _randomized_predictor()
+    a, b = torch.randn(2, 8, generator=torch.Generator().manual_seed(2)).chunk(2)
+    with torch.no_grad():
+        ref = pred(a, b, 4)
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            out = pred(a, b, 4)
+        finally:
+            torch.set_default_dtype(before)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref)
+
+
+def test_predictor_bad_keyframes_message():
+    pred = SemanticMotionPredictor(embed_dim=16, hidden_size=32, num_layers=1, num_heads=2, head_dim=16)
+    advice = ": embed the keyframes with an ImageEmbedder of width 16"
+    for a, b in (((2, 3, 16), (2, 3, 16)), ((2, 16), (3, 16)), ((2, 8), (2, 8))):
+        expected = f"start and end must both be (B, 16) embeddings, got {a} and {b}{advice}"
+        with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+            pred(torch.zeros(a), torch.zeros(b), 4)
+
+
+def test_predictor_errors_add_up_over_batches():
+    pred = _randomized_predictor()
+    clips = torch.randn(5, 4, 8, generator=torch.Generator().manual_seed(3))
+    whole, batched = predictor_errors(pred, clips), predictor_errors(pred, clips, batch_size=2)
+    assert whole["mse_predictor"] > 0
+    for key in whole:
+        assert batched[key] == pytest.approx(whole[key], rel=1e-6), key
