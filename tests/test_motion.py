@@ -1042,3 +1042,40 @@ def test_predictor_errors_add_up_over_batches():
     assert whole["mse_predictor"] > 0
     for key in whole:
         assert batched[key] == pytest.approx(whole[key], rel=1e-6), key
+
+
+def test_check_frames_takes_ints_from_2_and_nothing_else():
+    assert motion.check_frames(2) == 2 and motion.check_frames(np.int64(5)) == 5
+    assert frame_fractions(2).tolist() == [0.0, 1.0]
+    assert linear_interpolation(torch.zeros(1, 3), torch.ones(1, 3), 2).tolist() == [[[0.0] * 3, [1.0] * 3]]
+    for bad in (2.5, 3.0, True, 1, "16"):
+        expected = f"frames={bad!r}: a transition needs at least 2 frames (its two keyframes), e.g. 16"
+        with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+            motion.check_frames(bad)
+
+
+def test_fractions_and_interpolation_stay_on_the_device_of_their_inputs():
+    assert frame_fractions(3, device="meta").device.type == "meta"
+    out = linear_interpolation(torch.zeros(2, 8, device="meta"), torch.zeros(2, 8, device="meta"), 4)
+    assert out.device.type == "meta" and out.shape == (2, 4, 8)
+
+
+def test_linear_interpolation_keeps_the_input_dtype():
+    """The fractions are cast to the keyframes' dtype: bfloat16 keyframes give bfloat16 frames (not float32)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 8, generator=g).bfloat16(), torch.randn(2, 8, generator=g).bfloat16()
+    e = linear_interpolation(a, b, 4)
+    assert e.dtype == torch.bfloat16 and e.shape == (2, 4, 8)
+    assert torch.equal(e[:, 0], a) and torch.equal(e[:, -1], b)
+    a64, b64 = a.double(), b.double()
+    assert linear_interpolation(a64, b64, 4).dtype == torch.float64
+
+
+def test_linear_interpolation_of_three_axes_puts_the_frames_second():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    e = linear_interpolation(a, b, 4)  # (B, C, W) -> (B, L, C, W)
+    assert e.shape == (2, 4, 3, 5)
+    torch.testing.assert_close(e[:, 0], a)
+    torch.testing.assert_close(e[:, 3], b)
+    torch.testing.assert_close(e[:, 1], (2 * a + b) / 3)
