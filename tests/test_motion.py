@@ -1079,3 +1079,20 @@ def test_linear_interpolation_of_three_axes_puts_the_frames_second():
     torch.testing.assert_close(e[:, 0], a)
     torch.testing.assert_close(e[:, 3], b)
     torch.testing.assert_close(e[:, 1], (2 * a + b) / 3)
+
+
+def test_embedder_resizes_by_height_and_width_not_by_channels():
+    """A tower whose image size is 3 pixels, like the channel count: the sides decide, not the channel axis."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=3, patch_size=1, projection_dim=4)
+    emb = ImageEmbedder(CLIPVisionModelWithProjection(cfg))
+    assert emb.image_size == 3
+    g = torch.Generator().manual_seed(0)
+    for h, w in ((3, 5), (5, 3)):
+        x = torch.rand(1, 3, h, w, generator=g) * 2 - 1
+        ref = torch.nn.functional.interpolate(x, size=(3, 3), mode="bicubic", align_corners=False)
+        torch.testing.assert_close(emb.preprocess(x), ref, rtol=0, atol=0)
+    x = torch.rand(1, 3, 3, 3, generator=g)
+    torch.testing.assert_close(emb.preprocess(x), x, rtol=0, atol=0)
