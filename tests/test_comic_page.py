@@ -5,6 +5,7 @@ The drawing rules: a white page; the title's lines centred, the first 12 px from
 int(1.9 x font size) px; each panel resized to its box (nearest-neighbour by default) and pasted under the title;
 a 2 px black frame just around it; its caption's lines centred 4 px under it, one every line height; all text black,
 anchored at its middle-ascender ("ma")."""
+import re
 from pathlib import Path
 
 import matplotlib
@@ -190,3 +191,59 @@ def test_fonts_and_glyphs(tmp_path):
     serif = load_font(18, OTHER_FONT)
     assert (serif.size, serif.path) == (18, str(OTHER_FONT))
     assert missing_glyphs("a\x00b\x7fc", bundled_font(16)) == []  # control characters are not glyphs to check
+
+
+# --- mutation survivors of the second comic run (tools/mutation.py comic; docs/mutation.md) ---
+
+def word_of_exact_width(font, at_least: int) -> tuple[str, int]:
+    """An 'm's-and-'i's word whose rendered width is a whole number of pixels (>= at_least), and that width."""
+    for wide in range(1, 30):
+        for narrow in range(30):
+            word = "m" * wide + "i" * narrow
+            width = font.getlength(word)
+            if width >= at_least and width == int(width):
+                return word, int(width)
+    raise AssertionError("no word of a whole-pixel width")
+
+
+def test_a_long_word_is_cut_where_a_prefix_is_exactly_as_wide_as_the_line():
+    font = load_font(12)
+    head, width = word_of_exact_width(font, 20)
+    word = head + "mmmm"  # too wide for one line: cut letter by letter, and `head` fills the line exactly
+    assert font.getlength(word) > width and font.getlength(head + "m") > width
+    lines = wrap_text(word, font, width)
+    assert lines[0] == head and "".join(lines) == word
+    assert all(font.getlength(line) <= width for line in lines)
+
+
+def test_layout_boxes_documented_defaults_in_full():
+    assert layout_boxes(3) == layout_boxes(3, "grid", 256, 2, 12, 2, 16, None)
+    assert {(b.w, b.h) for b in layout_boxes(3)[2]} == {(256, 256)}
+
+
+def test_the_page_size_message_counts_the_title_in_its_megapixels(monkeypatch):
+    title = "Lily and Tom go out into the park on a very windy day"
+    g = page_geometry(["a", "b"], panel_size=1024, title=title)
+    total = g.width * (g.height + g.title_h)
+    assert f"{total / 1e6:.0f}" != f"{g.width * (g.height - g.title_h) / 1e6:.0f}"  # the title changes the figure
+    monkeypatch.setattr(comic, "MAX_PAGE_PIXELS", 1_000_000)
+    expected = (f"the page would be {g.width} x {g.height + g.title_h} px ({total / 1e6:.0f} megapixels, at most 1): "
+                "use fewer panels per page, a smaller --panel-size, or shorter captions")
+    with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+        page_geometry(["a", "b"], panel_size=1024, title=title)
+
+
+def test_black_and_white_and_transparent_panels_are_smoothed_like_their_colours():
+    """Each panel is turned into RGB before it is resized. Pillow resizes a bilevel ("1") picture with nearest
+    neighbour whatever it is asked, and an RGBA one with its colours weighted by alpha (a transparent pixel counts as
+    black): resized first, a Lanczos page would show blocky or darkened panels."""
+    rng = np.random.default_rng(2)
+    bilevel = Image.fromarray(rng.integers(0, 2, (8, 8), dtype=np.uint8) * 255).convert("1")
+    rgba = Image.fromarray(rng.integers(0, 256, (8, 8, 4), dtype=np.uint8), "RGBA")
+    box = page_geometry([""], panel_size=32).boxes[0]
+    for picture in (bilevel, rgba):
+        page = np.array(make_page([picture], panel_size=32, resample="lanczos"))
+        smooth = np.array(picture.convert("RGB").resize((32, 32), Image.LANCZOS))
+        resized_first = np.array(picture.resize((32, 32), Image.LANCZOS).convert("RGB"))
+        assert not np.array_equal(smooth[1:31, 1:31], resized_first[1:31, 1:31])
+        assert np.array_equal(page[box.y + 1:box.y + 31, box.x + 1:box.x + 31], smooth[1:31, 1:31])
