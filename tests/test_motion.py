@@ -1096,3 +1096,20 @@ def test_embedder_resizes_by_height_and_width_not_by_channels():
         torch.testing.assert_close(emb.preprocess(x), ref, rtol=0, atol=0)
     x = torch.rand(1, 3, 3, 3, generator=g)
     torch.testing.assert_close(emb.preprocess(x), x, rtol=0, atol=0)
+
+
+def test_predictor_errors_ratio_of_small_errors():
+    """The ratio is mse_predictor / mse_linear also when the summed squared errors are far below 1."""
+    class Offset(torch.nn.Module):
+        dtype, device = torch.float32, torch.device("cpu")
+
+        def forward(self, start, end, frames):
+            return linear_interpolation(start, end, frames) + 0.01
+
+    e0, e1 = torch.randn(4, 4, generator=torch.Generator().manual_seed(4)).chunk(2)
+    clips = linear_interpolation(e0, e1, 4)  # (2, 4, 4): 16 in-between numbers
+    clips = clips + 0.02 * torch.randn(clips.shape, generator=torch.Generator().manual_seed(5))
+    err = predictor_errors(Offset(), clips)
+    assert err["mse_linear"] * 16 < 0.1  # the summed squared error of interpolation
+    assert err["ratio"] == pytest.approx(err["mse_predictor"] / err["mse_linear"], rel=1e-6)
+    assert err["ratio"] > 1.05  # the offset makes it worse
