@@ -247,3 +247,19 @@ def test_black_and_white_and_transparent_panels_are_smoothed_like_their_colours(
         resized_first = np.array(picture.resize((32, 32), Image.LANCZOS).convert("RGB"))
         assert not np.array_equal(smooth[1:31, 1:31], resized_first[1:31, 1:31])
         assert np.array_equal(page[box.y + 1:box.y + 31, box.x + 1:box.x + 31], smooth[1:31, 1:31])
+
+
+def test_two_words_exactly_as_wide_as_the_line_share_it():
+    font = load_font(12)
+    line = next(t for t in ("m" * a + " " + "i" * b for a in range(1, 20) for b in range(1, 20))
+                if font.getlength(t) == int(font.getlength(t)))  # a two-word line of a whole-pixel width
+    width = int(font.getlength(line))
+    assert wrap_text(line + " mm", font, width) == [line, "mm"]
+    assert wrap_text(line, font, width - 1) == line.split()
+
+
+def test_the_bundled_font_default_size_and_smallest_size():
+    assert bundled_font().size == 16 and bundled_font(4).size == 4
+    for bad in (3, 4.5, True, "16"):
+        with pytest.raises(ValueError, match="^" + re.escape(f"font size must be an int >= 4 px, got {bad!r}") + "$"):
+            bundled_font(bad)
