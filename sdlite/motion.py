@@ -118,7 +118,7 @@ class ImageEmbedder(nn.Module):
         from .storyworld.models import load_storyworld_clip
 
         clip, _ = load_storyworld_clip(device, folder)
-        return cls(clip, grid=grid)
+        return cls(clip, grid=grid).to(device)  # the normalisation buffers too
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -243,7 +243,8 @@ class SemanticMotionPredictor(ModelMixin, ConfigMixin):
                              f"{tuple(end.shape)}: embed the keyframes with an ImageEmbedder of width {d}")
         interp = linear_interpolation(start, end, frames)  # (B, L, D)
         t = frame_fractions(frames, start.device)  # (L,)
-        h = self.proj_in(interp) + self.frame_embed(fraction_embedding(t, self.config.hidden_size))  # (B, L, H)
+        when = fraction_embedding(t, self.config.hidden_size).to(interp.dtype)  # (L, H), in the weights' dtype
+        h = self.proj_in(interp) + self.frame_embed(when)  # (B, L, H)
         for block in self.blocks:
             h = block(h)  # (B, L, H): every frame attends to every frame
         delta = self.proj_out(self.norm_out(h))  # (B, L, D)

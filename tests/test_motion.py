@@ -1113,3 +1113,39 @@ def test_predictor_errors_ratio_of_small_errors():
     assert err["mse_linear"] * 16 < 0.1  # the summed squared error of interpolation
     assert err["ratio"] == pytest.approx(err["mse_predictor"] / err["mse_linear"], rel=1e-6)
     assert err["ratio"] > 1.05  # the offset makes it worse
+
+
+def test_predictor_runs_in_the_dtype_of_its_weights():
+    """A predictor cast to float64 or bfloat16 (e.g. with the rest of a half-precision pipeline) runs in that dtype:
+    its frame-time embedding is cast to the weights' dtype (it used to stay float32 and fail in the first layer)."""
+    pred = _randomized_predictor()
+    a, b = torch.randn(2, 8, generator=torch.Generator().manual_seed(5)).chunk(2)
+    with torch.no_grad():
+        ref = pred(a, b, 4)
+        for dtype, tol in ((torch.float64, 1e-5), (torch.bfloat16, 0.1)):
+            out = pred.to(dtype)(a.to(dtype), b.to(dtype), 4)
+            assert out.dtype == dtype
+            torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+        pred.float()
+
+
+def test_predict_frame_embeddings_rounds_both_keyframes_to_a_bfloat16_predictor(tmp_path):
+    """The float32 embeddings of both keyframes are given to a bfloat16 predictor in bfloat16."""
+    clip = _tiny_clip_folder(tmp_path / "sw")
+    embedder = ImageEmbedder(clip)
+    pred = SemanticMotionPredictor(embed_dim=E, hidden_size=32, num_layers=1, num_heads=2, head_dim=16)
+    pred = _randomize_output(pred).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(6)
+    start, end = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    e_start, e_end = embedder(start), embedder(end)
+    with torch.no_grad():
+        expected = pred(e_start.bfloat16(), e_end.bfloat16(), 5)
+    out = motion.predict_frame_embeddings(embedder, pred, start, end, 5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_storyworld_embedder_moves_its_normalisation_with_the_tower(tmp_path):
+    _tiny_clip_folder(tmp_path / "sw")
+    emb = ImageEmbedder.storyworld(tmp_path / "sw", device="meta")
+    assert emb.mean.device.type == emb.std.device.type == "meta"
