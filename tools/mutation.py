@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "mutation"
 EQUIVALENTS = Path(__file__).resolve().parent / "mutation_equivalents.toml"
 MUTMUT_VERSION = "3.8.1"  # the figures in docs/mutation.md were measured with it
-LINKED = ("sdlite", "tests", "data")  # the shard's folder sees the repo's through links; mutmut copies them
+LINKED = ("sdlite", "tests", "data", "results")  # the shard's folder sees the repo's through links; mutmut copies them
 # mutmut's exit codes -> what they mean (mutmut.stats.status_by_exit_code, condensed)
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
           -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout", -11: "segfault", -9: "segfault", None: "not checked"}
@@ -65,7 +65,8 @@ def toml_value(value) -> str:
 
 def shard_pyproject(shared: dict, shard: dict) -> str:
     """The shard's pyproject.toml: mutmut's settings for this module alone, and the repo's pytest settings."""
-    settings = {**shared, "only_mutate": [shard["source"]], "pytest_add_cli_args_test_selection": shard["tests"]}
+    extra = {key: value for key, value in shard.items() if key not in ("source", "tests")}  # e.g. also_copy
+    settings = {**shared, **extra, "only_mutate": [shard["source"]], "pytest_add_cli_args_test_selection": shard["tests"]}
     pytest_ini = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["tool"]["pytest"]["ini_options"]
     pytest_ini = {**pytest_ini, "testpaths": ["tests"]}
     lines = ["# written by tools/mutation.py from the repo's pyproject.toml: do not edit", "[tool.mutmut]"]
