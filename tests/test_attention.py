@@ -7,6 +7,7 @@ differences of reordered sums, far below the O(0.1) changes a wrong key set caus
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -818,3 +819,292 @@ def test_rates_per_resolution_and_layer_scale(sdxl_unet):
         install_consistent_attention(sd15, rate_by_scale={16: 2.0})
     with pytest.raises(ValueError, match="sampling must be one of"):
         install_consistent_attention(sd15, sampling="paper")
+
+
+# --- mutation survivors (tools/mutation.py attention; docs/mutation.md) ---
+def whole(message: str) -> str:
+    """A pattern that matches exactly this message (pytest.raises(match=...) searches)."""
+    return "^" + re.escape(message) + "$"
+
+
+def test_features_message_names_the_shape_or_the_type():
+    hint = ": flatten each image's H*W grid into N tokens first"
+    with pytest.raises(ValueError, match=whole("x must be image features of shape (B, N, C), got (4, 8)" + hint)):
+        consistent_self_attention_reference(torch.randn(4, 8), 0.5, 2)
+    with pytest.raises(ValueError, match=whole("x must be image features of shape (B, N, C), got list" + hint)):
+        consistent_self_attention_reference([[[0.0]]], 0.5, 1)
+
+
+@pytest.mark.parametrize("stride, include_self", [(2, False), (1, True), (2, True)])
+def test_reference_draws_its_sample_with_the_given_stride_and_pool(stride, include_self):
+    """Without sampled_indices the reference draws them itself: the same as drawing them first with the same
+    generator, the call's stride and its include_self_in_sample (a pool of W*N tokens, not (W-1)*N)."""
+    x = features(B=5, N=6, C=8)
+    drawn = draw_sampled_indices(5, 6, 0.5, 3, stride, torch.Generator().manual_seed(7), include_self)
+    assert drawn.shape[2] == (9 if include_self else 6)  # round(0.5 * 3 * 6) or round(0.5 * 2 * 6)
+    expect = consistent_self_attention_reference(x, 0.5, 3, stride=stride, include_self_in_sample=include_self,
+                                                 sampled_indices=drawn)
+    got = consistent_self_attention_reference(x, 0.5, 3, torch.Generator().manual_seed(7), stride=stride,
+                                              include_self_in_sample=include_self)
+    torch.testing.assert_close(got, expect, atol=0, rtol=0)
+
+
+def test_reference_keeps_the_input_dtype_and_device():
+    """bfloat16 in, bfloat16 out (the window count too: a float32 count would promote the division); a tensor on
+    another device (here "meta", which only tracks shapes) stays there."""
+    x = features(B=4, N=6, C=8, dtype=torch.float64)
+    idx = draw_sampled_indices(4, 6, 0.5, 3, 1, torch.Generator().manual_seed(0))  # 2 windows: images 1, 2 twice
+    want = consistent_self_attention_reference(x, 0.5, 3, sampled_indices=idx)
+    low = consistent_self_attention_reference(x.to(torch.bfloat16), 0.5, 3, sampled_indices=idx)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), want, atol=0.05, rtol=0.05)
+    meta = consistent_self_attention_reference(x.to("meta"), 0.5, 3, sampled_indices=idx)
+    assert meta.device.type == "meta" and meta.shape == x.shape
+
+
+def test_skip_schedule_switch_step_zero_is_allowed_and_negative_is_refused():
+    late_only = SkipSchedule(early_prob=0.3, late_prob=0.1, switch_step=0)  # the late probability from step 0
+    assert late_only.skip_probability(0) == 0.1 and late_only.skip_probability(5) == 0.1
+    with pytest.raises(ValueError, match=whole("SkipSchedule.switch_step must be >= 0, got -1")):
+        SkipSchedule(switch_step=-1)
+
+
+class SpyProcessor:
+    """An `original` processor that counts its calls (and answers like the stock one)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, attn, hidden_states, attention_mask=None, temb=None, **kwargs):
+        self.calls += 1
+        return AttnProcessor2_0()(attn, hidden_states, attention_mask=attention_mask, temb=temb)
+
+
+# shape, rate, tile, include_self, guidance_halves, sampling, whether the original processor answers
+ORIGINAL_OR_CSA = [
+    ((2, 4, 16), 0.1, None, False, False, "exact", True),  # k = round(0.1 * 1 * 4) = 0: nothing to share
+    ((2, 8, 16), 0.1, None, False, False, "exact", False),  # k = round(0.1 * 8) = 1
+    ((2, 16, 2, 2), 0.1, None, False, False, "exact", True),  # (B, C, H, W): N = H*W = 4, k = 0 (C = 16 not N)
+    ((2, 16, 4, 2), 0.1, None, False, False, "exact", False),  # N = 8, k = 1
+    ((4, 4, 16), 0.1, 2, False, False, "exact", True),  # windows of 2: k = round(0.1 * 1 * 4) = 0 (of 4: 1)
+    ((2, 4, 16), 0.5, None, False, True, "exact", True),  # one image per guidance half
+    ((2, 4, 16), 0.1, None, True, False, "exact", False),  # pool W*N = 8 with the image itself: k = 1
+    ((2, 4, 16), 0.1, None, False, False, "official", False),  # official: any rate > 0 may keep tokens
+    ((2, 4, 16), 0.5, None, False, False, "official", False),
+    ((2, 4, 16), 0.0, None, False, False, "official", True),  # official at rate 0: nothing kept
+    ((1, 4, 16), 0.5, None, False, False, "official", True),  # official, a single image: nobody to share with
+    ((2, 0, 16), 0.5, None, False, False, "official", True),  # no tokens at all: nothing to share
+]
+
+
+@pytest.mark.parametrize("shape, rate, tile, include_self, halves, sampling, original", ORIGINAL_OR_CSA)
+def test_the_original_processor_answers_exactly_when_nothing_can_be_shared(shape, rate, tile, include_self,
+                                                                           halves, sampling, original):
+    """The processor hands the call to the layer's original processor when an image would sample no token of
+    the others (k = 0 in exact sampling; rate 0 or one image per window in official sampling), and does CSA
+    otherwise. The spy sees which."""
+    spy = SpyProcessor()
+    state = CSAState(guidance_halves=halves, sampling=sampling)
+    proc = ConsistentSelfAttnProcessor(rate, tile, include_self_in_sample=include_self, state=state, original=spy)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = proc(random_attention(16, heads=4), x)
+    assert out.shape == x.shape and spy.calls == int(original)
+
+
+def test_write_mode_needs_exactly_one_character():
+    attn = random_attention(8, heads=2)
+    for characters in [(), ("alice", "bob")]:
+        proc = ConsistentSelfAttnProcessor(0.5, state=CSAState(mode="write", characters=characters))
+        with pytest.raises(ValueError, match=whole(
+                "write mode stores one character per batch: use `with handle.write('name'):`")), torch.no_grad():
+            proc(attn, features(B=2, N=4, C=8))
+
+
+def test_write_bank_draws_its_sample_from_the_state_generator():
+    """The stored tokens are x's tokens at randperm(B*N, generator=state.generator)[:k], k = round(r * B*N): the
+    story's seed decides them, not torch's global generator."""
+    C, N = 8, 5
+    x = features(3, N, C, seed=4)
+    state = CSAState(generator=torch.Generator().manual_seed(11), mode="write", characters=("eve",), step=0)
+    torch.manual_seed(0)  # the global generator, in a state unrelated to the story's seed
+    with torch.no_grad():
+        ConsistentSelfAttnProcessor(0.5, state=state, name="L")(random_attention(C, heads=2), x)
+    picked = torch.randperm(15, generator=torch.Generator().manual_seed(11))[:8]  # k = round(7.5) = 8
+    torch.testing.assert_close(state.bank.read("eve", 0, "L")[0], x.reshape(15, C)[picked], atol=0, rtol=0)
+
+
+def test_read_mode_needs_a_character_and_a_bank_of_this_layers_shape():
+    attn = random_attention(8, heads=2)
+    x = features(B=2, N=4, C=8)  # N = 4 tokens of C = 8 channels (N != C: the message names the channels)
+    with pytest.raises(ValueError, match=whole(
+            "read mode needs at least one character: use `with handle.read('name', ...):`")), torch.no_grad():
+        ConsistentSelfAttnProcessor(0.5, state=CSAState(mode="read", characters=()), name="L")(attn, x)
+    advice = ": write and read with the same guidance_halves setting and the same layers"
+    # written without guidance halves (one group), read with them (two groups); the same channels
+    state = CSAState(mode="read", characters=("alice",), step=0, guidance_halves=True)
+    state.bank.write("alice", 0, "L", torch.zeros(1, 3, 8))
+    with pytest.raises(ValueError, match=whole(
+            "bank of 'alice' has shape (1, 3, 8) but this layer reads 2 guidance group(s) of 8 channels" + advice)):
+        with torch.no_grad():
+            ConsistentSelfAttnProcessor(0.5, state=state, name="L")(attn, x)
+    # the same groups, other channels (e.g. a bank of another layer)
+    state = CSAState(mode="read", characters=("alice",), step=0)
+    state.bank.write("alice", 0, "L", torch.zeros(1, 3, 4))
+    with pytest.raises(ValueError, match=whole(
+            "bank of 'alice' has shape (1, 3, 4) but this layer reads 1 guidance group(s) of 8 channels" + advice)):
+        with torch.no_grad():
+            ConsistentSelfAttnProcessor(0.5, state=state, name="L")(attn, x)
+
+
+def qk_norm_residual_attention(C=16, heads=4, seed=0):
+    """An Attention layer with layer-norms on q and k per head and a residual connection (as SD3/Flux-style blocks)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        attn = Attention(query_dim=C, heads=heads, dim_head=C // heads, bias=True, qk_norm="layer_norm",
+                         residual_connection=True)
+        with torch.no_grad():
+            for norm in (attn.norm_q, attn.norm_k):  # not the identity's ones/zeros: the norms must show
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.5, 0.5)
+    return attn.eval()
+
+
+def test_read_mode_uses_the_layers_qk_norm_and_residual():
+    """Read with a layer that has norm_q / norm_k and residual_connection: equal to the stock processor over
+    [bank; own] (which applies both) keeping the own tokens' rows."""
+    C, N = 16, 6
+    attn = qk_norm_residual_attention(C)
+    stored = features(1, 5, C, seed=1)  # (G=1, Kb=5, C)
+    state = CSAState(mode="read", characters=("alice",), step=0)
+    state.bank.write("alice", 0, "L", stored)
+    new = features(2, N, C, seed=2)
+    with torch.no_grad():
+        out = ConsistentSelfAttnProcessor(0.5, state=state, name="L")(attn, new)
+        for b in range(2):
+            expect = AttnProcessor2_0()(attn, torch.cat([stored[0], new[b]])[None])[0, -N:]
+            torch.testing.assert_close(out[b], expect, **TOL)
+        plain = AttnProcessor2_0()(attn, new)
+    assert (out - plain).abs().max() > 1e-3  # the bank changed the result
+
+
+def test_read_mode_moves_the_bank_to_the_layers_device():
+    """A bank kept on the CPU is read by a layer on another device ("meta" here: shapes only)."""
+    C, N = 16, 6
+    attn = random_attention(C, heads=4).to("meta")
+    state = CSAState(mode="read", characters=("alice",), step=0)
+    state.bank.write("alice", 0, "L", features(1, 5, C, seed=1))
+    with torch.no_grad():
+        out = ConsistentSelfAttnProcessor(0.5, state=state, name="L")(attn, features(2, N, C).to("meta"))
+    assert out.device.type == "meta" and out.shape == (2, N, C)
+
+
+def test_self_attention_layers_are_the_transformer_blocks_attn1_only():
+    """A UNet with an old-style attention block (AttnDownBlock2D: a self-attention ``Attention`` named
+    ``down_blocks.0.attentions.0``, not a transformer block's attn1): only the attn1 layers are chosen."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+            down_block_types=("AttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=2, cross_attention_dim=8,
+            norm_num_groups=4)
+    old_style = unet.get_submodule("down_blocks.0.attentions.0")
+    assert type(old_style).__name__ == "Attention" and not old_style.is_cross_attention
+    assert self_attention_layer_names(unet) == [
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1",
+        "up_blocks.0.attentions.0.transformer_blocks.0.attn1",
+        "up_blocks.0.attentions.1.transformer_blocks.0.attn1",
+        "mid_block.attentions.0.transformer_blocks.0.attn1",
+    ]
+
+
+def test_layer_choice_messages(sdxl_unet):
+    from sdlite.attention import csa_layer_names, layer_scale
+
+    with pytest.raises(ValueError, match=whole(
+            "layer 'conv_in' is not in down_blocks, mid_block or up_blocks: cannot tell its resolution")):
+        layer_scale(sdxl_unet, "conv_in")
+    with pytest.raises(ValueError, match=whole(
+            "layers must be 'up', 'all', 'down', 'mid' or a callable, got int")):
+        csa_layer_names(sdxl_unet, 3)
+
+
+def test_handle_argument_checks_and_messages(sdxl_unet):
+    with install_consistent_attention(sdxl_unet) as h:
+        for bad in (True, 1.5, "2"):
+            with pytest.raises(ValueError, match=whole(
+                    f"step must be an int >= 0 (the denoising step index) or None, got {bad!r}")):
+                h.set_step(bad)
+        h.set_step(0)
+        assert h.state.step == 0
+        with pytest.raises(ValueError, match=whole(
+                "stride needs a tile size: pass tile=W as well (or neither for one window)")):
+            h.set_tiles(None, 2)
+        for bad in [("",), (42,), ("alice", "")]:
+            with pytest.raises(ValueError, match=whole(
+                    f"read needs one or more character names, got {bad!r}: e.g. handle.read('alice', 'bob')")):
+                h.read(*bad)
+        with h.off():
+            assert (h.state.mode, h.state.characters) == ("off", ())
+        with h.read("alice", "bob"):
+            assert (h.state.mode, h.state.characters) == ("read", ("alice", "bob"))
+            with h.off():  # off inside read: no characters; read's come back after it
+                assert (h.state.mode, h.state.characters) == ("off", ())
+            assert (h.state.mode, h.state.characters) == ("read", ("alice", "bob"))
+
+
+def test_reseed_also_forgets_the_steps_official_masks(sdxl_unet):
+    """Official sampling draws one set of keep-masks per step; reseed(s) drops them, so the same step after
+    reseed(1) draws anew and equals a handle seeded 1 (reusing the seed-0 masks would not)."""
+    inputs = tiny_unet_inputs(sdxl_unet, batch=4)
+    outs = {}
+    with torch.no_grad():
+        with install_consistent_attention(sdxl_unet, rate=0.5, layers="all", sampling="official", seed=0) as h:
+            h.set_step(0)
+            outs["seed 0"] = sdxl_unet(**inputs).sample
+            h.reseed(1)
+            outs["reseeded 1"] = sdxl_unet(**inputs).sample
+        with install_consistent_attention(sdxl_unet, rate=0.5, layers="all", sampling="official", seed=1) as h:
+            h.set_step(0)
+            outs["seed 1"] = sdxl_unet(**inputs).sample
+    assert torch.equal(outs["reseeded 1"], outs["seed 1"])
+    assert (outs["seed 0"] - outs["seed 1"]).abs().max() > 1e-4
+
+
+def test_bank_steps_are_the_first_n_steps():
+    """bank_steps=n: steps 0 .. n-1 are stored and read (step None counts as 0), step n and later are not."""
+    def steps_in(n):
+        return [s for s in (None, 0, 1, 2, 3) if CSAState(bank_steps=n, step=s).bank_step()]
+
+    assert steps_in(1) == [None, 0]
+    assert steps_in(2) == [None, 0, 1]
+    assert steps_in(None) == [None, 0, 1, 2, 3]
+
+
+def test_write_mode_at_rate_one_stores_every_token_in_order():
+    x = features(4, 5, 8, seed=6)  # 2 images x [uncond; cond]
+    state = CSAState(mode="write", characters=("ann",), step=0, guidance_halves=True)
+    with torch.no_grad():
+        ConsistentSelfAttnProcessor(1.0, state=state, name="L")(random_attention(8, heads=2), x)
+    torch.testing.assert_close(state.bank.read("ann", 0, "L"), x.reshape(2, 10, 8), atol=0, rtol=0)
+
+
+def test_read_mode_casts_a_half_precision_bank_to_the_layers_dtype():
+    """A bank kept in float16 (ConsistencyBank(dtype=torch.float16)) is read by a float32 layer: the tokens are
+    cast back, and the result is the stock processor over [bank as float32; own]."""
+    C, N = 16, 6
+    attn = random_attention(C, heads=4)
+    state = CSAState(mode="read", characters=("alice",), step=0, bank=ConsistencyBank(dtype=torch.float16))
+    state.bank.write("alice", 0, "L", features(1, 5, C, seed=1))
+    stored = state.bank.read("alice", 0, "L")
+    assert stored.dtype == torch.float16
+    new = features(2, N, C, seed=2)
+    with torch.no_grad():
+        out = ConsistentSelfAttnProcessor(0.5, state=state, name="L")(attn, new)
+        assert out.dtype == torch.float32
+        for b in range(2):
+            expect = AttnProcessor2_0()(attn, torch.cat([stored[0].float(), new[b]])[None])[0, -N:]
+            torch.testing.assert_close(out[b], expect, **TOL)
