@@ -1108,3 +1108,93 @@ def test_read_mode_casts_a_half_precision_bank_to_the_layers_dtype():
         for b in range(2):
             expect = AttnProcessor2_0()(attn, torch.cat([stored[0].float(), new[b]])[None])[0, -N:]
             torch.testing.assert_close(out[b], expect, **TOL)
+
+
+def test_two_images_per_guidance_half_are_not_one():
+    """guidance_halves with 4 images: 2 per half, so CSA runs (a third of the batch, 1 image, would not)."""
+    spy = SpyProcessor()
+    proc = ConsistentSelfAttnProcessor(0.5, state=CSAState(guidance_halves=True), original=spy)
+    with torch.no_grad():
+        proc(random_attention(16, heads=4), features(4, 4, 16))
+    assert spy.calls == 0
+
+
+def test_install_passes_its_settings_to_every_processor_and_the_state(sdxl_unet):
+    bank = ConsistencyBank(dtype=torch.float16)
+    with install_consistent_attention(sdxl_unet, rate=0.3, tile=2, stride=1, include_self_in_sample=True,
+                                      window_batch=3, bank=bank, bank_steps=2, layers="all") as h:
+        procs = list(h.processors.values())
+        assert len(procs) == 8
+        assert all((p.rate, p.tile, p.stride, p.include_self_in_sample, p.window_batch) == (0.3, 2, 1, True, 3)
+                   for p in procs)
+        assert h.bank is bank and h.state.bank_steps == 2 and all(p.state is h.state for p in procs)
+    with install_consistent_attention(sdxl_unet) as h:  # the defaults
+        procs = list(h.processors.values())
+        assert all((p.rate, p.tile, p.stride, p.include_self_in_sample, p.window_batch) == (0.5, None, None, False, 1)
+                   for p in procs)
+        assert h.state.generator.initial_seed() == 0 and h.state.bank_steps is None
+        assert isinstance(h.bank, ConsistencyBank) and len(h.bank) == 0
+        assert repr(h) == "ConsistentAttentionHandle(layers=4, mode='batch', step=None, removed=False)"
+        assert h.removed is False
+
+
+def test_rate_by_scale_leaves_other_scales_at_rate_and_uses_vae_scale_factor():
+    sd15 = tiny_sd15_unet(seed=0)  # down_blocks.0 / up_blocks.1 at scale 8, mid_block at 16 (vae_scale_factor 8)
+    with install_consistent_attention(sd15, rate=0.5, layers="all", rate_by_scale={16: 0.2}) as h:
+        rates = {n: h.processors[n + ".processor"].rate for n in h.layer_names}
+    assert rates == {n: (0.5 if n.startswith(("down_blocks.0", "up_blocks.1")) else 0.2) for n in rates}
+    with install_consistent_attention(sd15, rate=0.5, layers="all", rate_by_scale={4: 0.9, 8: 0.2},
+                                      vae_scale_factor=4) as h:  # the scales halve with the VAE's factor
+        rates = {n: h.processors[n + ".processor"].rate for n in h.layer_names}
+    assert rates == {n: (0.9 if n.startswith(("down_blocks.0", "up_blocks.1")) else 0.2) for n in rates}
+
+
+def test_remove_twice_does_not_undo_a_later_install(sdxl_unet):
+    first = install_consistent_attention(sdxl_unet)
+    first.remove()
+    assert first.removed is True
+    assert repr(first) == "ConsistentAttentionHandle(layers=4, mode='batch', step=None, removed=True)"
+    with install_consistent_attention(sdxl_unet, rate=0.25) as second:
+        first.remove()  # already removed: nothing happens
+        installed = [p for p in sdxl_unet.attn_processors.values() if isinstance(p, ConsistentSelfAttnProcessor)]
+        assert len(installed) == 4 and all(p.state is second.state for p in installed)
+    assert not any(isinstance(p, ConsistentSelfAttnProcessor) for p in sdxl_unet.attn_processors.values())
+
+
+class ProcessorsOnly(torch.nn.Module):
+    """Has attn_processors but no set_attn_processor: not a UNet2DConditionModel."""
+
+    attn_processors = {}
+
+
+def test_install_argument_messages(sdxl_unet):
+    with pytest.raises(TypeError, match=whole(
+            "install_consistent_attention needs a diffusers UNet2DConditionModel, got Linear")):
+        install_consistent_attention(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=whole(
+            "install_consistent_attention needs a diffusers UNet2DConditionModel, got ProcessorsOnly")):
+        install_consistent_attention(ProcessorsOnly())
+
+    def nothing(name):
+        return False
+
+    first_four = self_attention_layer_names(sdxl_unet)[:4]
+    with pytest.raises(ValueError, match=whole(
+            f"no self-attention layer matches layers={nothing!r}; available: {first_four}...")):
+        install_consistent_attention(sdxl_unet, layers=nothing)
+    with pytest.raises(ValueError, match=whole(
+            "include_self_in_sample is a choice of exact sampling: official sampling keeps every own token and "
+            "masks the others; drop one of the two")):
+        install_consistent_attention(sdxl_unet, sampling="official", include_self_in_sample=True)
+    with install_consistent_attention(sdxl_unet, sampling="exact", include_self_in_sample=True) as h:
+        assert all(p.include_self_in_sample for p in h.processors.values())
+        with pytest.raises(ValueError, match=whole(
+                "consistent attention is already installed on this UNet: call handle.remove() first")):
+            install_consistent_attention(sdxl_unet)
+    for bad in (0, -1, True, 1.5, "2"):
+        with pytest.raises(ValueError, match=whole(
+                f"bank_steps must be an int >= 1 or None (every step), got {bad!r}")):
+            install_consistent_attention(sdxl_unet, bank_steps=bad)
+    for good in (1, 2):
+        with install_consistent_attention(sdxl_unet, bank_steps=good) as h:
+            assert h.state.bank_steps == good
