@@ -22,6 +22,7 @@ from sdlite.attention import (
     CSAState,
     SkipSchedule,
     consistent_self_attention_reference,
+    draw_keep_masks,
     draw_sampled_indices,
     install_consistent_attention,
     num_sampled_tokens,
@@ -1198,3 +1199,72 @@ def test_install_argument_messages(sdxl_unet):
     for good in (1, 2):
         with install_consistent_attention(sdxl_unet, bank_steps=good) as h:
             assert h.state.bank_steps == good
+
+
+def test_install_keeps_each_layers_own_processor_as_the_original(sdxl_unet):
+    before = dict(sdxl_unet.attn_processors)
+    with install_consistent_attention(sdxl_unet, layers="all") as h:
+        assert all(p.original is before[key] for key, p in h.processors.items())
+
+
+def test_joint_attention_uses_the_layers_qk_norm_and_residual():
+    """r = 1 over the whole batch, with a layer that has norm_q / norm_k and a residual connection: the stock
+    processor (which applies both) over all B*N tokens as one sequence; the same through the index path."""
+    B, N, C = 4, 5, 16
+    x = features(B, N, C)
+    attn = qk_norm_residual_attention(C)
+    with torch.no_grad():
+        joint = AttnProcessor2_0()(attn, x.reshape(1, B * N, C)).reshape(B, N, C)
+        torch.testing.assert_close(ConsistentSelfAttnProcessor(1.0, B)(attn, x), joint, **TOL)
+        idx = draw_sampled_indices(B, N, 1.0, B, B)
+        via_index = ConsistentSelfAttnProcessor(1.0 - 1e-9, B)(attn, x, sampled_indices=idx)
+        torch.testing.assert_close(via_index, joint, **TOL)
+
+
+def test_processor_draws_its_sample_with_include_self():
+    """Without sampled_indices the processor draws from the state's generator with its include_self_in_sample."""
+    x = features(B=4, N=6, C=16)
+    attn = random_attention(16, heads=4)
+    with torch.no_grad():
+        state = CSAState(generator=torch.Generator().manual_seed(5))
+        got = ConsistentSelfAttnProcessor(0.5, 2, include_self_in_sample=True, state=state)(attn, x)
+        drawn = draw_sampled_indices(4, 6, 0.5, 2, 2, torch.Generator().manual_seed(5), True)
+        want = ConsistentSelfAttnProcessor(0.5, 2, include_self_in_sample=True)(attn, x, sampled_indices=drawn)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_disjoint_tiles_with_a_shifted_last_window_average_the_shared_image():
+    """3 images in tiles of 2 (stride 2): windows [0, 1] and [1, 2]; image 1 is the mean of its two results, as in
+    the reference (identity projections, one head)."""
+    x = features(B=3, N=6, C=8)
+    idx = draw_sampled_indices(3, 6, 0.5, 2, 2, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        fast = ConsistentSelfAttnProcessor(0.5, 2)(identity_attention(8), x, sampled_indices=idx)
+    torch.testing.assert_close(fast, consistent_self_attention_reference(x, 0.5, 2, stride=2, sampled_indices=idx),
+                               **TOL)
+
+
+def test_official_sampling_in_disjoint_tiles_is_each_tile_with_its_images_masks():
+    """Official sampling, 4 images in tiles of 2: the same as running each tile alone with the masks of its two
+    images (this step's masks set by hand in the state)."""
+    N, C, r = 6, 16, 0.5
+    x = features(B=4, N=N, C=C)
+    attn = random_attention(C, heads=4)
+    keep = draw_keep_masks(4, N, r, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        state = CSAState(sampling="official", keep_masks={(None, 4, N, r): keep})
+        tiled = ConsistentSelfAttnProcessor(r, 2, state=state)(attn, x)
+        for t in (0, 1):
+            alone = CSAState(sampling="official", keep_masks={(None, 2, N, r): keep[2 * t:2 * t + 2]})
+            one = ConsistentSelfAttnProcessor(r, state=alone)(attn, x[2 * t:2 * t + 2])
+            torch.testing.assert_close(tiled[2 * t:2 * t + 2], one, **TOL)
+
+
+@pytest.mark.parametrize("sampling, tile, stride", [("exact", 2, 1), ("official", 2, 2), ("official", None, None)])
+def test_processor_keeps_the_input_device(sampling, tile, stride):
+    """Windows, key masks and image indices follow the input to its device ("meta" here: shapes only)."""
+    attn = random_attention(16, heads=4).to("meta")
+    state = CSAState(sampling=sampling)
+    with torch.no_grad():
+        out = ConsistentSelfAttnProcessor(0.5, tile, stride, state=state)(attn, features(4, 6, 16).to("meta"))
+    assert out.device.type == "meta" and out.shape == (4, 6, 16)
