@@ -1268,3 +1268,32 @@ def test_processor_keeps_the_input_device(sampling, tile, stride):
     with torch.no_grad():
         out = ConsistentSelfAttnProcessor(0.5, tile, stride, state=state)(attn, features(4, 6, 16).to("meta"))
     assert out.device.type == "meta" and out.shape == (4, 6, 16)
+
+
+def test_hidden_states_of_another_rank_are_refused_with_their_shape():
+    with pytest.raises(ValueError, match=whole("hidden_states must be (B, N, C) or (B, C, H, W), got (2, 16)")):
+        with torch.no_grad():
+            ConsistentSelfAttnProcessor(0.5)(random_attention(16, heads=4), torch.randn(2, 16))
+
+
+def test_spatial_norm_gets_the_features_and_temb():
+    """A layer with a spatial norm (conditioned on temb, as in a VQ decoder): CSA with an empty sample (each image
+    only on itself) equals the stock processor, which normalises the (B, C, H, W) input with temb first."""
+    import copy
+
+    C, B = 32, 2  # SpatialNorm's group norm has 32 groups
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        attn = Attention(query_dim=C, heads=4, dim_head=8, spatial_norm_dim=4).eval()
+    x = torch.randn(B, C, 3, 3, generator=torch.Generator().manual_seed(1))
+    temb = torch.randn(B, 4, 3, 3, generator=torch.Generator().manual_seed(2))
+    empty = torch.zeros(B, 1, 0, dtype=torch.long)  # windows of one image, no sampled token
+    with torch.no_grad():
+        ours = ConsistentSelfAttnProcessor(0.5, 1)(attn, x, temb=temb, sampled_indices=empty)
+        stock = AttnProcessor2_0()(attn, x, temb=temb)
+        plain = copy.deepcopy(attn)
+        plain.spatial_norm = None
+        without_norm = AttnProcessor2_0()(plain, x)
+    assert ours.shape == x.shape
+    torch.testing.assert_close(ours, stock, **TOL)
+    assert (stock - without_norm).abs().max() > 1e-3
