@@ -1297,3 +1297,58 @@ def test_spatial_norm_gets_the_features_and_temb():
     assert ours.shape == x.shape
     torch.testing.assert_close(ours, stock, **TOL)
     assert (stock - without_norm).abs().max() > 1e-3
+
+
+def test_call_messages_and_off_mode_skips_the_even_batch_check():
+    attn = random_attention(16, heads=4)
+    x = features(B=3, N=10, C=16)
+    proc = ConsistentSelfAttnProcessor(0.5, state=CSAState(guidance_halves=True), name="up.attn1")
+    with pytest.raises(ValueError, match=whole(
+            "guidance_halves=True needs an even batch [uncond; cond], got 3 images: set handle.guidance_halves = "
+            "False when running without classifier-free guidance")), torch.no_grad():
+        proc(attn, x)
+    with pytest.raises(ValueError, match=whole(
+            "ConsistentSelfAttnProcessor on layer 'up.attn1' got encoder_hidden_states: it is for self-attention "
+            "(attn1) layers only; leave cross-attention (attn2) alone")), torch.no_grad():
+        proc(attn, features(B=2, N=10, C=16), encoder_hidden_states=x)
+    spy = SpyProcessor()
+    off = ConsistentSelfAttnProcessor(0.5, state=CSAState(guidance_halves=True, mode="off"), original=spy)
+    with torch.no_grad():
+        off(attn, x)  # off: the original processor, whatever the batch
+    assert spy.calls == 1
+
+
+def test_write_mode_with_one_reference_image_stores_it_and_answers_with_the_original():
+    """One reference image shares with nobody: the original processor answers, but its tokens are still stored."""
+    spy = SpyProcessor()
+    state = CSAState(mode="write", characters=("ann",), step=0)
+    x = features(B=1, N=6, C=16)
+    with torch.no_grad():
+        ConsistentSelfAttnProcessor(0.5, state=state, name="L", original=spy)(random_attention(16, heads=4), x)
+    assert spy.calls == 1 and state.bank.read("ann", 0, "L").shape == (1, 3, 16)  # round(0.5 * 6) tokens
+
+
+class RecordingProcessor:
+    """An `original` processor that records what it was given and returns its input."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, attn, hidden_states, attention_mask=None, temb=None, **kwargs):
+        self.seen.append((attention_mask, temb, kwargs))
+        return hidden_states
+
+
+@pytest.mark.parametrize("mode, rate", [("off", 0.5), ("batch", 0.0)])
+def test_the_original_processor_gets_the_mask_temb_and_other_arguments(mode, rate):
+    """When the original processor answers (CSA off, or nothing to share), it gets the call's attention_mask, temb
+    and other keyword arguments as they were given (a masked call is not refused then)."""
+    spy = RecordingProcessor()
+    x = features(B=2, N=4, C=16)
+    mask, temb = torch.ones(2, 4), torch.zeros(2, 8)
+    proc = ConsistentSelfAttnProcessor(rate, state=CSAState(mode=mode), original=spy)
+    with torch.no_grad():
+        out = proc(random_attention(16, heads=4), x, attention_mask=mask, temb=temb, scale=1.0)
+    assert out is x and len(spy.seen) == 1
+    seen_mask, seen_temb, kwargs = spy.seen[0]
+    assert seen_mask is mask and seen_temb is temb and kwargs == {"scale": 1.0}
