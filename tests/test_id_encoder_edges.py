@@ -1,13 +1,17 @@
 """PhotoMaker's ID encoder at its edges, where mutation testing found the other tests blind (docs/mutation.md): the
 v1 preset's numbers, a checkpoint file that is not plain tensors (never unpickled), the loader's messages, and the
 bounds of the delayed-conditioning switch."""
+import json
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
-from sdlite.id_encoder import IDEncoder, IDEncoderConfig, load_photomaker_id_encoder, start_merge_step
+from sdlite.id_encoder import (
+    IDEncoder, IDEncoderConfig, delayed_conditioning_schedule, load_id_encoder, load_photomaker_id_encoder,
+    save_id_encoder, save_photomaker_checkpoint, start_merge_step,
+)
 
 
 def test_the_v1_preset_is_clip_vit_l_14_with_sdxls_two_projections():
@@ -42,3 +46,37 @@ def test_start_merge_step_bounds():
             start_merge_step(10, bad)
     with pytest.raises(ValueError, match="num_steps=0: need at least one denoising step"):
         start_merge_step(0)
+
+
+# --- mutation survivors (tools/mutation.py id_encoder; docs/mutation.md) ---
+
+def test_any_module_can_be_saved_in_the_v1_layout_and_one_without_lora_gets_none(tmp_path):
+    module = torch.nn.Linear(2, 3)  # not an IDEncoder: no `lora_weights` attribute
+    path = save_photomaker_checkpoint(module, tmp_path / "v1.bin")
+    saved = torch.load(path, weights_only=True)
+    assert sorted(saved) == ["id_encoder", "lora_weights"] and saved["lora_weights"] == {}
+    assert sorted(saved["id_encoder"]) == ["bias", "weight"]
+
+
+def test_delayed_conditioning_with_a_single_step():
+    assert delayed_conditioning_schedule(1, 0) == [False]  # one step: the text-only prompt
+    assert start_merge_step(1) == 0
+
+
+def test_the_storyworld_preset_copies_the_towers_activation_and_norm_epsilon():
+    clip_vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                       image_size=64, patch_size=8, hidden_act="gelu", layer_norm_eps=1e-6, dropout=0.1)
+    config = IDEncoderConfig.storyworld(clip_vision, text_width=48)
+    assert config.vision == {k: v for k, v in clip_vision.items() if k != "dropout"}  # the tower's shape, no more
+    assert (config.projection_dim, config.projection_dim_2) == (48, 48)
+    assert config.image_mean == config.image_std == (0.5, 0.5, 0.5)
+
+
+def test_an_id_encoder_folder_is_made_with_its_parents_and_a_readable_config(tmp_path):
+    encoder = IDEncoder(IDEncoderConfig.tiny())
+    folder = save_id_encoder(encoder, tmp_path / "runs" / "new" / "id_encoder")  # parents made as needed
+    text = (folder / "config.json").read_text()
+    assert text.startswith("{\n \"vision\": {\n") and text.endswith("}\n")  # one key per line, indented
+    assert json.loads(text)["projection_dim"] == 16
+    loaded = load_id_encoder(folder)
+    assert loaded.config == encoder.config
