@@ -1352,3 +1352,33 @@ def test_the_original_processor_gets_the_mask_temb_and_other_arguments(mode, rat
     assert out is x and len(spy.seen) == 1
     seen_mask, seen_temb, kwargs = spy.seen[0]
     assert seen_mask is mask and seen_temb is temb and kwargs == {"scale": 1.0}
+
+
+def test_processor_messages_in_full():
+    attn = random_attention(16, heads=4)
+    x = features(B=2, N=4, C=16)
+    with pytest.raises(ValueError, match=whole(
+            "ConsistentSelfAttnProcessor does not take an attention_mask: self-attention layers of "
+            "UNet2DConditionModel have none; use the stock processor for masked inputs")), torch.no_grad():
+        ConsistentSelfAttnProcessor(0.5)(attn, x, attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match=whole(
+            "CSAState.mode must be one of ('batch', 'write', 'read', 'off'), got 'bogus'")), torch.no_grad():
+        ConsistentSelfAttnProcessor(0.5, state=CSAState(mode="bogus"))(attn, x)
+    with pytest.raises(ValueError, match=whole(
+            "stride needs a tile size: pass tile=W as well (or neither for one window)")):
+        ConsistentSelfAttnProcessor(0.5, None, 2)
+    for bad in (0, -1, True, 1.5, "2"):
+        with pytest.raises(ValueError, match=whole(
+                f"window_batch must be an int >= 1 or None (all windows at once), got {bad!r}")):
+            ConsistentSelfAttnProcessor(0.5, window_batch=bad)
+
+
+def test_processor_settings_and_defaults():
+    p = ConsistentSelfAttnProcessor(0.25, 3, 1, include_self_in_sample=1, window_batch=None, name="L")
+    assert (p.rate, p.tile, p.stride, p.include_self_in_sample, p.window_batch, p.name) == (0.25, 3, 1, True, None, "L")
+    assert repr(p) == "ConsistentSelfAttnProcessor(rate=0.25, tile=3, stride=1, include_self_in_sample=True, name='L')"
+    d = ConsistentSelfAttnProcessor()
+    assert (d.rate, d.tile, d.stride, d.include_self_in_sample, d.window_batch, d.name) == (0.5, None, None, False, 1, "")
+    assert isinstance(d.original, AttnProcessor2_0) and isinstance(d.state, CSAState) and d.state.mode == "batch"
+    state = CSAState()
+    assert ConsistentSelfAttnProcessor(state=state, window_batch=2).state is state
