@@ -1378,7 +1378,8 @@ def test_processor_settings_and_defaults():
     assert (p.rate, p.tile, p.stride, p.include_self_in_sample, p.window_batch, p.name) == (0.25, 3, 1, True, None, "L")
     assert repr(p) == "ConsistentSelfAttnProcessor(rate=0.25, tile=3, stride=1, include_self_in_sample=True, name='L')"
     d = ConsistentSelfAttnProcessor()
-    assert (d.rate, d.tile, d.stride, d.include_self_in_sample, d.window_batch, d.name) == (0.5, None, None, False, 1, "")
+    assert (d.rate, d.tile, d.stride, d.include_self_in_sample, d.window_batch, d.name) == (
+        0.5, None, None, False, 1, "")
     assert isinstance(d.original, AttnProcessor2_0) and isinstance(d.state, CSAState) and d.state.mode == "batch"
     state = CSAState()
     assert ConsistentSelfAttnProcessor(state=state, window_batch=2).state is state
