@@ -76,7 +76,17 @@ def test_an_id_encoder_folder_is_made_with_its_parents_and_a_readable_config(tmp
     encoder = IDEncoder(IDEncoderConfig.tiny())
     folder = save_id_encoder(encoder, tmp_path / "runs" / "new" / "id_encoder")  # parents made as needed
     text = (folder / "config.json").read_text()
-    assert text.startswith("{\n \"vision\": {\n") and text.endswith("}\n")  # one key per line, indented
+    assert text == json.dumps(json.loads(text), indent=1) + "\n"  # one key per line, indented by one space
     assert json.loads(text)["projection_dim"] == 16
     loaded = load_id_encoder(folder)
     assert loaded.config == encoder.config
+
+
+def test_the_tiny_preset_is_a_two_layer_tower_of_width_32():
+    config = IDEncoderConfig.tiny()
+    assert config.vision == dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                                 image_size=32, patch_size=8)
+    assert (config.projection_dim, config.projection_dim_2) == (16, 16)
+    assert IDEncoderConfig.tiny(8, 24, 64).vision["image_size"] == 64
+    encoder = IDEncoder(config)
+    assert encoder.vision_model.config.num_hidden_layers == 2 and encoder.vision_model.config.patch_size == 8
