@@ -1383,3 +1383,27 @@ def test_processor_settings_and_defaults():
     assert isinstance(d.original, AttnProcessor2_0) and isinstance(d.state, CSAState) and d.state.mode == "batch"
     state = CSAState()
     assert ConsistentSelfAttnProcessor(state=state, window_batch=2).state is state
+
+
+def test_read_mode_after_the_bank_steps_is_the_original_processor():
+    """bank_steps=1: step 0 reads the bank; step 1 (nothing stored for it) is answered by the original processor,
+    given the layer, the input, temb and the other arguments."""
+    spy = RecordingProcessor()
+    seen_attn = []
+    x, temb = features(B=2, N=4, C=16), torch.zeros(2, 8)
+    attn = random_attention(16, heads=4)
+
+    def original(a, hidden_states, **kwargs):
+        seen_attn.append((a, hidden_states))
+        return spy(a, hidden_states, **kwargs)
+
+    state = CSAState(mode="read", characters=("ann",), step=0, bank_steps=1)
+    state.bank.write("ann", 0, "L", features(1, 3, 16, seed=1))
+    proc = ConsistentSelfAttnProcessor(0.5, state=state, name="L", original=original)
+    with torch.no_grad():
+        assert proc(attn, x).shape == x.shape and not spy.seen  # step 0: the bank
+        state.step = 1
+        out = proc(attn, x, temb=temb, scale=1.0)
+    assert out is x and len(seen_attn) == 1 and seen_attn[0][0] is attn and seen_attn[0][1] is x
+    mask, seen_temb, kwargs = spy.seen[0]
+    assert mask is None and seen_temb is temb and kwargs == {"scale": 1.0}
