@@ -1407,3 +1407,28 @@ def test_read_mode_after_the_bank_steps_is_the_original_processor():
     assert out is x and len(seen_attn) == 1 and seen_attn[0][0] is attn and seen_attn[0][1] is x
     mask, seen_temb, kwargs = spy.seen[0]
     assert mask is None and seen_temb is temb and kwargs == {"scale": 1.0}
+
+
+def test_csa_active_off_mode_first_steps_and_the_skip_draws():
+    assert CSAState(mode="off").csa_active() is False
+    first = CSAState(first_steps_without_csa=1)  # step None counts as step 0: a first step
+    assert first.csa_active() is False
+    first.step = 1
+    assert first.csa_active() is True
+    coin = SkipSchedule(early_prob=0.5, late_prob=0.5, switch_step=0)
+    state = CSAState(generator=torch.Generator().manual_seed(3), skip_schedule=coin, step=0)
+    torch.manual_seed(0)  # the global generator: not the one the skips come from
+    decisions = [state.csa_active() for _ in range(20)]
+    g = torch.Generator().manual_seed(3)
+    assert decisions == [float(torch.rand((), generator=g)) >= 0.5 for _ in range(20)]
+
+
+def test_a_skipped_call_gives_the_original_processor_temb_and_the_other_arguments():
+    spy = RecordingProcessor()
+    x, temb = features(B=2, N=4, C=16), torch.zeros(2, 8)
+    proc = ConsistentSelfAttnProcessor(0.5, state=CSAState(first_steps_without_csa=1, step=0), original=spy)
+    with torch.no_grad():
+        out = proc(random_attention(16, heads=4), x, temb=temb, scale=1.0)
+    assert out is x and len(spy.seen) == 1
+    mask, seen_temb, kwargs = spy.seen[0]
+    assert mask is None and seen_temb is temb and kwargs == {"scale": 1.0}
