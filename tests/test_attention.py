@@ -1432,3 +1432,10 @@ def test_a_skipped_call_gives_the_original_processor_temb_and_the_other_argument
     assert out is x and len(spy.seen) == 1
     mask, seen_temb, kwargs = spy.seen[0]
     assert mask is None and seen_temb is temb and kwargs == {"scale": 1.0}
+
+
+def test_csa_layer_names_default_to_the_up_blocks(sdxl_unet):
+    from sdlite.attention import csa_layer_names
+
+    up = [n for n in self_attention_layer_names(sdxl_unet) if n.startswith("up_blocks.")]
+    assert len(up) == 4 and csa_layer_names(sdxl_unet) == up
