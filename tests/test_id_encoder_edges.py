@@ -3,6 +3,7 @@ v1 preset's numbers, a checkpoint file that is not plain tensors (never unpickle
 bounds of the delayed-conditioning switch."""
 import json
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from sdlite.id_encoder import (
     IDEncoder, IDEncoderConfig, delayed_conditioning_schedule, load_id_encoder, load_photomaker_id_encoder,
-    save_id_encoder, save_photomaker_checkpoint, start_merge_step,
+    lora_fingerprint, photomaker_tokenizers, save_id_encoder, save_photomaker_checkpoint, start_merge_step,
 )
 
 
@@ -90,3 +91,22 @@ def test_the_tiny_preset_is_a_two_layer_tower_of_width_32():
     assert IDEncoderConfig.tiny(8, 24, 64).vision["image_size"] == 64
     encoder = IDEncoder(config)
     assert encoder.vision_model.config.num_hidden_layers == 2 and encoder.vision_model.config.patch_size == 8
+
+
+def test_the_photomaker_path_refuses_a_pipeline_with_one_tokenizer():
+    from types import SimpleNamespace
+
+    from sdlite.storyworld.models import build_storyworld_tokenizer
+
+    one = SimpleNamespace(tokenizer=build_storyworld_tokenizer())  # an SD1.5-like pipeline: no tokenizer_2
+    with pytest.raises(ValueError, match="^" + re.escape("the PhotoMaker path needs an SDXL pipeline with two "
+                                                         "tokenizers (tokenizer, tokenizer_2)") + "$"):
+        photomaker_tokenizers(one)
+
+
+def test_a_lora_fingerfingerprintis_16_hex_digits_that_follow_the_weights():
+    lora = {"a.weight": torch.ones(2, 3), "b.weight": torch.zeros(4)}
+    fingerprint = lora_fingerprint(lora)
+    assert re.fullmatch("[0-9a-f]{16}", fingerprint) and lora_fingerprint(dict(reversed(lora.items()))) == fingerprint
+    assert lora_fingerprint({**lora, "a.weight": torch.ones(2, 3) * 2}) != fingerprint
+    assert lora_fingerprint({"a.weight": torch.ones(3, 2), "b.weight": torch.zeros(4)}) != fingerprint  # shape counts
