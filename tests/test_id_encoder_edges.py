@@ -104,7 +104,7 @@ def test_the_photomaker_path_refuses_a_pipeline_with_one_tokenizer():
         photomaker_tokenizers(one)
 
 
-def test_a_lora_fingerfingerprintis_16_hex_digits_that_follow_the_weights():
+def test_a_lora_fingerprint_is_16_hex_digits_that_follow_the_weights():
     lora = {"a.weight": torch.ones(2, 3), "b.weight": torch.zeros(4)}
     fingerprint = lora_fingerprint(lora)
     assert re.fullmatch("[0-9a-f]{16}", fingerprint) and lora_fingerprint(dict(reversed(lora.items()))) == fingerprint
