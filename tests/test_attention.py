@@ -1439,3 +1439,14 @@ def test_csa_layer_names_default_to_the_up_blocks(sdxl_unet):
 
     up = [n for n in self_attention_layer_names(sdxl_unet) if n.startswith("up_blocks.")]
     assert len(up) == 4 and csa_layer_names(sdxl_unet) == up
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiled_csa_keeps_its_index_and_count_tensors_on_the_features_device():
+    """Sliding windows on a GPU: the gathered rows and the per-image window count must live on the features' device
+    (a CPU index or count fails there; on the CPU both are the same). Runs where CUDA is available."""
+    attn = random_attention(16, heads=4).to("cuda")
+    x = features(B=5, N=8, C=16).to("cuda")
+    with torch.no_grad():
+        out = ConsistentSelfAttnProcessor(0.5, 3, 1, state=CSAState(generator=torch.Generator().manual_seed(0)))(attn, x)
+    assert out.device.type == "cuda" and out.shape == x.shape and torch.isfinite(out).all()
