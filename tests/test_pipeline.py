@@ -1,12 +1,15 @@
 """generate_story on storyworld's architecture and on a reloaded tiny random SDXL folder (the real path)."""
+import re
+
 import numpy as np
 import pytest
 import torch
 
-from sdlite.attention import ConsistentSelfAttnProcessor
+from sdlite.attention import ConsistentSelfAttnProcessor, csa_layer_names
 from sdlite.id_encoder import IDEncoder, IDEncoderConfig
 from sdlite.pipeline import (
-    Batch, CSAConfig, generate_story, is_storyworld, load_pipeline, model_defaults, panel_seeds, plan_batches,
+    Batch, CSAConfig, bank_settings, check_bank_settings, generate_story, is_storyworld, load_pipeline, model_defaults,
+    panel_seeds, plan_batches,
 )
 from sdlite.story import parse_story
 from sdlite.storyworld.models import tiny_storyworld_pipeline
@@ -312,3 +315,43 @@ def test_bank_on_cpu_in_half_precision_and_fewer_steps(sw_pipe):
     full = generate_story(sw_pipe, story, steps=3, progress=False)
     assert r.bank_nbytes * 3 == full.bank_nbytes * 2 // 2  # 2/3 of the steps, half the bytes per value
     assert np.abs(_arrays(r) - _arrays(full)).max() > 0  # fewer stored steps: a different (cheaper) story
+
+
+# --- mutation survivors (tools/mutation.py pipeline; docs/mutation.md): functions only the CLI called ---
+
+def test_the_official_preset_is_the_demos_setting_and_takes_overrides():
+    from sdlite.attention import OFFICIAL_SKIP_SCHEDULE
+
+    csa = CSAConfig.official()
+    assert (csa.layers, csa.rate, dict(csa.rate_by_scale), csa.sampling) == ("up", 0.5, {32: 0.5, 16: 0.5}, "official")
+    assert (csa.first_steps_without_csa, csa.skip_schedule, csa.id_length, csa.bank_steps) == \
+        (1, OFFICIAL_SKIP_SCHEDULE, 1, None)
+    other = CSAConfig.official(rate=0.3, id_length=2)
+    assert (other.rate, other.id_length, other.sampling, other.layers) == (0.3, 2, "official", "up")
+
+
+def test_bank_settings_name_what_stored_tokens_depend_on():
+    pipe = tiny_storyworld_pipeline(seed=0)  # built here: mutmut charges a module fixture to its first test only
+    csa = CSAConfig(layers="up", bank_steps=3)
+    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    settings = bank_settings(pipe, csa, steps=4, height=None, width=48, guidance_scale=5.0)
+    assert settings == {"unet": type(pipe.unet).__name__, "cross_attention_dim": pipe.unet.config.cross_attention_dim,
+                        "block_out_channels": list(pipe.unet.config.block_out_channels), "height": default,
+                        "width": 48, "steps": 4, "guidance_halves": True, "layers": "up",
+                        "layer_names": csa_layer_names(pipe.unet, "up"), "bank_steps": 3}
+    assert bank_settings(pipe, csa, 4, 32, 32, guidance_scale=1.0)["guidance_halves"] is False  # no guidance
+    assert bank_settings(pipe, CSAConfig(layers="all"), 4, 32, 32, 5.0)["layer_names"] == \
+        csa_layer_names(pipe.unet, "all")
+
+
+def test_a_character_file_made_under_other_settings_is_refused_by_name():
+    wanted = {"height": 64, "steps": 4, "layer_names": ["a", "b"]}
+    check_bank_settings("Lily", dict(wanted), wanted)  # the same settings: no error
+    hint = ("; generate with the same model, size, steps, guidance and CSA layers, or write the character again")
+    cases = [({**wanted, "steps": 8}, "steps 8 in the file, 4 now"),
+             ({"height": 64, "layer_names": ["a", "b"]}, "steps None in the file, 4 now"),
+             ({**wanted, "layer_names": ["a"]}, "layer_names (the list differs)")]
+    for saved, shown in cases:
+        message = f"character file of 'Lily' was made with other settings: {shown}{hint}"
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            check_bank_settings("Lily", saved, wanted)
