@@ -355,3 +355,86 @@ def test_a_character_file_made_under_other_settings_is_refused_by_name():
         message = f"character file of 'Lily' was made with other settings: {shown}{hint}"
         with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
             check_bank_settings("Lily", saved, wanted)
+
+
+def test_load_pipeline_defaults_to_storyworld_and_loads_a_half_folder_in_float32_on_the_cpu(tmp_path):
+    assert is_storyworld(load_pipeline()) and is_storyworld(load_pipeline("storyworld"))
+    pipe = tiny_sd15_pipeline(seed=0)
+    pipe.to(torch.float16).save_pretrained(tmp_path / "sd15_fp16")  # a folder of float16 weights
+    loaded = load_pipeline(tmp_path / "sd15_fp16")  # on the CPU: float32 unless told otherwise
+    assert loaded.unet.dtype == loaded.text_encoder.dtype == loaded.vae.dtype == torch.float32
+    assert load_pipeline(tmp_path / "sd15_fp16", dtype=torch.bfloat16).unet.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_asking_for_cuda_without_a_gpu_says_what_to_do():
+    message = "device 'cuda' asked for, but torch sees no GPU: use --device cpu (storyworld runs on CPU)"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        load_pipeline("storyworld", device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_storyworld_loads_onto_the_asked_device():
+    assert load_pipeline("storyworld", device="cuda").unet.device.type == "cuda"
+
+
+def test_only_sd15_pipelines_are_loaded_without_their_safety_checker():
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from sdlite.pipeline import _no_safety_checker
+
+    assert _no_safety_checker(StableDiffusionPipeline) == {"safety_checker": None, "feature_extractor": None,
+                                                           "requires_safety_checker": False}
+    assert _no_safety_checker(StableDiffusionXLPipeline) == {}
+
+
+def test_pipeline_folders_named_in_their_messages(tmp_path):
+    from sdlite.pipeline import pipeline_class_name
+
+    hint = (": sdlite story runs StableDiffusionXLPipeline (SDXL) and StableDiffusionPipeline (SD1.5) folders; pass "
+            "one of those (e.g. stabilityai/stable-diffusion-xl-base-1.0) or 'storyworld'")
+    for config, holds in [(["not", "a", "dict"], "pipeline without _class_name"), ({}, "pipeline without _class_name"),
+                          ({"_class_name": "KandinskyPipeline"}, "KandinskyPipeline")]:
+        with pytest.raises(ValueError, match="^" + re.escape(f"m/x holds a {holds}{hint}") + "$"):
+            pipeline_class_name(config, "m/x")
+    assert pipeline_class_name({"_class_name": "StableDiffusionPipeline"}, "m/x") == "StableDiffusionPipeline"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")
+    pattern = (re.escape(f"{broken / 'model_index.json'} is not valid JSON (") + ".+"
+               + re.escape("): restore the pipeline folder"))
+    with pytest.raises(ValueError, match="^" + pattern + "$"):
+        load_pipeline(broken)
+
+
+def test_load_tokenizer_reads_storyworld_by_default_and_a_folders_tokenizer_offline(tmp_path, monkeypatch):
+    from transformers import CLIPTokenizer
+
+    from sdlite.pipeline import load_tokenizer
+
+    default = load_tokenizer()
+    assert default is not None and default.get_vocab() == load_tokenizer("storyworld").get_vocab()
+    default.save_pretrained(tmp_path / "pipe" / "tokenizer")
+    assert load_tokenizer(tmp_path / "pipe").get_vocab() == default.get_vocab()
+    assert load_tokenizer(tmp_path / "elsewhere") is None  # no tokenizer/ folder: nothing to check with
+    seen = {}
+    original = CLIPTokenizer.from_pretrained.__func__
+
+    def spy(cls, folder, **kwargs):
+        seen.update(kwargs)
+        return original(cls, folder, **kwargs)
+
+    monkeypatch.setattr(CLIPTokenizer, "from_pretrained", classmethod(spy))
+    load_tokenizer(tmp_path / "pipe")
+    assert seen == {"local_files_only": True}  # never asks the network
+
+
+def test_story_result_arrays_are_rgb_whatever_the_panels_mode():
+    from PIL import Image
+
+    from sdlite.pipeline import StoryResult
+
+    panels = [Image.new("L", (8, 6), 200), Image.new("RGBA", (8, 6), (10, 20, 30, 0))]
+    arrays = StoryResult(images=panels, story=None, seeds=[0, 1], plan=[]).arrays()
+    assert arrays.shape == (2, 6, 8, 3) and arrays.dtype == np.uint8
+    assert (arrays[0] == 200).all() and (arrays[1] == [10, 20, 30]).all()
