@@ -110,3 +110,37 @@ def test_a_lora_fingerprint_is_16_hex_digits_that_follow_the_weights():
     assert re.fullmatch("[0-9a-f]{16}", fingerprint) and lora_fingerprint(dict(reversed(lora.items()))) == fingerprint
     assert lora_fingerprint({**lora, "a.weight": torch.ones(2, 3) * 2}) != fingerprint
     assert lora_fingerprint({"a.weight": torch.ones(3, 2), "b.weight": torch.zeros(4)}) != fingerprint  # shape counts
+
+
+def test_id_images_without_their_axis_are_refused_with_the_fix():
+    encoder = IDEncoder(IDEncoderConfig.tiny())
+    message = ("id_pixel_values must be (batch, num_id_images, 3, H, W), got (2, 3, 32, 32); add the num_id_images "
+               "axis with .unsqueeze(1) for one image per prompt")
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        encoder.id_embeddings(torch.zeros(2, 3, 32, 32))
+
+
+def test_the_default_style_strength_is_photomakers_20_percent():
+    assert start_merge_step(50) == 10 and start_merge_step(50) == start_merge_step(50, 20.0)
+
+
+def test_photomaker_tokenizers_register_the_trigger_word_they_are_given():
+    from types import SimpleNamespace
+
+    from sdlite.storyworld.models import build_storyworld_tokenizer
+
+    pipe = SimpleNamespace(tokenizer=build_storyworld_tokenizer(), tokenizer_2=build_storyworld_tokenizer())
+    tokenizers = photomaker_tokenizers(pipe, trigger_word="zqx")
+    assert all("zqx" in tok.get_added_vocab() for tok in tokenizers)
+    assert "zqx" not in pipe.tokenizer.get_added_vocab()  # the pipeline's own tokenizers stay as they were
+
+
+def test_fusing_nothing_or_the_same_lora_again_reports_no_fusion():
+    from types import SimpleNamespace
+
+    from sdlite.id_encoder import fuse_photomaker_lora
+
+    lora = {"unet.a.to_q_lora.down.weight": torch.ones(2, 4)}
+    assert fuse_photomaker_lora(SimpleNamespace(), {}) is False  # nothing to fuse: the pipeline is not touched
+    already = SimpleNamespace(unet=SimpleNamespace(photomaker_lora=lora_fingerprint(lora)))
+    assert fuse_photomaker_lora(already, dict(lora)) is False  # fused before: a no-op
