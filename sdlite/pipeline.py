@@ -399,12 +399,16 @@ def estimate_story_bank(pipe, story: Story, csa: CSAConfig | None = None, steps:
     steps = defaults["steps"] if steps is None else steps
     guidance = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     h, w = _image_size(pipe, height, width)
+    latent_h, latent_w = h // pipe.vae_scale_factor, w // pipe.vae_scale_factor
     rates = dict(csa.rate_by_scale or ())
     layers = []
     for name in csa_layer_names(pipe.unet, csa.layers):
         scale = layer_scale(pipe.unet, name, pipe.vae_scale_factor)
+        down = scale // pipe.vae_scale_factor  # the latent grid is halved log2(down) times to reach this layer
+        # each stride-2 downsampler rounds an odd side up (a 40-px storyworld image: latent 10 -> 5 -> 3 tokens)
+        tokens = -(-latent_h // down) * -(-latent_w // down)
         module = pipe.unet.get_submodule(name)
-        layers.append(BankLayer(name, (h // scale) * (w // scale), module.to_q.in_features, rates.get(scale, csa.rate)))
+        layers.append(BankLayer(name, tokens, module.to_q.in_features, rates.get(scale, csa.rate)))
     dtype = getattr(torch, csa.bank_dtype) if csa.bank_dtype else pipe.unet.dtype
     stored = steps if csa.bank_steps is None else min(steps, csa.bank_steps)
     return {name: estimate_bank_nbytes(layers, len(panels), stored, 2 if guidance > 1 else 1,

@@ -7,7 +7,6 @@ differences of reordered sums, far below the O(0.1) changes a wrong key set caus
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from matching import whole
 from sdlite.attention import (
     OFFICIAL_SKIP_SCHEDULE,
     ConsistencyBank,
@@ -823,11 +823,6 @@ def test_rates_per_resolution_and_layer_scale(sdxl_unet):
 
 
 # --- mutation survivors (tools/mutation.py attention; docs/mutation.md) ---
-def whole(message: str) -> str:
-    """A pattern that matches exactly this message (pytest.raises(match=...) searches)."""
-    return "^" + re.escape(message) + "$"
-
-
 def test_features_message_names_the_shape_or_the_type():
     hint = ": flatten each image's H*W grid into N tokens first"
     with pytest.raises(ValueError, match=whole("x must be image features of shape (B, N, C), got (4, 8)" + hint)):

@@ -5,7 +5,6 @@ The drawing rules: a white page; the title's lines centred, the first 12 px from
 int(1.9 x font size) px; each panel resized to its box (nearest-neighbour by default) and pasted under the title;
 a 2 px black frame just around it; its caption's lines centred 4 px under it, one every line height; all text black,
 anchored at its middle-ascender ("ma")."""
-import re
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from matching import whole
 from sdlite import comic
 from sdlite.comic import (
     bundled_font, classic_rows, layout_boxes, load_font, make_page, missing_glyphs, page_geometry, wrap_text,
@@ -229,7 +229,7 @@ def test_the_page_size_message_counts_the_title_in_its_megapixels(monkeypatch):
     monkeypatch.setattr(comic, "MAX_PAGE_PIXELS", 1_000_000)
     expected = (f"the page would be {g.width} x {g.height + g.title_h} px ({total / 1e6:.0f} megapixels, at most 1): "
                 "use fewer panels per page, a smaller --panel-size, or shorter captions")
-    with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+    with pytest.raises(ValueError, match=whole(expected)):
         page_geometry(["a", "b"], panel_size=1024, title=title)
 
 
@@ -261,5 +261,5 @@ def test_two_words_exactly_as_wide_as_the_line_share_it():
 def test_the_bundled_font_default_size_and_smallest_size():
     assert bundled_font().size == 16 and bundled_font(4).size == 4
     for bad in (3, 4.5, True, "16"):
-        with pytest.raises(ValueError, match="^" + re.escape(f"font size must be an int >= 4 px, got {bad!r}") + "$"):
+        with pytest.raises(ValueError, match=whole(f"font size must be an int >= 4 px, got {bad!r}")):
             bundled_font(bad)

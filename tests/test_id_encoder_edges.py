@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from matching import whole
 from sdlite.id_encoder import (
     IDEncoder, IDEncoderConfig, delayed_conditioning_schedule, load_id_encoder, load_photomaker_id_encoder,
     lora_fingerprint, photomaker_tokenizers, save_id_encoder, save_photomaker_checkpoint, start_merge_step,
@@ -99,8 +100,8 @@ def test_the_photomaker_path_refuses_a_pipeline_with_one_tokenizer():
     from sdlite.storyworld.models import build_storyworld_tokenizer
 
     one = SimpleNamespace(tokenizer=build_storyworld_tokenizer())  # an SD1.5-like pipeline: no tokenizer_2
-    with pytest.raises(ValueError, match="^" + re.escape("the PhotoMaker path needs an SDXL pipeline with two "
-                                                         "tokenizers (tokenizer, tokenizer_2)") + "$"):
+    with pytest.raises(ValueError, match=whole("the PhotoMaker path needs an SDXL pipeline with two "
+                                                 "tokenizers (tokenizer, tokenizer_2)")):
         photomaker_tokenizers(one)
 
 
@@ -116,12 +117,13 @@ def test_id_images_without_their_axis_are_refused_with_the_fix():
     encoder = IDEncoder(IDEncoderConfig.tiny())
     message = ("id_pixel_values must be (batch, num_id_images, 3, H, W), got (2, 3, 32, 32); add the num_id_images "
                "axis with .unsqueeze(1) for one image per prompt")
-    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+    with pytest.raises(ValueError, match=whole(message)):
         encoder.id_embeddings(torch.zeros(2, 3, 32, 32))
 
 
 def test_the_default_style_strength_is_photomakers_20_percent():
     assert start_merge_step(50) == 10 and start_merge_step(50) == start_merge_step(50, 20.0)
+    assert start_merge_step(100, max_step=100) == 20  # 21 % would give 21 here (and 10 at 50 steps too)
 
 
 def test_photomaker_tokenizers_register_the_trigger_word_they_are_given():
@@ -144,3 +146,64 @@ def test_fusing_nothing_or_the_same_lora_again_reports_no_fusion():
     assert fuse_photomaker_lora(SimpleNamespace(), {}) is False  # nothing to fuse: the pipeline is not touched
     already = SimpleNamespace(unet=SimpleNamespace(photomaker_lora=lora_fingerprint(lora)))
     assert fuse_photomaker_lora(already, dict(lora)) is False  # fused before: a no-op
+
+
+class _LoraPipe:
+    """Just what fuse_photomaker_lora calls on a pipeline: which adapters are loaded, and what diffusers does."""
+
+    def __init__(self, adapters=(), error=None, reads=True):
+        self.unet = type("UNet", (), {})()
+        self.adapters, self.error, self.reads, self.calls = list(adapters), error, reads, []
+
+    def get_list_adapters(self):
+        return {"unet": list(self.adapters)} if self.adapters else {}
+
+    def load_lora_weights(self, weights, adapter_name):
+        self.calls.append("load")
+        if self.error is not None:
+            raise ValueError(self.error)
+        if self.reads:
+            self.adapters.append(adapter_name)
+
+    def fuse_lora(self, adapter_names):
+        self.calls.append(("fuse", tuple(adapter_names)))
+
+    def unload_lora_weights(self):
+        self.calls.append("unload")
+        self.adapters.clear()
+
+
+def test_fusing_a_photomaker_lora_refuses_each_case_with_its_fix():
+    from types import SimpleNamespace
+
+    from sdlite.id_encoder import fuse_photomaker_lora
+
+    lora = {"unet.c.to_q_lora.down.weight": torch.ones(2, 4), "unet.a.to_q_lora.up.weight": torch.ones(4, 2),
+            "unet.b.to_k_lora.down.weight": torch.ones(2, 4)}
+    other = SimpleNamespace(unet=SimpleNamespace(photomaker_lora="0123456789abcdef"))
+    with pytest.raises(ValueError, match=whole("this pipeline's UNet has another PhotoMaker LoRA fused into it already: "
+                                               "load the pipeline again (load_pipeline) before using a second checkpoint")):
+        fuse_photomaker_lora(other, lora)
+    with pytest.raises(ValueError, match=whole("SimpleNamespace cannot load a LoRA: PhotoMaker needs a "
+                                               "StableDiffusionXLPipeline")):
+        fuse_photomaker_lora(SimpleNamespace(unet=SimpleNamespace()), lora)
+    styled = _LoraPipe(adapters=["style"])
+    with pytest.raises(ValueError, match=whole("the pipeline has LoRA adapters loaded ({'unet': ['style']}): fuse_lora() "
+                                               "and unload_lora_weights() them, or unload them, before PhotoMaker's "
+                                               "LoRA is fused")):
+        fuse_photomaker_lora(styled, lora)
+    assert styled.calls == []  # refused before diffusers is asked anything
+    unreadable = ("lora_weights hold no UNet LoRA that diffusers can read (first keys: ['unet.a.to_q_lora.up.weight', "
+                  "'unet.b.to_k_lora.down.weight']): expected PhotoMaker v1's, e.g. 'unet.down_blocks.1.attentions.0."
+                  "transformer_blocks.0.attn1.processor.to_q_lora.down.weight'")
+    ignored = _LoraPipe(reads=False)  # diffusers loaded nothing for the UNet
+    with pytest.raises(ValueError, match=whole(unreadable)):
+        fuse_photomaker_lora(ignored, lora)
+    assert ignored.calls == ["load", "unload"] and getattr(ignored.unet, "photomaker_lora", None) is None
+    with pytest.raises(ValueError, match=whole(unreadable + "; diffusers says: bad keys")):
+        fuse_photomaker_lora(_LoraPipe(error="bad keys"), lora)
+    with pytest.raises(ValueError, match=whole("fusing PhotoMaker's LoRA needs the peft package: pip install peft")):
+        fuse_photomaker_lora(_LoraPipe(error="PEFT backend is required for this method."), lora)
+    good = _LoraPipe()
+    assert fuse_photomaker_lora(good, lora) is True
+    assert good.calls == ["load", ("fuse", ("photomaker",)), "unload"] and good.unet.photomaker_lora == lora_fingerprint(lora)

@@ -1,13 +1,13 @@
 """The semantic motion predictor (sdlite.motion) and the video decoder's shapes, real-scale configs and CLI."""
 import json
 import math
-import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from matching import whole
 from sdlite import motion, video
 from sdlite import storyworld as sw
 from sdlite.cli import main as sdlite_main
@@ -769,7 +769,7 @@ def test_real_clip_tower_is_loaded_offline(tmp_path, monkeypatch):
 def test_cells_of_a_non_square_patch_grid_are_refused():
     tok = build_storyworld_tokenizer()
     emb = ImageEmbedder(build_clip(StoryworldSizes.named("tiny"), tok, seed=1).eval(), grid=2)
-    with pytest.raises(ValueError, match="^" + re.escape("5 patch tokens do not form a square grid") + "$"):
+    with pytest.raises(ValueError, match=whole("5 patch tokens do not form a square grid")):
         emb.cells(torch.zeros(1, 1 + 5, 7))
 
 
@@ -784,7 +784,7 @@ def test_missing_predictor_message_names_what_and_how(tmp_path):
     folder = tmp_path / "nothing"
     expected = (f"{folder} holds no predictor: train it with `python -m sdlite.train motion-predictor` "
                 "or restore data/motion from git")
-    with pytest.raises(FileNotFoundError, match="^" + re.escape(expected) + "$"):
+    with pytest.raises(FileNotFoundError, match=whole(expected)):
         SemanticMotionPredictor.storyworld(folder)
 
 
@@ -833,7 +833,7 @@ def test_predict_frame_embeddings_with_a_predictor_uses_its_frames_and_dtype():
 def test_predictor_errors_message_and_the_smallest_clips():
     for shape in [(2, 2, 8), (2, 8), (2, 2, 8, 1)]:
         expected = f"embeds must be (N, L, D) with L >= 3 (in-between frames to score), got {shape}"
-        with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+        with pytest.raises(ValueError, match=whole(expected)):
             predictor_errors(SemanticMotionPredictor(embed_dim=8, hidden_size=16, num_layers=1, num_heads=2,
                                                      head_dim=8), torch.zeros(shape))
     # L = 3 (one in-between frame) and D = 2 are scored
@@ -891,7 +891,7 @@ def test_grid_parts_refuses_what_is_not_a_plain_int():
     assert motion.grid_parts(2) == 5 and motion.grid_parts(0, 7) == 1
     for bad in (2.0, True, -1):
         expected = f"grid={bad!r} must be an int >= 0 (0: the pooled embedding only)"
-        with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+        with pytest.raises(ValueError, match=whole(expected)):
             motion.grid_parts(bad)
 
 
@@ -904,7 +904,7 @@ def test_embedder_needs_both_tower_parts_and_says_what_it_got():
     for wrong, name in ((HalfClip(), "HalfClip"), (torch.nn.Linear(2, 2), "Linear")):
         expected = (f"ImageEmbedder needs a CLIPModel or CLIPVisionModelWithProjection, got {name}: load one with "
                     "transformers' from_pretrained")
-        with pytest.raises(TypeError, match="^" + re.escape(expected) + "$"):
+        with pytest.raises(TypeError, match=whole(expected)):
             ImageEmbedder(wrong)
 
 
@@ -943,7 +943,7 @@ def test_embedder_refuses_what_is_not_a_batch_of_rgb_tensors():
     for bad, got in ((torch.zeros(3, 3, 64), "(3, 3, 64)"), (torch.zeros(2, 64, 64, 3), "(2, 64, 64, 3)"),
                      (np.zeros((2, 3, 64, 64), np.uint8), "ndarray"), ([1, 2], "list")):
         expected = f"images must be a float tensor (B, 3, H, W) in [-1, 1], got {got}{advice}"
-        with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+        with pytest.raises(ValueError, match=whole(expected)):
             emb.preprocess(bad)
 
 
@@ -1031,7 +1031,7 @@ def test_predictor_bad_keyframes_message():
     advice = ": embed the keyframes with an ImageEmbedder of width 16"
     for a, b in (((2, 3, 16), (2, 3, 16)), ((2, 16), (3, 16)), ((2, 8), (2, 8))):
         expected = f"start and end must both be (B, 16) embeddings, got {a} and {b}{advice}"
-        with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+        with pytest.raises(ValueError, match=whole(expected)):
             pred(torch.zeros(a), torch.zeros(b), 4)
 
 
@@ -1050,7 +1050,7 @@ def test_check_frames_takes_ints_from_2_and_nothing_else():
     assert linear_interpolation(torch.zeros(1, 3), torch.ones(1, 3), 2).tolist() == [[[0.0] * 3, [1.0] * 3]]
     for bad in (2.5, 3.0, True, 1, "16"):
         expected = f"frames={bad!r}: a transition needs at least 2 frames (its two keyframes), e.g. 16"
-        with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+        with pytest.raises(ValueError, match=whole(expected)):
             motion.check_frames(bad)
 
 

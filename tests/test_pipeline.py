@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from matching import whole
 from sdlite.attention import ConsistentSelfAttnProcessor, csa_layer_names
 from sdlite.id_encoder import IDEncoder, IDEncoderConfig
 from sdlite.pipeline import (
@@ -294,6 +295,13 @@ def test_bank_estimate_equals_the_measured_bank(sw_pipe, sdxl_folder):
     assert estimate_story_bank(sw_pipe, two, CSAConfig(bank_steps=1), steps=STEPS)["A"] * STEPS == full["A"]
     assert full["A"] == 2 * full["B"]  # A has 2 reference panels, B one
     assert estimate_story_bank(sw_pipe, two, CSAConfig(enabled=False)) == {"A": 0, "B": 0}
+    steps = model_defaults(sw_pipe)["steps"]  # the model's default when steps is not given
+    assert estimate_story_bank(sw_pipe, two) == estimate_story_bank(sw_pipe, two, steps=steps) != \
+        estimate_story_bank(sw_pipe, two, steps=steps - 1)
+    # a size whose latent grid is halved to odd sides (48 x 40 px: 12 x 10 -> 6 x 5 -> 3 x 3), guidance just above 1
+    est = estimate_story_bank(sw_pipe, two, steps=STEPS, height=48, width=40, guidance_scale=1.5)
+    r = generate_story(sw_pipe, two, steps=STEPS, height=48, width=40, guidance_scale=1.5, progress=False)
+    assert sum(est.values()) == r.bank_nbytes > 0
     # a real-layout SDXL at another size, with and without guidance
     pipe = load_pipeline(sdxl_folder)
     story = parse_story("[Bob] a man\n[Bob] reading\n[Bob] running\n[Bob] sleeping")
@@ -340,6 +348,7 @@ def test_bank_settings_name_what_stored_tokens_depend_on():
                         "width": 48, "steps": 4, "guidance_halves": True, "layers": "up",
                         "layer_names": csa_layer_names(pipe.unet, "up"), "bank_steps": 3}
     assert bank_settings(pipe, csa, 4, 32, 32, guidance_scale=1.0)["guidance_halves"] is False  # no guidance
+    assert [bank_settings(pipe, csa, 4, 40, 32, guidance_scale=1.5)[k] for k in ("height", "guidance_halves")] == [40, True]
     assert bank_settings(pipe, CSAConfig(layers="all"), 4, 32, 32, 5.0)["layer_names"] == \
         csa_layer_names(pipe.unet, "all")
 
@@ -353,7 +362,7 @@ def test_a_character_file_made_under_other_settings_is_refused_by_name():
              ({**wanted, "layer_names": ["a"]}, "layer_names (the list differs)")]
     for saved, shown in cases:
         message = f"character file of 'Lily' was made with other settings: {shown}{hint}"
-        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        with pytest.raises(ValueError, match=whole(message)):
             check_bank_settings("Lily", saved, wanted)
 
 
@@ -369,13 +378,21 @@ def test_load_pipeline_defaults_to_storyworld_and_loads_a_half_folder_in_float32
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_asking_for_cuda_without_a_gpu_says_what_to_do():
     message = "device 'cuda' asked for, but torch sees no GPU: use --device cpu (storyworld runs on CPU)"
-    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+    with pytest.raises(ValueError, match=whole(message)):
         load_pipeline("storyworld", device="cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_storyworld_loads_onto_the_asked_device():
-    assert load_pipeline("storyworld", device="cuda").unet.device.type == "cuda"
+    pipe = load_pipeline("storyworld", device="cuda")
+    assert pipe.unet.device.type == "cuda"
+    # the ID path on the GPU: ID prompts, ID images and the encoder's output stay on the pipeline's device
+    story = parse_story("[A] a boy img\n[A] walking in the park\n[A] waving in the park")
+    width = pipe.text_encoder.config.hidden_size
+    enc = IDEncoder(IDEncoderConfig.tiny(width, width, image_size=32)).eval().to("cuda")
+    face = np.full((40, 40, 3), 200, np.uint8)
+    r = generate_story(pipe, story, steps=STEPS, progress=False, id_images={"A": [face]}, id_encoder=enc)
+    assert len(r.images) == 2
 
 
 def test_only_sd15_pipelines_are_loaded_without_their_safety_checker():
@@ -395,7 +412,7 @@ def test_pipeline_folders_named_in_their_messages(tmp_path):
             "one of those (e.g. stabilityai/stable-diffusion-xl-base-1.0) or 'storyworld'")
     for config, holds in [(["not", "a", "dict"], "pipeline without _class_name"), ({}, "pipeline without _class_name"),
                           ({"_class_name": "KandinskyPipeline"}, "KandinskyPipeline")]:
-        with pytest.raises(ValueError, match="^" + re.escape(f"m/x holds a {holds}{hint}") + "$"):
+        with pytest.raises(ValueError, match=whole(f"m/x holds a {holds}{hint}")):
             pipeline_class_name(config, "m/x")
     assert pipeline_class_name({"_class_name": "StableDiffusionPipeline"}, "m/x") == "StableDiffusionPipeline"
     broken = tmp_path / "broken"
@@ -438,3 +455,134 @@ def test_story_result_arrays_are_rgb_whatever_the_panels_mode():
     arrays = StoryResult(images=panels, story=None, seeds=[0, 1], plan=[]).arrays()
     assert arrays.shape == (2, 6, 8, 3) and arrays.dtype == np.uint8
     assert (arrays[0] == 200).all() and (arrays[1] == [10, 20, 30]).all()
+
+
+# --- mutation survivors, pipeline's fourth sitting: what load_pipeline hands diffusers, the ID path's panels ---
+HINT = (": sdlite story runs StableDiffusionXLPipeline (SDXL) and StableDiffusionPipeline (SD1.5) folders; pass one of "
+        "those (e.g. stabilityai/stable-diffusion-xl-base-1.0) or 'storyworld'")
+
+
+def test_storyworld_by_name_or_by_folder_loads_on_the_asked_device(monkeypatch):
+    from sdlite.storyworld import models as sw_models
+
+    seen = []
+    monkeypatch.setattr(sw_models, "load_storyworld", lambda *args, **kwargs: seen.append((args, kwargs)) or "pipe")
+    assert load_pipeline("storyworld", "cpu") == "pipe"
+    assert load_pipeline(sw_models.storyworld_dir(), torch.device("cpu")) == "pipe"
+    assert seen == [((torch.device("cpu"),), {}), ((torch.device("cpu"),), {"folder": sw_models.storyworld_dir()})]
+
+
+def test_wrong_model_paths_get_the_whole_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match=whole(
+            f"{tmp_path} is not a diffusers pipeline folder (no model_index.json): pass a folder written by "
+            "save_pretrained, a hub id, or 'storyworld'")):
+        load_pipeline(tmp_path)
+    with pytest.raises(FileNotFoundError, match=whole(
+            "--model 'm/x/y': no such folder (and not a hub id of the form 'namespace/name'): check the path, or pass "
+            "'storyworld' or a hub id like 'stabilityai/stable-diffusion-xl-base-1.0'")):
+        load_pipeline("m/x/y")
+    (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    with pytest.raises(ValueError, match=whole(f"{tmp_path} holds a KandinskyPipeline{HINT}")):
+        load_pipeline(tmp_path)
+
+
+def test_a_local_folder_is_read_offline_and_sd15_without_its_safety_checker(sd15_folder, monkeypatch):
+    import diffusers
+
+    seen = []
+    real = diffusers.StableDiffusionPipeline.from_pretrained
+
+    def recording(path, **kwargs):
+        seen.append((path, kwargs))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", recording)
+    load_pipeline(sd15_folder)
+    assert seen == [(sd15_folder, {"dtype": torch.float32, "local_files_only": True, "safety_checker": None,
+                                   "feature_extractor": None, "requires_safety_checker": False})]
+
+
+class _HubStub:
+    """diffusers' hub loading without a network: the config a hub id names, and a record of each from_pretrained."""
+
+    def __init__(self, monkeypatch, class_name, fp16_files=True):
+        import diffusers
+
+        self.calls, self.fp16_files = [], fp16_files
+        monkeypatch.setattr(diffusers.DiffusionPipeline, "load_config",
+                            lambda name: self.calls.append(("config", name)) or {"_class_name": class_name})
+        if class_name in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+            monkeypatch.setattr(getattr(diffusers, class_name), "from_pretrained", self.from_pretrained)
+
+    def from_pretrained(self, name, **kwargs):
+        self.calls.append(("load", name, kwargs))
+        if kwargs.get("variant") == "fp16" and not self.fp16_files:
+            raise OSError("no fp16 variant")
+        return self
+
+    def to(self, device):
+        self.calls.append(("to", device))
+        return self
+
+
+def test_a_hub_id_asks_diffusers_for_safetensors_and_fp16_files_where_half_precision_is_used(monkeypatch):
+    sd15 = _HubStub(monkeypatch, "StableDiffusionPipeline")
+    assert load_pipeline("someone/sd15", "cpu") is sd15
+    no_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    assert sd15.calls == [("config", "someone/sd15"),
+                          ("load", "someone/sd15", {"dtype": torch.float32, "use_safetensors": True, "variant": None,
+                                                    **no_checker}),
+                          ("to", torch.device("cpu"))]
+    sdxl = _HubStub(monkeypatch, "StableDiffusionXLPipeline", fp16_files=False)
+    assert load_pipeline("someone/sdxl", "cpu", dtype=torch.float16) is sdxl
+    fp16 = {"dtype": torch.float16, "use_safetensors": True}
+    assert sdxl.calls == [("config", "someone/sdxl"), ("load", "someone/sdxl", {**fp16, "variant": "fp16"}),
+                          ("load", "someone/sdxl", fp16), ("to", torch.device("cpu"))]  # no fp16 files: the default ones
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only the stub touches the 'GPU'
+    on_gpu = _HubStub(monkeypatch, "StableDiffusionXLPipeline")
+    load_pipeline("someone/sdxl", "cuda")
+    assert on_gpu.calls[1] == ("load", "someone/sdxl", {**fp16, "variant": "fp16"})  # CUDA defaults to float16
+    _HubStub(monkeypatch, "KandinskyPipeline")
+    with pytest.raises(ValueError, match=whole(f"someone/kandinsky holds a KandinskyPipeline{HINT}")):
+        load_pipeline("someone/kandinsky")
+
+
+def test_the_id_path_fuses_exactly_the_solo_panels_of_characters_with_id_images(sw_pipe):
+    # Bob has the trigger word but no images, the two-character panel is nobody's, the trigger word in capitals counts
+    story = parse_story("[Lily] a girl IMG\n[Bob] a boy img\n[Lily] walking in the park\n[Bob] sitting on the beach\n"
+                        "[Lily] [Bob] standing in the city\n[Lily] waving in the park")
+    width = sw_pipe.text_encoder.config.hidden_size
+    enc = IDEncoder(IDEncoderConfig.tiny(width, width, image_size=32)).eval()
+    face = np.full((40, 40, 3), 200, np.uint8)
+    kw = dict(steps=STEPS, progress=False, csa=CSAConfig(enabled=False))  # one batch: ID and text-only rows mixed
+    assert [b.panels for b in plan_batches(story, kw["csa"])] == [(0, 1, 2, 3)]
+    plain = _arrays(generate_story(sw_pipe, story, **kw))
+    fused = _arrays(generate_story(sw_pipe, story, id_images={"Lily": [face]}, id_encoder=enc, style_strength_ratio=0,
+                                   **kw))
+    assert [i for i in range(len(story)) if np.abs(plain[i] - fused[i]).max() > 0] == [0, 3]
+    # an encoder in another precision than the pipeline (PhotoMaker's fp32 encoder next to an fp16 SDXL)
+    wide = _arrays(generate_story(sw_pipe, story, id_images={"Lily": [face]}, id_encoder=enc.double(),
+                                  style_strength_ratio=0, **kw))
+    assert np.abs(wide - fused).max() <= 1
+
+
+def test_a_new_bank_lives_where_the_settings_say():
+    from sdlite.pipeline import new_bank
+
+    bank = new_bank(CSAConfig(bank_device="cpu", bank_dtype="float16"))
+    assert (bank.device, bank.dtype) == (torch.device("cpu"), torch.float16)
+    assert (new_bank(CSAConfig()).device, new_bank(CSAConfig()).dtype) == (None, None)  # where the tokens are made
+
+
+def test_without_csa_each_panel_is_what_diffusers_draws_from_its_prompt_and_the_storys_negative(sdxl_folder):
+    pipe = load_pipeline(sdxl_folder)
+    size = dict(height=64, width=64, guidance_scale=5.0)
+    for text in ("[Bob] a man\n[Bob] reading\n[Bob] running",  # no negative: SDXL's zeros for an empty one
+                 "negative: a hat\n[Bob] a man\n[Bob] reading\n[Bob] running"):
+        story = parse_story(text)
+        r = generate_story(pipe, story, steps=STEPS, seed=3, progress=False, csa=CSAConfig(enabled=False), **size)
+        for i, panel in enumerate(story.panels):
+            ref = pipe(prompt=panel.prompt, negative_prompt=story.negative_prompt or None, num_inference_steps=STEPS,
+                       generator=torch.Generator().manual_seed(3 + i), output_type="pil", **size).images[0]
+            diff = np.abs(np.asarray(ref, np.int16) - _arrays(r)[i])
+            assert diff.max() <= 2, (text, i)  # panels batched together vs one by one: float noise only

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 
+from matching import whole
 from sdlite.story import (
     FULL_CLIP_VOCABULARY,
     STYLES,
@@ -20,10 +21,6 @@ from sdlite.story import (
     parse_story,
     read_story,
 )
-
-
-def whole(message: str) -> str:
-    return "^" + re.escape(message) + "$"
 
 
 class _Encoding:
