@@ -505,10 +505,10 @@ def test_a_local_folder_is_read_offline_and_sd15_without_its_safety_checker(sd15
 class _HubStub:
     """diffusers' hub loading without a network: the config a hub id names, and a record of each from_pretrained."""
 
-    def __init__(self, monkeypatch, class_name, fp16_files=True):
+    def __init__(self, monkeypatch, class_name, fp16_files=True, cached=True):
         import diffusers
 
-        self.calls, self.fp16_files = [], fp16_files
+        self.calls, self.fp16_files, self.cached = [], fp16_files, cached
         monkeypatch.setattr(diffusers.DiffusionPipeline, "load_config",
                             lambda name: self.calls.append(("config", name)) or {"_class_name": class_name})
         if class_name in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
@@ -516,6 +516,8 @@ class _HubStub:
 
     def from_pretrained(self, name, **kwargs):
         self.calls.append(("load", name, kwargs))
+        if not self.cached:
+            raise OSError("not in the cache, and no network")
         if kwargs.get("variant") == "fp16" and not self.fp16_files:
             raise OSError("no fp16 variant")
         return self
@@ -533,15 +535,25 @@ def test_a_hub_id_asks_diffusers_for_safetensors_and_fp16_files_where_half_preci
                           ("load", "someone/sd15", {"dtype": torch.float32, "use_safetensors": True, "variant": None,
                                                     **no_checker}),
                           ("to", torch.device("cpu"))]
-    sdxl = _HubStub(monkeypatch, "StableDiffusionXLPipeline", fp16_files=False)
-    assert load_pipeline("someone/sdxl", "cpu", dtype=torch.float16) is sdxl
+    half = _HubStub(monkeypatch, "StableDiffusionPipeline", fp16_files=False)
+    assert load_pipeline("someone/sd15", "cpu", dtype=torch.float16) is half
     fp16 = {"dtype": torch.float16, "use_safetensors": True}
-    assert sdxl.calls == [("config", "someone/sdxl"), ("load", "someone/sdxl", {**fp16, "variant": "fp16"}),
-                          ("load", "someone/sdxl", fp16), ("to", torch.device("cpu"))]  # no fp16 files: the default ones
+    assert half.calls == [("config", "someone/sd15"), ("load", "someone/sd15", {**fp16, "variant": "fp16", **no_checker}),
+                          ("load", "someone/sd15", {**fp16, **no_checker}),  # no fp16 files: the default ones
+                          ("to", torch.device("cpu"))]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only the stub touches the 'GPU'
     on_gpu = _HubStub(monkeypatch, "StableDiffusionXLPipeline")
     load_pipeline("someone/sdxl", "cuda")
-    assert on_gpu.calls[1] == ("load", "someone/sdxl", {**fp16, "variant": "fp16"})  # CUDA defaults to float16
+    assert on_gpu.calls[1:] == [("load", "someone/sdxl", {**fp16, "variant": "fp16"}),  # CUDA: float16 by default
+                                ("to", torch.device("cuda"))]
+    offline = _HubStub(monkeypatch, "StableDiffusionXLPipeline", cached=False)
+    with pytest.raises(FileNotFoundError, match=whole(
+            "--model 'someone/sdxl' was taken as a hub id (no local folder of that name), and could not be loaded "
+            "(OSError): without a network the weights must be in the Hugging Face cache (run once online: "
+            "`huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0`) or in a local folder passed as "
+            "--model PATH")):
+        load_pipeline("someone/sdxl", "cpu")
+    assert [call[0] for call in offline.calls] == ["config", "load"]  # float32: no second try without a variant
     _HubStub(monkeypatch, "KandinskyPipeline")
     with pytest.raises(ValueError, match=whole(f"someone/kandinsky holds a KandinskyPipeline{HINT}")):
         load_pipeline("someone/kandinsky")
