@@ -23,7 +23,6 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -394,25 +393,26 @@ def id_pixel_values(images, size: int, device=None, dtype=None, mean=CLIP_MEAN, 
     return torch.stack(out).to(device=device, dtype=dtype)
 
 
-_REGISTERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a pipeline's tokenizer -> its copy + trigger
-
-
 def photomaker_tokenizers(pipe, trigger_word: str = TRIGGER_WORD) -> tuple:
     """The pipeline's two tokenizers with PhotoMaker's trigger word registered (one special token on both, as
     PhotoMaker's loader does): the tokenizers themselves when they know it already (storyworld's), otherwise copies
-    with it added, made once per tokenizer. The pipeline's own tokenizers are left as they are, so that a story run
-    without ID images tokenizes exactly as before. The text encoders need no new embedding row: the trigger is
-    dropped before any token reaches them (:func:`sdlite.tokenization.encode_with_trigger`)."""
+    with it added. The pipeline's own tokenizers are left as they are, so that a story run without ID images tokenizes
+    exactly as before. The text encoders need no new embedding row: the trigger is dropped before any token reaches
+    them (:func:`sdlite.tokenization.encode_with_trigger`). A copy takes about half a second on a CPU (CLIP's 49k-word
+    vocabulary), so the pipeline keeps its copies: one per tokenizer and trigger word, made again if a tokenizer
+    is replaced."""
+    copies = pipe.__dict__.setdefault("_photomaker_tokenizers", {})  # (slot, trigger) -> (original, copy)
     tokenizers = []
-    for tok in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)):
+    for slot in ("tokenizer", "tokenizer_2"):
+        tok = getattr(pipe, slot, None)
         if tok is None:
             raise ValueError("the PhotoMaker path needs an SDXL pipeline with two tokenizers (tokenizer, tokenizer_2)")
         if trigger_word not in tok.get_added_vocab():
-            registered = _REGISTERED.get(tok)
-            if registered is None:
+            original, registered = copies.get((slot, trigger_word), (None, None))
+            if original is not tok:
                 registered = copy.deepcopy(tok)
                 add_trigger_word(registered, trigger_word)
-                _REGISTERED[tok] = registered
+                copies[slot, trigger_word] = (tok, registered)
             tok = registered
         tokenizers.append(tok)
     return tuple(tokenizers)

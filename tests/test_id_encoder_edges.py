@@ -135,6 +135,13 @@ def test_photomaker_tokenizers_register_the_trigger_word_they_are_given():
     tokenizers = photomaker_tokenizers(pipe, trigger_word="zqx")
     assert all("zqx" in tok.get_added_vocab() for tok in tokenizers)
     assert "zqx" not in pipe.tokenizer.get_added_vocab()  # the pipeline's own tokenizers stay as they were
+    again = photomaker_tokenizers(pipe, trigger_word="zqx")
+    assert again[0] is tokenizers[0] and again[1] is tokenizers[1]  # copied once per tokenizer and trigger word
+    other = photomaker_tokenizers(pipe, trigger_word="qqz")  # another trigger word: other copies, each knows its own
+    assert all("qqz" in tok.get_added_vocab() and "zqx" not in tok.get_added_vocab() for tok in other)
+    pipe.tokenizer_2 = build_storyworld_tokenizer()  # a tokenizer replaced: copied again, from the new one
+    renewed = photomaker_tokenizers(pipe, trigger_word="zqx")
+    assert renewed[0] is tokenizers[0] and renewed[1] is not tokenizers[1] and "zqx" in renewed[1].get_added_vocab()
 
 
 def test_fusing_nothing_or_the_same_lora_again_reports_no_fusion():
