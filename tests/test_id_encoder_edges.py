@@ -214,3 +214,14 @@ def test_fusing_a_photomaker_lora_refuses_each_case_with_its_fix():
     good = _LoraPipe()
     assert fuse_photomaker_lora(good, lora) is True
     assert good.calls == ["load", ("fuse", ("photomaker",)), "unload"] and good.unet.photomaker_lora == lora_fingerprint(lora)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_id_prompts_are_encoded_on_the_text_encoders_device():
+    from sdlite.id_encoder import encode_id_prompts
+    from sdlite.storyworld.models import load_storyworld
+
+    pipe = load_storyworld("cuda")
+    embeds, pooled, mask = encode_id_prompts(pipe.text_encoder, pipe.text_encoder_2, photomaker_tokenizers(pipe),
+                                             ["a girl img, walking in the park"], 1, "cuda")
+    assert {t.device.type for t in (embeds, pooled, mask)} == {"cuda"} and int(mask.sum()) == 1

@@ -586,8 +586,9 @@ def test_a_new_bank_lives_where_the_settings_say():
     assert (new_bank(CSAConfig()).device, new_bank(CSAConfig()).dtype) == (None, None)  # where the tokens are made
 
 
-def test_without_csa_each_panel_is_what_diffusers_draws_from_its_prompt_and_the_storys_negative(sdxl_folder):
-    pipe = load_pipeline(sdxl_folder)
+@pytest.mark.parametrize("folder", ["sdxl_folder", "sd15_folder"])
+def test_without_csa_each_panel_is_what_diffusers_draws_from_its_prompt_and_the_storys_negative(folder, request):
+    pipe = load_pipeline(request.getfixturevalue(folder))
     size = dict(height=64, width=64, guidance_scale=5.0)
     for text in ("[Bob] a man\n[Bob] reading\n[Bob] running",  # no negative: SDXL's zeros for an empty one
                  "negative: a hat\n[Bob] a man\n[Bob] reading\n[Bob] running"):
@@ -598,3 +599,17 @@ def test_without_csa_each_panel_is_what_diffusers_draws_from_its_prompt_and_the_
                        generator=torch.Generator().manual_seed(3 + i), output_type="pil", **size).images[0]
             diff = np.abs(np.asarray(ref, np.int16) - _arrays(r)[i])
             assert diff.max() <= 2, (text, i)  # panels batched together vs one by one: float noise only
+
+
+def test_each_batch_is_tiled_as_the_settings_say(sw_pipe):
+    story = parse_story(FOUR)  # id_length=4: one write batch of the four panels
+
+    def run(**tiles):
+        csa = CSAConfig(id_length=4, **tiles)
+        return _arrays(generate_story(sw_pipe, story, steps=STEPS, progress=False, csa=csa))
+
+    one_window = run()
+    assert np.array_equal(run(tile=8), one_window)  # a tile larger than the batch is one window over it
+    disjoint = run(tile=2)
+    assert np.abs(disjoint - one_window).max() > 0  # two windows of two panels
+    assert np.abs(run(tile=2, stride=1) - disjoint).max() > 0  # the paper's sliding window
