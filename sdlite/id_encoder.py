@@ -54,7 +54,7 @@ class MLP(nn.Module):
 
 
 class FuseModule(nn.Module):
-    """Fuse class-token embeddings with ID embeddings, token by token: (M, D), (M, D) -> (M, D)."""
+    """Fuse class-token embeddings with ID embeddings, token by token: (..., M, D), (..., M, D) -> (..., M, D)."""
 
     def __init__(self, embed_dim: int):
         super().__init__()
@@ -64,9 +64,9 @@ class FuseModule(nn.Module):
         self.layer_norm = nn.LayerNorm(embed_dim)
 
     def forward(self, class_embeds: torch.Tensor, id_embeds: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([class_embeds, id_embeds], dim=-1)  # (M, 2D)
-        x = self.mlp1(x) + class_embeds  # (M, D): concat -> MLP, plus the class embedding added back
-        x = self.mlp2(x)  # (M, D): residual MLP
+        x = torch.cat([class_embeds, id_embeds], dim=-1)  # (..., M, 2D)
+        x = self.mlp1(x) + class_embeds  # (..., M, D): concat -> MLP, plus the class embedding added back
+        x = self.mlp2(x)  # (..., M, D): residual MLP
         return self.layer_norm(x)
 
 

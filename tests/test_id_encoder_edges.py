@@ -6,6 +6,7 @@ import pickle
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,3 +226,24 @@ def test_id_prompts_are_encoded_on_the_text_encoders_device():
     embeds, pooled, mask = encode_id_prompts(pipe.text_encoder, pipe.text_encoder_2, photomaker_tokenizers(pipe),
                                              ["a girl img, walking in the park"], 1, "cuda")
     assert {t.device.type for t in (embeds, pooled, mask)} == {"cuda"} and int(mask.sum()) == 1
+
+
+def test_fuse_and_projection_take_any_leading_axes():
+    from sdlite.id_encoder import FuseModule
+
+    torch.manual_seed(0)
+    fuse = FuseModule(8).eval()
+    class_embeds, id_embeds = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    rows = torch.stack([fuse(class_embeds[b], id_embeds[b]) for b in range(2)])  # (M, D) at a time
+    torch.testing.assert_close(fuse(class_embeds, id_embeds), rows)
+    encoder = IDEncoder(IDEncoderConfig.tiny()).eval()
+    pooled = torch.randn(2, 3, encoder.config.vision["hidden_size"])
+    torch.testing.assert_close(encoder.project(pooled), torch.stack([encoder.project(p) for p in pooled]))
+
+
+def test_id_images_go_to_the_encoders_dtype_or_the_device_asked():
+    encoder = IDEncoder(IDEncoderConfig.tiny()).double()
+    face = np.full((40, 30, 3), 90, np.uint8)
+    pix = encoder.pixel_values([face])
+    assert (pix.dtype, pix.device.type) == (torch.float64, "cpu")  # the encoder's own
+    assert encoder.pixel_values([face], torch.device("meta")).device.type == "meta"  # where the caller says

@@ -567,7 +567,7 @@ def test_the_id_path_fuses_exactly_the_solo_panels_of_characters_with_id_images(
     enc = IDEncoder(IDEncoderConfig.tiny(width, width, image_size=32)).eval()
     face = np.full((40, 40, 3), 200, np.uint8)
     kw = dict(steps=STEPS, progress=False, csa=CSAConfig(enabled=False))  # one batch: ID and text-only rows mixed
-    assert [b.panels for b in plan_batches(story, kw["csa"])] == [(0, 1, 2, 3)]
+    assert plan_batches(story, kw["csa"]) == plan_batches(story, None) == [Batch("plain", (), (0, 1, 2, 3))]
     plain = _arrays(generate_story(sw_pipe, story, **kw))
     fused = _arrays(generate_story(sw_pipe, story, id_images={"Lily": [face]}, id_encoder=enc, style_strength_ratio=0,
                                    **kw))
@@ -613,3 +613,30 @@ def test_each_batch_is_tiled_as_the_settings_say(sw_pipe):
     disjoint = run(tile=2)
     assert np.abs(disjoint - one_window).max() > 0  # two windows of two panels
     assert np.abs(run(tile=2, stride=1) - disjoint).max() > 0  # the paper's sliding window
+
+
+@pytest.mark.parametrize("guidance", [5.0, 1.0])
+def test_after_the_merge_step_the_id_prompt_replaces_the_tokens_and_the_pooled_embedding(sw_pipe, monkeypatch, guidance):
+    story = parse_story("[A] a boy img\n[A] walking in the park")
+    width = sw_pipe.text_encoder.config.hidden_size
+    enc = IDEncoder(IDEncoderConfig.tiny(width, width, image_size=32)).eval()
+    seen = []  # per step: the conditional half's tokens and pooled embedding, and the unconditional half's
+    forward = sw_pipe.unet.forward
+
+    def recording(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=None, **kwargs):
+        seen.append((encoder_hidden_states.clone(), added_cond_kwargs["text_embeds"].clone()))
+        return forward(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    monkeypatch.setattr(sw_pipe.unet, "forward", recording)
+    generate_story(sw_pipe, story, steps=4, guidance_scale=guidance, progress=False, csa=CSAConfig(enabled=False),
+                   id_images={"A": [np.full((40, 40, 3), v, np.uint8) for v in (90, 200)]}, id_encoder=enc,
+                   style_strength_ratio=50)  # two ID images: "a boy boy": its pooled embedding differs from "a boy"
+    halves = 2 if guidance > 1 else 1
+    assert len(seen) == 4 and all(tokens.shape[0] == pooled.shape[0] == halves for tokens, pooled in seen)
+    cond = [(tokens[-1], pooled[-1]) for tokens, pooled in seen]
+    for step in (1, 2):  # merge step int(50 % x 4) = 2: the text-only prompt up to and including it
+        assert torch.equal(cond[step][0], cond[0][0]) and torch.equal(cond[step][1], cond[0][1])
+    assert not torch.equal(cond[3][0], cond[0][0]) and not torch.equal(cond[3][1], cond[0][1])  # then the ID prompt
+    if halves == 2:  # the negative half never changes
+        assert all(torch.equal(tokens[0], seen[0][0][0]) and torch.equal(pooled[0], seen[0][1][0])
+                   for tokens, pooled in seen)
