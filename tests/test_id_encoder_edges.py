@@ -247,3 +247,16 @@ def test_id_images_go_to_the_encoders_dtype_or_the_device_asked():
     pix = encoder.pixel_values([face])
     assert (pix.dtype, pix.device.type) == (torch.float64, "cpu")  # the encoder's own
     assert encoder.pixel_values([face], torch.device("meta")).device.type == "meta"  # where the caller says
+
+
+def test_one_set_of_id_embeddings_and_one_mask_serve_every_prompt_of_a_batch():
+    from sdlite.id_encoder import FuseModule, fuse_id_embeddings
+
+    torch.manual_seed(0)
+    fuse = FuseModule(8).eval()
+    prompts, ids = torch.randn(3, 6, 8), torch.randn(2, 8)  # three prompts, two ID embeddings for all of them
+    mask = torch.tensor([False, True, True, False, False, False])
+    shared = fuse_id_embeddings(prompts, ids, mask, fuse)
+    per_prompt = fuse_id_embeddings(prompts, ids.expand(3, 2, 8), mask.expand(3, 6), fuse)
+    torch.testing.assert_close(shared, per_prompt)
+    assert shared.shape == (3, 6, 8) and not torch.equal(shared[:, 1:3], prompts[:, 1:3])

@@ -60,6 +60,9 @@ def test_plan_writes_references_then_reads_in_bounded_batches():
     assert Batch("read", ("A",), (2, 3, 4)) in plan and Batch("read", ("A",), (5,)) in plan
     assert Batch("read", ("B",), (8,)) in plan and Batch("read", ("A", "B"), (9,)) in plan
     assert Batch("plain", (), (10,)) in plan
+    # a full batch of panels without characters is plain too, as is the last, shorter one
+    scenery = plan_batches(parse_story("[A] a boy\n[A] walking\n" + "[NC] the park\n" * 4), CSAConfig(read_batch=3))
+    assert scenery == [Batch("write", ("A",), (0,)), Batch("plain", (), (1, 2, 3)), Batch("plain", (), (4,))]
     covered = sorted(i for b in plan for i in b.panels)
     assert covered == list(range(len(story)))  # every panel exactly once
     # long stories: no batch grows with the story
