@@ -260,3 +260,24 @@ def test_one_set_of_id_embeddings_and_one_mask_serve_every_prompt_of_a_batch():
     per_prompt = fuse_id_embeddings(prompts, ids.expand(3, 2, 8), mask.expand(3, 6), fuse)
     torch.testing.assert_close(shared, per_prompt)
     assert shared.shape == (3, 6, 8) and not torch.equal(shared[:, 1:3], prompts[:, 1:3])
+
+
+@pytest.mark.parametrize("prompt_shape, ids_shape, mask, message", [
+    ((10, 8), (1, 1, 8), torch.ones(10, dtype=torch.bool),
+     "prompt_embeds must be (batch, length, dim), got shape (10, 8)"),
+    ((1, 10, 8), (1, 1, 8), torch.ones(10), "class_tokens_mask must be a bool tensor, got torch.float32: use mask.bool()"),
+    ((1, 10, 8), (1, 1, 8), torch.ones(9, dtype=torch.bool),
+     "class_tokens_mask has shape (9,) but prompt_embeds is (1, 10, 8): the mask needs one entry per prompt token"),
+    ((1, 10, 8), (1, 1, 6), torch.ones(10, dtype=torch.bool),
+     "id_embeds has shape (1, 1, 6); expected (batch=1, num_id_images, dim=8) to match prompt_embeds"),
+    ((1, 10, 8), (2, 1, 8), torch.ones(10, dtype=torch.bool),
+     "id_embeds has shape (2, 1, 8); expected (batch=1, num_id_images, dim=8) to match prompt_embeds"),
+    ((1, 10, 8), (1, 3, 8), torch.zeros(10, dtype=torch.bool),
+     "class_tokens_mask marks [0] tokens per prompt for 3 ID embeddings: each prompt needs the same non-zero multiple "
+     "of 3 (encode with encode_with_trigger(..., num_id_images=3))"),
+])
+def test_fusing_mismatched_embeddings_says_which_shape_is_wrong(prompt_shape, ids_shape, mask, message):
+    from sdlite.id_encoder import FuseModule, fuse_id_embeddings
+
+    with pytest.raises(ValueError, match=whole(message)):
+        fuse_id_embeddings(torch.randn(prompt_shape), torch.randn(ids_shape), mask, FuseModule(8))

@@ -643,3 +643,14 @@ def test_after_the_merge_step_the_id_prompt_replaces_the_tokens_and_the_pooled_e
     if halves == 2:  # the negative half never changes
         assert all(torch.equal(tokens[0], seen[0][0][0]) and torch.equal(pooled[0], seen[0][1][0])
                    for tokens, pooled in seen)
+
+
+def test_each_kind_of_model_has_its_defaults(sw_pipe, sdxl_folder, sd15_folder):
+    from sdlite.pipeline import REAL_BANK_STEPS, REAL_ID_LENGTH
+
+    assert model_defaults(sw_pipe) == {"steps": 20, "guidance_scale": 5.0, "layers": "all", "first_steps_without_csa": 0,
+                                       "rate": 1.0, "id_length": 4, "bank_steps": None}
+    real = {"steps": 35, "layers": "up", "first_steps_without_csa": 1, "rate": 0.5, "id_length": REAL_ID_LENGTH,
+            "bank_steps": REAL_BANK_STEPS}
+    assert model_defaults(load_pipeline(sdxl_folder)) == {**real, "guidance_scale": 5.0}  # the official demo's
+    assert model_defaults(load_pipeline(sd15_folder)) == {**real, "guidance_scale": 7.5}  # diffusers' SD1.5 default
