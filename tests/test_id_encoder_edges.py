@@ -281,3 +281,28 @@ def test_fusing_mismatched_embeddings_says_which_shape_is_wrong(prompt_shape, id
 
     with pytest.raises(ValueError, match=whole(message)):
         fuse_id_embeddings(torch.randn(prompt_shape), torch.randn(ids_shape), mask, FuseModule(8))
+
+
+def test_a_checkpoint_file_is_read_as_photomaker_v1_and_a_missing_path_is_named(tmp_path, monkeypatch):
+    import sdlite.id_encoder as id_encoder
+
+    seen = []
+    monkeypatch.setattr(id_encoder, "load_photomaker_id_encoder", lambda path: seen.append(path) or "v1 encoder")
+    checkpoint = tmp_path / "photomaker-v1.bin"
+    checkpoint.write_bytes(b"weights")
+    assert id_encoder.load_id_encoder(checkpoint) == "v1 encoder" and seen == [checkpoint]
+    with pytest.raises(FileNotFoundError, match=whole(
+            f"no ID encoder at {tmp_path / 'nope'}: pass an ID encoder folder (with {id_encoder.ID_ENCODER_WEIGHTS}) "
+            "or a PhotoMaker v1 checkpoint file (photomaker-v1.bin)")):
+        id_encoder.load_id_encoder(tmp_path / "nope")
+
+
+def test_id_embeddings_take_the_prompts_precision():
+    from sdlite.id_encoder import FuseModule, fuse_id_embeddings
+
+    torch.manual_seed(0)
+    fuse = FuseModule(8).double().eval()
+    prompts, ids, mask = torch.randn(1, 4, 8, dtype=torch.float64), torch.randn(1, 1, 8), torch.tensor([0, 1, 0, 0]) > 0
+    out = fuse_id_embeddings(prompts, ids, mask, fuse)  # float32 ID embeddings, a float64 prompt and module
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, fuse_id_embeddings(prompts, ids.double(), mask, fuse))

@@ -654,3 +654,29 @@ def test_each_kind_of_model_has_its_defaults(sw_pipe, sdxl_folder, sd15_folder):
             "bank_steps": REAL_BANK_STEPS}
     assert model_defaults(load_pipeline(sdxl_folder)) == {**real, "guidance_scale": 5.0}  # the official demo's
     assert model_defaults(load_pipeline(sd15_folder)) == {**real, "guidance_scale": 7.5}  # diffusers' SD1.5 default
+
+
+def test_generate_storys_own_checks_say_what_to_pass(sw_pipe, sd15_folder):
+    story = parse_story(FOUR)
+    face = np.full((40, 40, 3), 200, np.uint8)
+    enc = IDEncoder(IDEncoderConfig.tiny(16, 16, image_size=32))
+    cases = [
+        (dict(csa={"rate": 0.5}), TypeError, "csa must be a CSAConfig, got dict: e.g. CSAConfig(rate=0.5)"),
+        (dict(story=FOUR), TypeError, "story must be a parsed Story, got str: use sdlite.story.parse_story(text)"),
+        (dict(steps=True), ValueError, "steps must be an int >= 1, got True"),
+        (dict(steps=2.0), ValueError, "steps must be an int >= 1, got 2.0"),
+        (dict(id_encoder=enc), ValueError,
+         "the PhotoMaker path needs both id_images={name: [images]} and id_encoder=IDEncoder(...)"),
+        (dict(id_images={"Lily": []}, id_encoder=enc), ValueError,
+         "every character in id_images needs at least one image"),
+        (dict(id_images={"Bob": [face]}, id_encoder=enc), ValueError,
+         "id_images names ['Bob'], not characters of the story (['Lily'])"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=whole(message)):
+            generate_story(sw_pipe, kwargs.pop("story", story), progress=False, **kwargs)
+    with pytest.raises(ValueError, match=whole(
+            "the PhotoMaker path needs an SDXL pipeline (PhotoMaker fuses into both SDXL text encoders' tokens): load "
+            "an SDXL model, or drop id_images for SD1.5")):
+        generate_story(load_pipeline(sd15_folder), story, id_images={"Lily": [face]}, id_encoder=enc)
+    assert len(generate_story(sw_pipe, story, steps=1, progress=False).images) == 4  # one step is enough
