@@ -306,3 +306,20 @@ def test_id_embeddings_take_the_prompts_precision():
     out = fuse_id_embeddings(prompts, ids, mask, fuse)  # float32 ID embeddings, a float64 prompt and module
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, fuse_id_embeddings(prompts, ids.double(), mask, fuse))
+
+
+def test_a_broken_id_encoder_folder_is_named_with_the_fix(tmp_path):
+    from sdlite.id_encoder import ID_ENCODER_CONFIG, ID_ENCODER_WEIGHTS
+
+    folder = save_id_encoder(IDEncoder(IDEncoderConfig.tiny()), tmp_path / "enc")
+    (folder / ID_ENCODER_WEIGHTS).rename(tmp_path / "weights")
+    with pytest.raises(FileNotFoundError, match=whole(
+            f"{folder} is not an ID encoder folder: {ID_ENCODER_WEIGHTS} is missing (write one with "
+            "sdlite.id_encoder.save_id_encoder)")):
+        load_id_encoder(folder)
+    (tmp_path / "weights").rename(folder / ID_ENCODER_WEIGHTS)
+    (folder / ID_ENCODER_CONFIG).write_text('{"projection_dim": 8, "colour": "red"}')
+    # the rest is Python's own TypeError message, which names the field
+    with pytest.raises(ValueError, match=r"\A" + re.escape(f"{folder / ID_ENCODER_CONFIG} is not a valid IDEncoderConfig: ")
+                       + r".*'colour'\Z"):
+        load_id_encoder(folder)

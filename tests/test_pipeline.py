@@ -680,3 +680,36 @@ def test_generate_storys_own_checks_say_what_to_pass(sw_pipe, sd15_folder):
             "an SDXL model, or drop id_images for SD1.5")):
         generate_story(load_pipeline(sd15_folder), story, id_images={"Lily": [face]}, id_encoder=enc)
     assert len(generate_story(sw_pipe, story, steps=1, progress=False).images) == 4  # one step is enough
+
+
+def test_csa_settings_are_checked_at_their_bounds_with_whole_messages():
+    from sdlite.pipeline import MODEL_DEFAULT
+
+    for ok in (dict(rate=0), dict(rate=1), dict(rate=0.25), dict(first_steps_without_csa=0), dict(tile=2, stride=1),
+               dict(tile=2, stride=2), dict(id_length=1, bank_steps=1, read_batch=1), dict(id_length=MODEL_DEFAULT),
+               dict(bank_steps=MODEL_DEFAULT), dict(rate_by_scale={1: 0, 32: 1}), dict(bank_dtype="bfloat16")):
+        CSAConfig(**ok)  # accepted
+    bad = [(dict(rate=r), f"rate must be in [0, 1], got {r!r}: e.g. rate=0.5") for r in (True, -0.1, 1.5, "0.5")]
+    bad += [(dict(first_steps_without_csa=f),
+             f"first_steps_without_csa must be an int >= 0 or None (model default), got {f!r}") for f in (True, -1, 1.5)]
+    bad += [({name: v}, f"{name} must be an int >= 1 or None, got {v!r}")
+            for name in ("tile", "id_length", "bank_steps") for v in (0, True, 2.5)]
+    bad += [(dict(tile=MODEL_DEFAULT), "tile must be an int >= 1 or None, got 'model'"),  # tile has no model default
+            (dict(rate_by_scale={"x": 0.5}), "rate_by_scale must map a scale to a rate, e.g. {32: 0.5, 16: 0.5}, got "
+                                             "{'x': 0.5}"),
+            (dict(rate_by_scale=[1, 2]), "rate_by_scale must map a scale to a rate, e.g. {32: 0.5, 16: 0.5}, got [1, 2]"),
+            (dict(rate_by_scale={0: 0.5}), "rate_by_scale needs scales >= 1 and rates in [0, 1], got {0: 0.5}"),
+            (dict(rate_by_scale={16: 1.5}), "rate_by_scale needs scales >= 1 and rates in [0, 1], got {16: 1.5}"),
+            (dict(bank_dtype="float64"), "bank_dtype must be 'float16', 'bfloat16', 'float32' or None, got 'float64'"),
+            (dict(tile=1), "tile=1 puts every image alone in its window (no consistency): use tile >= 2, None (whole "
+                           "batch), or enabled=False for no CSA"),
+            (dict(stride=1), "stride=1 needs a tile and 1 <= stride <= tile: e.g. tile=4, stride=2"),
+            (dict(tile=2, stride=3), "stride=3 needs a tile and 1 <= stride <= tile: e.g. tile=4, stride=2"),
+            (dict(tile=2, stride=0), "stride=0 needs a tile and 1 <= stride <= tile: e.g. tile=4, stride=2"),
+            (dict(read_batch=0), "read_batch must be an int >= 1, got 0"),
+            (dict(read_batch=True), "read_batch must be an int >= 1, got True"),
+            (dict(layers="middle"), "layers must be 'up', 'all', 'down', 'mid' or None (model default), got 'middle'")]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=whole(message)):
+            CSAConfig(**kwargs)
+    assert CSAConfig(rate_by_scale={"32": "0.5", 16: 1}).rate_by_scale == ((16, 1.0), (32, 0.5))  # sorted, hashable
