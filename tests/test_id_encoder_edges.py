@@ -323,3 +323,13 @@ def test_a_broken_id_encoder_folder_is_named_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"\A" + re.escape(f"{folder / ID_ENCODER_CONFIG} is not a valid IDEncoderConfig: ")
                        + r".*'colour'\Z"):
         load_id_encoder(folder)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_checkpoint_saved_from_a_gpu_loads_onto_the_cpu(tmp_path):
+    encoder = IDEncoder(IDEncoderConfig.tiny()).to("cuda")
+    path = save_photomaker_checkpoint(encoder, tmp_path / "photomaker.bin",
+                                      lora_weights={"unet.a.to_q_lora.down.weight": torch.ones(2, 4, device="cuda")})
+    loaded = load_photomaker_id_encoder(path, IDEncoderConfig.tiny())
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    assert {t.device.type for t in loaded.lora_weights.values()} == {"cpu"}
