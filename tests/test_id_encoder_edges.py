@@ -333,3 +333,36 @@ def test_a_checkpoint_saved_from_a_gpu_loads_onto_the_cpu(tmp_path):
     loaded = load_photomaker_id_encoder(path, IDEncoderConfig.tiny())
     assert {p.device.type for p in loaded.parameters()} == {"cpu"}
     assert {t.device.type for t in loaded.lora_weights.values()} == {"cpu"}
+
+
+def test_every_checkpoint_refusal_is_one_whole_message(tmp_path):
+    tiny = IDEncoderConfig.tiny()
+    state = IDEncoder(tiny).state_dict()
+    with pytest.raises(FileNotFoundError, match=whole(
+            f"no checkpoint file at {tmp_path / 'nope.bin'}: download photomaker-v1.bin or pass its path")):
+        load_photomaker_id_encoder(tmp_path / "nope.bin", tiny)
+    v2 = {**state, "qformer_perceiver.token_proj.0.weight": torch.zeros(4, 4)}
+    with pytest.raises(ValueError, match=whole(
+            "this is a PhotoMaker v2 checkpoint (its ID encoder has a qformer_perceiver): v2 also needs face-recognition "
+            "embeddings of every ID photo (InsightFace's ArcFace model, a separate download), which cannot be computed "
+            "offline here; sdlite runs PhotoMaker v1: use photomaker-v1.bin")):
+        load_photomaker_id_encoder({"id_encoder": v2, "lora_weights": {}}, tiny)
+    for lora in ([torch.zeros(2)], {"a.weight": [1.0]}, {3: torch.zeros(2)}):
+        with pytest.raises(ValueError, match=whole(
+                "the checkpoint's lora_weights must be a dict of name -> tensor (PhotoMaker v1: the UNet LoRA in "
+                "diffusers' format); pass {} when there is none")):
+            load_photomaker_id_encoder({"id_encoder": state, "lora_weights": lora}, tiny)
+    name = "visual_projection_2.weight"
+    wrong = {**state, name: torch.zeros(3, 3)}
+    with pytest.raises(ValueError, match=whole(
+            f"shape mismatch for {name}: checkpoint (3, 3) vs model {tuple(state[name].shape)}; pass the IDEncoderConfig "
+            "the checkpoint was made with")):
+        load_photomaker_id_encoder({"id_encoder": wrong, "lora_weights": {}}, tiny)
+    extra = {**state, "a.weight": torch.zeros(1), "b.weight": torch.zeros(1), "c.weight": torch.zeros(1),
+             "d.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match=whole(
+            "the id_encoder state dict does not fit this IDEncoderConfig: 0 missing keys [], 4 unexpected keys "
+            "['a.weight', 'b.weight', 'c.weight']; is it a PhotoMaker v1 checkpoint (v2 has another ID encoder)?")):
+        load_photomaker_id_encoder({"id_encoder": extra, "lora_weights": {}}, tiny)
+    loaded = load_photomaker_id_encoder({"id_encoder": state, "lora_weights": None}, tiny)  # None: no LoRA
+    assert loaded.lora_weights == {}
