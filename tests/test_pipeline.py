@@ -386,7 +386,10 @@ def test_asking_for_cuda_without_a_gpu_says_what_to_do():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_storyworld_loads_onto_the_asked_device():
+def test_storyworld_loads_onto_the_asked_device(sd15_folder):
+    sd15 = load_pipeline(sd15_folder, device="cuda")  # SD1.5's prompts are encoded on the device passed to it
+    story = parse_story("[Bob] a man\n[Bob] reading\n[Bob] running")
+    assert len(generate_story(sd15, story, steps=STEPS, height=64, width=64, progress=False).images) == 2
     pipe = load_pipeline("storyworld", device="cuda")
     assert pipe.unet.device.type == "cuda"
     # the ID path on the GPU: ID prompts, ID images and the encoder's output stay on the pipeline's device
