@@ -301,11 +301,12 @@ def test_id_embeddings_take_the_prompts_precision():
     from sdlite.id_encoder import FuseModule, fuse_id_embeddings
 
     torch.manual_seed(0)
-    fuse = FuseModule(8).double().eval()
-    prompts, ids, mask = torch.randn(1, 4, 8, dtype=torch.float64), torch.randn(1, 1, 8), torch.tensor([0, 1, 0, 0]) > 0
-    out = fuse_id_embeddings(prompts, ids, mask, fuse)  # float32 ID embeddings, a float64 prompt and module
-    assert out.dtype == torch.float64
-    torch.testing.assert_close(out, fuse_id_embeddings(prompts, ids.double(), mask, fuse))
+    fuse = FuseModule(8).eval()
+    prompts, mask = torch.randn(1, 4, 8), torch.tensor([0, 1, 0, 0]) > 0
+    ids = torch.randn(1, 1, 8, dtype=torch.float64)
+    out = fuse_id_embeddings(prompts, ids, mask, fuse)  # float64 ID embeddings, a float32 prompt and module
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, fuse_id_embeddings(prompts, ids.float(), mask, fuse))
 
 
 def test_a_broken_id_encoder_folder_is_named_with_the_fix(tmp_path):
