@@ -365,5 +365,26 @@ def test_every_checkpoint_refusal_is_one_whole_message(tmp_path):
             "the id_encoder state dict does not fit this IDEncoderConfig: 0 missing keys [], 4 unexpected keys "
             "['a.weight', 'b.weight', 'c.weight']; is it a PhotoMaker v1 checkpoint (v2 has another ID encoder)?")):
         load_photomaker_id_encoder({"id_encoder": extra, "lora_weights": {}}, tiny)
+    gone = sorted(state)[:4]  # 4 keys missing: the first 3 named
+    few = {k: v for k, v in state.items() if k not in gone}
+    with pytest.raises(ValueError, match=whole(
+            f"the id_encoder state dict does not fit this IDEncoderConfig: 4 missing keys {gone[:3]}, 0 unexpected keys "
+            "[]; is it a PhotoMaker v1 checkpoint (v2 has another ID encoder)?")):
+        load_photomaker_id_encoder({"id_encoder": few, "lora_weights": {}}, tiny)
     loaded = load_photomaker_id_encoder({"id_encoder": state, "lora_weights": None}, tiny)  # None: no LoRA
     assert loaded.lora_weights == {}
+
+
+def test_id_photos_and_their_size_are_checked_with_the_fix():
+    from sdlite.id_encoder import id_pixel_values
+
+    face = np.full((6, 4, 3), 255, np.uint8)
+    assert id_pixel_values([face], 1).shape == (1, 3, 1, 1)  # the smallest size
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=whole(
+                f"size={bad!r} must be a positive int (the ID encoder's image_size, 224 for PhotoMaker v1)")):
+            id_pixel_values([face], bad)
+    for bad in ([], (), face, None):
+        with pytest.raises(ValueError, match=whole(
+                "images must be a non-empty list of ID photos (PIL images or uint8 H x W x 3 arrays)")):
+            id_pixel_values(bad, 4)
