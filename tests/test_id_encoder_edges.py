@@ -388,3 +388,17 @@ def test_id_photos_and_their_size_are_checked_with_the_fix():
         with pytest.raises(ValueError, match=whole(
                 "images must be a non-empty list of ID photos (PIL images or uint8 H x W x 3 arrays)")):
             id_pixel_values(bad, 4)
+
+
+def test_id_pixel_values_are_float32_whatever_torchs_default_dtype():
+    from sdlite.id_encoder import id_pixel_values
+
+    face = np.full((6, 4, 3), 120, np.uint8)
+    expected = id_pixel_values([face], 4)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # a notebook that switched torch to double precision
+    try:
+        pix = id_pixel_values([face], 4)
+    finally:
+        torch.set_default_dtype(before)
+    assert pix.dtype == torch.float32 and torch.equal(pix, expected)
