@@ -692,7 +692,7 @@ def test_csa_settings_are_checked_at_their_bounds_with_whole_messages():
     for ok in (dict(rate=0), dict(rate=1), dict(rate=0.25), dict(first_steps_without_csa=0), dict(tile=2, stride=1),
                dict(tile=2, stride=2), dict(id_length=1, bank_steps=1, read_batch=1), dict(id_length=MODEL_DEFAULT),
                dict(bank_steps=MODEL_DEFAULT), dict(rate_by_scale={1: 0, 32: 1}), dict(bank_dtype="bfloat16"),
-               dict(bank_dtype="float32"), dict(bank_dtype="float16")):
+               dict(bank_dtype="float32"), dict(bank_dtype="float16"), dict(layers="down"), dict(layers="mid")):
         CSAConfig(**ok)  # accepted
     bad = [(dict(rate=r), f"rate must be in [0, 1], got {r!r}: e.g. rate=0.5") for r in (True, -0.1, 1.5, "0.5")]
     bad += [(dict(first_steps_without_csa=f),
