@@ -402,3 +402,19 @@ def test_id_pixel_values_are_float32_whatever_torchs_default_dtype():
     finally:
         torch.set_default_dtype(before)
     assert pix.dtype == torch.float32 and torch.equal(pix, expected)
+
+
+def test_id_photos_in_any_pillow_mode_or_integer_array_read_as_their_rgb():
+    from PIL import Image
+
+    from sdlite.id_encoder import id_pixel_values
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (12, 8, 3), dtype=np.uint8)
+    gray = rng.integers(0, 256, (12, 8), dtype=np.uint8)
+    palette = Image.fromarray(rgb).quantize(colors=16)  # a "P" picture: its pixels are indices into the palette
+    for photo, as_rgb in [(rgb.astype(np.int64), rgb),  # np.full / np.array of ints give int64
+                          (gray, np.stack([gray] * 3, axis=-1)),
+                          (Image.fromarray(rgb).convert("RGBA"), rgb),
+                          (palette, np.asarray(palette.convert("RGB")))]:
+        torch.testing.assert_close(id_pixel_values([photo], 6), id_pixel_values([as_rgb], 6), rtol=0, atol=0)
