@@ -418,3 +418,17 @@ def test_id_photos_in_any_pillow_mode_or_integer_array_read_as_their_rgb():
                           (Image.fromarray(rgb).convert("RGBA"), rgb),
                           (palette, np.asarray(palette.convert("RGB")))]:
         torch.testing.assert_close(id_pixel_values([photo], 6), id_pixel_values([as_rgb], 6), rtol=0, atol=0)
+
+
+def test_an_odd_margin_is_cropped_from_its_whole_pixel_start():
+    from PIL import Image
+
+    from sdlite.id_encoder import id_pixel_values
+
+    rng = np.random.default_rng(1)
+    for shape, box in [((12, 8, 3), (0, 1, 6, 7)), ((8, 12, 3), (1, 0, 7, 6))]:  # portrait and landscape
+        photo = rng.integers(0, 256, shape, dtype=np.uint8)
+        long_side = (6, 9) if shape[0] > shape[1] else (9, 6)  # shorter side 8 -> 6, longer 12 -> 9: 3 px to share
+        crop = np.asarray(Image.fromarray(photo).resize(long_side, Image.BICUBIC).crop(box), np.float32) / 255
+        expected = (torch.from_numpy(crop).permute(2, 0, 1) - 0.5) / 0.5  # 1 px cut before, 2 after
+        torch.testing.assert_close(id_pixel_values([photo], 6, mean=(0.5,) * 3, std=(0.5,) * 3)[0], expected)
