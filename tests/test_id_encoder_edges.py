@@ -432,3 +432,22 @@ def test_an_odd_margin_is_cropped_from_its_whole_pixel_start():
         crop = np.asarray(Image.fromarray(photo).resize(long_side, Image.BICUBIC).crop(box), np.float32) / 255
         expected = (torch.from_numpy(crop).permute(2, 0, 1) - 0.5) / 0.5  # 1 px cut before, 2 after
         torch.testing.assert_close(id_pixel_values([photo], 6, mean=(0.5,) * 3, std=(0.5,) * 3)[0], expected)
+
+
+def test_an_id_encoder_config_is_checked_field_by_field():
+    ok = IDEncoderConfig.tiny()
+    for name in ("projection_dim", "projection_dim_2"):
+        assert getattr(IDEncoderConfig(**{**ok.__dict__, name: 1}), name) == 1  # the smallest
+        for bad in (0, -3, True, 8.0):
+            with pytest.raises(ValueError, match=whole(f"{name}={bad!r} must be a positive int (SDXL: 768 and 1280)")):
+                IDEncoderConfig(**{**ok.__dict__, name: bad})
+    with pytest.raises(TypeError, match=whole("vision must be a dict of CLIPVisionConfig arguments, got list")):
+        IDEncoderConfig(**{**ok.__dict__, "vision": [1024]})
+    for name, bad in [("image_mean", (0.5, 0.5)), ("image_mean", (0.5, "a", 0.5)), ("image_std", (0.5, 0.0, 0.5)),
+                      ("image_std", (0.5, -1, 0.5))]:
+        with pytest.raises(ValueError, match=whole(f"{name}={bad!r} must be 3 numbers (one per RGB channel; std > 0)")):
+            IDEncoderConfig(**{**ok.__dict__, name: bad})
+    config = IDEncoderConfig(**{**ok.__dict__, "image_mean": [0, 1, 0], "image_std": (1, 2, 3)})
+    assert config.image_mean == (0.0, 1.0, 0.0) and config.image_std == (1.0, 2.0, 3.0)  # floats, a tuple
+    assert all(type(v) is float for v in config.image_mean + config.image_std)
+    assert IDEncoderConfig(**{**ok.__dict__, "image_mean": (-1, 0, 0.25)}).image_mean == (-1.0, 0.0, 0.25)  # any mean
