@@ -20,7 +20,8 @@ selection changes. Each module gets its own working folder `build/mutation/<modu
 data/, and a pyproject.toml holding this module's [tool.mutmut]) with its own cache and only the test files that
 exercise the module (`[tool.mutmut.shards]` in pyproject.toml), so one shard runs in minutes, not the suite's ten.
 A second run is incremental: mutants of functions that did not change keep their verdict, except survivors and
-timeouts, which are tested again (a test may have been added for them). `--fresh` starts the shard from scratch.
+timeouts, which are tested again (a test may have been added for them), unless listed in
+`tools/mutation_equivalents.toml` (`--recheck-listed` tests those again too). `--fresh` starts the shard from scratch.
 """
 from __future__ import annotations
 
@@ -75,8 +76,9 @@ def shard_pyproject(shared: dict, shard: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def prepare_shard(name: str, shared: dict, shard: dict, fresh: bool) -> Path:
-    """build/mutation/<name>/ with links to the repo and this shard's config; survivors' verdicts reset."""
+def prepare_shard(name: str, shared: dict, shard: dict, fresh: bool, keep: frozenset = frozenset()) -> Path:
+    """build/mutation/<name>/ with links to the repo and this shard's config; the verdicts of survivors not in
+    `keep` (the listed equivalents, unless --recheck-listed) reset."""
     missing = [p for p in [shard["source"], *shard["tests"]] if not (ROOT / p.split("::")[0]).exists()]
     if missing:
         raise SystemExit(f"mutation: shard {name} names files that do not exist: {missing}: fix [tool.mutmut.shards]")
@@ -89,17 +91,20 @@ def prepare_shard(name: str, shared: dict, shard: dict, fresh: bool) -> Path:
         if not target.is_symlink():
             target.symlink_to(os.path.relpath(ROOT / link, folder))
     (folder / "pyproject.toml").write_text(shard_pyproject(shared, shard), "utf-8")
-    retest_survivors(folder / "mutants" / (shard["source"] + ".meta"))
+    retest_survivors(folder / "mutants" / (shard["source"] + ".meta"), keep)
     return folder
 
 
-def retest_survivors(meta: Path) -> int:
+def retest_survivors(meta: Path, keep: frozenset = frozenset()) -> int:
     """Forget the verdict of every mutant that was not caught last time, so mutmut tests it again (tests may have
-    been added since); caught ones keep theirs while their function is unchanged (mutmut checks its hash)."""
+    been added since); caught ones keep theirs while their function is unchanged (mutmut checks its hash), and so do
+    the survivors in `keep`: a listed equivalent survives every test, and each retest costs all the tests that call
+    its function (id_encoder: about 90 s each). mutmut still retests them when their function changes."""
     if not meta.exists():
         return 0
     data = json.loads(meta.read_text("utf-8"))
-    again = [k for k, code in data["exit_code_by_key"].items() if code is not None and STATUS.get(code) not in CAUGHT]
+    again = [k for k, code in data["exit_code_by_key"].items()
+             if code is not None and STATUS.get(code) not in CAUGHT and k not in keep]
     for key in again:
         data["exit_code_by_key"][key] = None
     meta.write_text(json.dumps(data, indent=4), "utf-8")
@@ -169,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("modules", nargs="*", help=f"shards to run (default: all): {', '.join(shards)}")
     parser.add_argument("--fresh", action="store_true", help="forget the shard's cached verdicts first")
+    parser.add_argument("--recheck-listed", action="store_true",
+                        help="test the survivors listed in mutation_equivalents.toml again too (slow)")
     parser.add_argument("--list", action="store_true", help="print the shards and exit")
     args = parser.parse_args(argv)
     unknown = [m for m in args.modules if m not in shards]
@@ -182,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     equivalents = read_equivalents()
     failed = False
     for name in args.modules or list(shards):
-        folder = prepare_shard(name, shared, shards[name], args.fresh)
+        keep = frozenset() if args.recheck_listed else frozenset(equivalents)
+        folder = prepare_shard(name, shared, shards[name], args.fresh, keep)
         start = time.monotonic()
         code = run_mutmut(folder)
         if code != 0:
