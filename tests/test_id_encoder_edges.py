@@ -451,3 +451,15 @@ def test_an_id_encoder_config_is_checked_field_by_field():
     assert config.image_mean == (0.0, 1.0, 0.0) and config.image_std == (1.0, 2.0, 3.0)  # floats, a tuple
     assert all(type(v) is float for v in config.image_mean + config.image_std)
     assert IDEncoderConfig(**{**ok.__dict__, "image_mean": (-1, 0, 0.25)}).image_mean == (-1.0, 0.0, 0.25)  # any mean
+
+
+def test_an_mlp_is_residual_unless_told_and_says_when_it_cannot_be():
+    from sdlite.id_encoder import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(4, 4, 8).eval()  # PhotoMaker's default: residual
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(mlp(x), mlp.fc2(mlp.act_fn(mlp.fc1(mlp.layernorm(x)))) + x)
+    assert MLP(4, 6, 8, use_residual=False)(x).shape == (3, 6)
+    with pytest.raises(ValueError, match=whole("a residual MLP needs in_dim == out_dim, got 4 and 6")):
+        MLP(4, 6, 8)
