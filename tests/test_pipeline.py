@@ -17,8 +17,10 @@ from sdlite.storyworld.models import tiny_storyworld_pipeline
 from sdlite.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 
-
 STEPS = 2
+# what load_pipeline says after naming a folder or hub id that holds another kind of pipeline
+HINT = (": sdlite story runs StableDiffusionXLPipeline (SDXL) and StableDiffusionPipeline (SD1.5) folders; pass one of "
+        "those (e.g. stabilityai/stable-diffusion-xl-base-1.0) or 'storyworld'")
 FOUR = "[Lily] a girl\n" + "\n".join(f"[Lily] {a} in the park" for a in ("standing", "walking", "jumping", "waving"))
 
 
@@ -387,7 +389,7 @@ def test_asking_for_cuda_without_a_gpu_says_what_to_do():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_storyworld_loads_onto_the_asked_device(sd15_folder):
+def test_storyworld_sd15_and_the_id_path_run_on_the_asked_device(sd15_folder):
     sd15 = load_pipeline(sd15_folder, device="cuda")  # SD1.5's prompts are encoded on the device passed to it
     story = parse_story("[Bob] a man\n[Bob] reading\n[Bob] running")
     assert len(generate_story(sd15, story, steps=STEPS, height=64, width=64, progress=False).images) == 2
@@ -415,11 +417,9 @@ def test_only_sd15_pipelines_are_loaded_without_their_safety_checker():
 def test_pipeline_folders_named_in_their_messages(tmp_path):
     from sdlite.pipeline import pipeline_class_name
 
-    hint = (": sdlite story runs StableDiffusionXLPipeline (SDXL) and StableDiffusionPipeline (SD1.5) folders; pass "
-            "one of those (e.g. stabilityai/stable-diffusion-xl-base-1.0) or 'storyworld'")
     for config, holds in [(["not", "a", "dict"], "pipeline without _class_name"), ({}, "pipeline without _class_name"),
                           ({"_class_name": "KandinskyPipeline"}, "KandinskyPipeline")]:
-        with pytest.raises(ValueError, match=whole(f"m/x holds a {holds}{hint}")):
+        with pytest.raises(ValueError, match=whole(f"m/x holds a {holds}{HINT}")):
             pipeline_class_name(config, "m/x")
     assert pipeline_class_name({"_class_name": "StableDiffusionPipeline"}, "m/x") == "StableDiffusionPipeline"
     broken = tmp_path / "broken"
@@ -465,10 +465,6 @@ def test_story_result_arrays_are_rgb_whatever_the_panels_mode():
 
 
 # --- mutation survivors, pipeline's fourth sitting: what load_pipeline hands diffusers, the ID path's panels ---
-HINT = (": sdlite story runs StableDiffusionXLPipeline (SDXL) and StableDiffusionPipeline (SD1.5) folders; pass one of "
-        "those (e.g. stabilityai/stable-diffusion-xl-base-1.0) or 'storyworld'")
-
-
 def test_storyworld_by_name_or_by_folder_loads_on_the_asked_device(monkeypatch):
     from sdlite.storyworld import models as sw_models
 
