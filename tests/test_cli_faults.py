@@ -149,6 +149,20 @@ def test_debug_shows_the_traceback(tmp_path, fake_model, monkeypatch):
         main([*args, "--debug"])
 
 
+def test_a_real_run_shows_sdlites_own_output_and_nothing_from_the_libraries(tmp_path):
+    """Finding 8: transformers' torchvision warnings and the libraries' "Loading weights" bars came before sdlite's
+    own progress. The real command on storyworld, in its own process (where those libraries print)."""
+    story = story_file(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "sdlite.cli", "story", str(story), "--out", str(tmp_path / "p.png"),
+                          "--steps", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    shown = [line.strip() for line in run.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert shown and all(line.startswith("panels:") for line in shown), shown  # only the panels' progress bar
+    assert [line.split(":")[0] for line in run.stdout.splitlines()] == ["CSA bank (size, on the model's device)",
+                                                                        "page", "panels"]
+
+
 def test_panel_names_sort_in_story_order(tmp_path, fake_model):
     lines = "[Lily] a girl\n" + "".join(f"[Lily] standing in the park # {i}\n" for i in range(101))
     assert main(["story", str(story_file(tmp_path, lines)), "--out", str(tmp_path / "p.png")]) == 0
