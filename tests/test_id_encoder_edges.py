@@ -1,6 +1,7 @@
 """PhotoMaker's ID encoder at its edges, where mutation testing found the other tests blind (docs/mutation.md): the
 v1 preset's numbers, a checkpoint file that is not plain tensors (never unpickled), the loader's messages, and the
 bounds of the delayed-conditioning switch."""
+import dataclasses
 import json
 import pickle
 import re
@@ -9,11 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from matching import whole
 from sdlite.id_encoder import (
-    IDEncoder, IDEncoderConfig, delayed_conditioning_schedule, load_id_encoder, load_photomaker_id_encoder,
-    lora_fingerprint, photomaker_tokenizers, save_id_encoder, save_photomaker_checkpoint, start_merge_step,
+    ID_ENCODER_CONFIG, ID_ENCODER_WEIGHTS, MLP, FuseModule, IDEncoder, IDEncoderConfig, delayed_conditioning_schedule,
+    encode_id_prompts, fuse_id_embeddings, fuse_photomaker_lora, id_pixel_values, load_id_encoder,
+    load_photomaker_id_encoder, lora_fingerprint, photomaker_tokenizers, save_id_encoder, save_photomaker_checkpoint,
+    start_merge_step,
 )
 
 
@@ -148,8 +152,6 @@ def test_photomaker_tokenizers_register_the_trigger_word_they_are_given():
 def test_fusing_nothing_or_the_same_lora_again_reports_no_fusion():
     from types import SimpleNamespace
 
-    from sdlite.id_encoder import fuse_photomaker_lora
-
     lora = {"unet.a.to_q_lora.down.weight": torch.ones(2, 4)}
     assert fuse_photomaker_lora(SimpleNamespace(), {}) is False  # nothing to fuse: the pipeline is not touched
     already = SimpleNamespace(unet=SimpleNamespace(photomaker_lora=lora_fingerprint(lora)))
@@ -184,8 +186,6 @@ class _LoraPipe:
 def test_fusing_a_photomaker_lora_refuses_each_case_with_its_fix():
     from types import SimpleNamespace
 
-    from sdlite.id_encoder import fuse_photomaker_lora
-
     lora = {"unet.c.to_q_lora.down.weight": torch.ones(2, 4), "unet.a.to_q_lora.up.weight": torch.ones(4, 2),
             "unet.b.to_k_lora.down.weight": torch.ones(2, 4)}
     other = SimpleNamespace(unet=SimpleNamespace(photomaker_lora="0123456789abcdef"))
@@ -219,7 +219,6 @@ def test_fusing_a_photomaker_lora_refuses_each_case_with_its_fix():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_id_prompts_are_encoded_on_the_text_encoders_device():
-    from sdlite.id_encoder import encode_id_prompts
     from sdlite.storyworld.models import load_storyworld
 
     pipe = load_storyworld("cuda")
@@ -229,8 +228,6 @@ def test_id_prompts_are_encoded_on_the_text_encoders_device():
 
 
 def test_fuse_and_projection_take_any_leading_axes():
-    from sdlite.id_encoder import FuseModule
-
     torch.manual_seed(0)
     fuse = FuseModule(8).eval()
     class_embeds, id_embeds = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
@@ -250,8 +247,6 @@ def test_id_images_go_to_the_encoders_dtype_or_the_device_asked():
 
 
 def test_one_set_of_id_embeddings_and_one_mask_serve_every_prompt_of_a_batch():
-    from sdlite.id_encoder import FuseModule, fuse_id_embeddings
-
     torch.manual_seed(0)
     fuse = FuseModule(8).eval()
     prompts, ids = torch.randn(3, 6, 8), torch.randn(2, 8)  # three prompts, two ID embeddings for all of them
@@ -277,8 +272,6 @@ def test_one_set_of_id_embeddings_and_one_mask_serve_every_prompt_of_a_batch():
      "of 3 (encode with encode_with_trigger(..., num_id_images=3))"),
 ])
 def test_fusing_mismatched_embeddings_says_which_shape_is_wrong(prompt_shape, ids_shape, mask, message):
-    from sdlite.id_encoder import FuseModule, fuse_id_embeddings
-
     with pytest.raises(ValueError, match=whole(message)):
         fuse_id_embeddings(torch.randn(prompt_shape), torch.randn(ids_shape), mask, FuseModule(8))
 
@@ -298,8 +291,6 @@ def test_a_checkpoint_file_is_read_as_photomaker_v1_and_a_missing_path_is_named(
 
 
 def test_id_embeddings_take_the_prompts_precision():
-    from sdlite.id_encoder import FuseModule, fuse_id_embeddings
-
     torch.manual_seed(0)
     fuse = FuseModule(8).eval()
     prompts, mask = torch.randn(1, 4, 8), torch.tensor([0, 1, 0, 0]) > 0
@@ -310,8 +301,6 @@ def test_id_embeddings_take_the_prompts_precision():
 
 
 def test_a_broken_id_encoder_folder_is_named_with_the_fix(tmp_path):
-    from sdlite.id_encoder import ID_ENCODER_CONFIG, ID_ENCODER_WEIGHTS
-
     folder = save_id_encoder(IDEncoder(IDEncoderConfig.tiny()), tmp_path / "enc")
     (folder / ID_ENCODER_WEIGHTS).rename(tmp_path / "weights")
     with pytest.raises(FileNotFoundError, match=whole(
@@ -376,8 +365,6 @@ def test_every_checkpoint_refusal_is_one_whole_message(tmp_path):
 
 
 def test_id_photos_and_their_size_are_checked_with_the_fix():
-    from sdlite.id_encoder import id_pixel_values
-
     face = np.full((6, 4, 3), 255, np.uint8)
     assert id_pixel_values([face], 1).shape == (1, 3, 1, 1)  # the smallest size
     for bad in (0, True, 2.0):
@@ -391,8 +378,6 @@ def test_id_photos_and_their_size_are_checked_with_the_fix():
 
 
 def test_id_pixel_values_are_float32_whatever_torchs_default_dtype():
-    from sdlite.id_encoder import id_pixel_values
-
     face = np.full((6, 4, 3), 120, np.uint8)
     expected = id_pixel_values([face], 4)
     before = torch.get_default_dtype()
@@ -405,10 +390,6 @@ def test_id_pixel_values_are_float32_whatever_torchs_default_dtype():
 
 
 def test_id_photos_in_any_pillow_mode_or_integer_array_read_as_their_rgb():
-    from PIL import Image
-
-    from sdlite.id_encoder import id_pixel_values
-
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (12, 8, 3), dtype=np.uint8)
     gray = rng.integers(0, 256, (12, 8), dtype=np.uint8)
@@ -421,10 +402,6 @@ def test_id_photos_in_any_pillow_mode_or_integer_array_read_as_their_rgb():
 
 
 def test_an_odd_margin_is_cropped_from_its_whole_pixel_start():
-    from PIL import Image
-
-    from sdlite.id_encoder import id_pixel_values
-
     rng = np.random.default_rng(1)
     for shape, box in [((12, 8, 3), (0, 1, 6, 7)), ((8, 12, 3), (1, 0, 7, 6))]:  # portrait and landscape
         photo = rng.integers(0, 256, shape, dtype=np.uint8)
@@ -437,25 +414,23 @@ def test_an_odd_margin_is_cropped_from_its_whole_pixel_start():
 def test_an_id_encoder_config_is_checked_field_by_field():
     ok = IDEncoderConfig.tiny()
     for name in ("projection_dim", "projection_dim_2"):
-        assert getattr(IDEncoderConfig(**{**ok.__dict__, name: 1}), name) == 1  # the smallest
+        assert getattr(dataclasses.replace(ok, **{name: 1}), name) == 1  # the smallest
         for bad in (0, -3, True, 8.0):
             with pytest.raises(ValueError, match=whole(f"{name}={bad!r} must be a positive int (SDXL: 768 and 1280)")):
-                IDEncoderConfig(**{**ok.__dict__, name: bad})
+                dataclasses.replace(ok, **{name: bad})
     with pytest.raises(TypeError, match=whole("vision must be a dict of CLIPVisionConfig arguments, got list")):
-        IDEncoderConfig(**{**ok.__dict__, "vision": [1024]})
+        dataclasses.replace(ok, vision=[1024])
     for name, bad in [("image_mean", (0.5, 0.5)), ("image_mean", (0.5, "a", 0.5)), ("image_std", (0.5, 0.0, 0.5)),
                       ("image_std", (0.5, -1, 0.5))]:
         with pytest.raises(ValueError, match=whole(f"{name}={bad!r} must be 3 numbers (one per RGB channel; std > 0)")):
-            IDEncoderConfig(**{**ok.__dict__, name: bad})
-    config = IDEncoderConfig(**{**ok.__dict__, "image_mean": [0, 1, 0], "image_std": (1, 2, 3)})
+            dataclasses.replace(ok, **{name: bad})
+    config = dataclasses.replace(ok, image_mean=[0, 1, 0], image_std=(1, 2, 3))
     assert config.image_mean == (0.0, 1.0, 0.0) and config.image_std == (1.0, 2.0, 3.0)  # floats, a tuple
     assert all(type(v) is float for v in config.image_mean + config.image_std)
-    assert IDEncoderConfig(**{**ok.__dict__, "image_mean": (-1, 0, 0.25)}).image_mean == (-1.0, 0.0, 0.25)  # any mean
+    assert dataclasses.replace(ok, image_mean=(-1, 0, 0.25)).image_mean == (-1.0, 0.0, 0.25)  # any mean
 
 
 def test_an_mlp_is_residual_unless_told_and_says_when_it_cannot_be():
-    from sdlite.id_encoder import MLP
-
     torch.manual_seed(0)
     mlp = MLP(4, 4, 8).eval()  # PhotoMaker's default: residual
     x = torch.randn(3, 4)

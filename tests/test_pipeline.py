@@ -9,8 +9,9 @@ from matching import whole
 from sdlite.attention import ConsistentSelfAttnProcessor, csa_layer_names
 from sdlite.id_encoder import IDEncoder, IDEncoderConfig
 from sdlite.pipeline import (
-    Batch, CSAConfig, bank_settings, check_bank_settings, generate_story, is_storyworld, load_pipeline, model_defaults,
-    panel_seeds, plan_batches,
+    MODEL_DEFAULT, REAL_BANK_STEPS, REAL_ID_LENGTH, Batch, CSAConfig, bank_settings, check_bank_settings,
+    estimate_story_bank, generate_story, is_storyworld, load_pipeline, model_defaults, new_bank, panel_seeds,
+    plan_batches,
 )
 from sdlite.story import parse_story
 from sdlite.storyworld.models import tiny_storyworld_pipeline
@@ -21,6 +22,7 @@ STEPS = 2
 # what load_pipeline says after naming a folder or hub id that holds another kind of pipeline
 HINT = (": sdlite story runs StableDiffusionXLPipeline (SDXL) and StableDiffusionPipeline (SD1.5) folders; pass one of "
         "those (e.g. stabilityai/stable-diffusion-xl-base-1.0) or 'storyworld'")
+FACE = np.full((40, 40, 3), 200, np.uint8)  # an ID image
 FOUR = "[Lily] a girl\n" + "\n".join(f"[Lily] {a} in the park" for a in ("standing", "walking", "jumping", "waving"))
 
 
@@ -45,6 +47,12 @@ def sd15_folder(tmp_path_factory):
 
 def _arrays(result):
     return result.arrays().astype(np.int16)
+
+
+def tiny_id_encoder(pipe):
+    """A random ID encoder that fits `pipe`'s text encoders (both storyworld encoders have the same width)."""
+    width = pipe.text_encoder.config.hidden_size
+    return IDEncoder(IDEncoderConfig.tiny(width, width, image_size=32)).eval()
 
 
 def _story(n, character="Lily", cls="a girl"):
@@ -174,17 +182,15 @@ def test_processors_removed_after_an_error_mid_story(sw_pipe, monkeypatch):
 
 def test_photomaker_path_changes_the_id_panels(sw_pipe):
     story = parse_story("[A] a boy img\n[A] walking in the park\n[A] waving in the park")
-    width = sw_pipe.text_encoder.config.hidden_size  # both storyworld encoders have this width
-    enc = IDEncoder(IDEncoderConfig.tiny(width, width, image_size=32)).eval()
-    face = np.full((40, 40, 3), 200, np.uint8)
+    enc = tiny_id_encoder(sw_pipe)
     plain = _arrays(generate_story(sw_pipe, story, steps=STEPS, progress=False))
-    fused = _arrays(generate_story(sw_pipe, story, steps=STEPS, progress=False, id_images={"A": [face]},
+    fused = _arrays(generate_story(sw_pipe, story, steps=STEPS, progress=False, id_images={"A": [FACE]},
                                    id_encoder=enc, style_strength_ratio=0))
     assert np.abs(plain - fused).max() > 0
     with pytest.raises(ValueError, match="needs both id_images"):
-        generate_story(sw_pipe, story, id_images={"A": [face]})
+        generate_story(sw_pipe, story, id_images={"A": [FACE]})
     with pytest.raises(ValueError, match=r"id_images names \['Z'\]"):
-        generate_story(sw_pipe, story, id_images={"Z": [face]}, id_encoder=enc)
+        generate_story(sw_pipe, story, id_images={"Z": [FACE]}, id_encoder=enc)
 
 
 def test_bad_settings():
@@ -286,8 +292,6 @@ def test_other_pipeline_classes_are_refused_in_one_line(sdxl_folder, tmp_path):
 
 # ---------------------------------------------------------------- the bank: its size before generating, and trades
 def test_bank_estimate_equals_the_measured_bank(sw_pipe, sdxl_folder):
-    from sdlite.pipeline import estimate_story_bank
-
     two = parse_story("[A] a boy\n[B] a girl\n[A] walking in the park\n[A] waving in the park\n"
                       "[B] sitting on the beach\n[A] [B] standing in the city")
     for csa in (CSAConfig(), CSAConfig(rate=0.5, layers="up"), CSAConfig(rate=0.3, bank_dtype="float16"),
@@ -318,8 +322,6 @@ def test_bank_estimate_equals_the_measured_bank(sw_pipe, sdxl_folder):
 
 
 def test_bank_on_cpu_in_half_precision_and_fewer_steps(sw_pipe):
-    from sdlite.pipeline import new_bank
-
     bank = new_bank(CSAConfig(bank_device="cpu", bank_dtype="float16"))
     story = _story(6)
     r = generate_story(sw_pipe, story, steps=3, progress=False, csa=CSAConfig(bank_steps=2), bank=bank)
@@ -397,10 +399,8 @@ def test_storyworld_sd15_and_the_id_path_run_on_the_asked_device(sd15_folder):
     assert pipe.unet.device.type == "cuda"
     # the ID path on the GPU: ID prompts, ID images and the encoder's output stay on the pipeline's device
     story = parse_story("[A] a boy img\n[A] walking in the park\n[A] waving in the park")
-    width = pipe.text_encoder.config.hidden_size
-    enc = IDEncoder(IDEncoderConfig.tiny(width, width, image_size=32)).eval().to("cuda")
-    face = np.full((40, 40, 3), 200, np.uint8)
-    r = generate_story(pipe, story, steps=STEPS, progress=False, id_images={"A": [face]}, id_encoder=enc)
+    enc = tiny_id_encoder(pipe).to("cuda")
+    r = generate_story(pipe, story, steps=STEPS, progress=False, id_images={"A": [FACE]}, id_encoder=enc)
     assert len(r.images) == 2
 
 
@@ -566,24 +566,20 @@ def test_the_id_path_fuses_exactly_the_solo_panels_of_characters_with_id_images(
     # Bob has the trigger word but no images, the two-character panel is nobody's, the trigger word in capitals counts
     story = parse_story("[Lily] a girl IMG\n[Bob] a boy img\n[Lily] walking in the park\n[Bob] sitting on the beach\n"
                         "[Lily] [Bob] standing in the city\n[Lily] waving in the park")
-    width = sw_pipe.text_encoder.config.hidden_size
-    enc = IDEncoder(IDEncoderConfig.tiny(width, width, image_size=32)).eval()
-    face = np.full((40, 40, 3), 200, np.uint8)
+    enc = tiny_id_encoder(sw_pipe)
     kw = dict(steps=STEPS, progress=False, csa=CSAConfig(enabled=False))  # one batch: ID and text-only rows mixed
     assert plan_batches(story, kw["csa"]) == plan_batches(story, None) == [Batch("plain", (), (0, 1, 2, 3))]
     plain = _arrays(generate_story(sw_pipe, story, **kw))
-    fused = _arrays(generate_story(sw_pipe, story, id_images={"Lily": [face]}, id_encoder=enc, style_strength_ratio=0,
+    fused = _arrays(generate_story(sw_pipe, story, id_images={"Lily": [FACE]}, id_encoder=enc, style_strength_ratio=0,
                                    **kw))
     assert [i for i in range(len(story)) if np.abs(plain[i] - fused[i]).max() > 0] == [0, 3]
     # an encoder in another precision than the pipeline (PhotoMaker's fp32 encoder next to an fp16 SDXL)
-    wide = _arrays(generate_story(sw_pipe, story, id_images={"Lily": [face]}, id_encoder=enc.double(),
+    wide = _arrays(generate_story(sw_pipe, story, id_images={"Lily": [FACE]}, id_encoder=enc.double(),
                                   style_strength_ratio=0, **kw))
     assert np.abs(wide - fused).max() <= 1
 
 
 def test_a_new_bank_lives_where_the_settings_say():
-    from sdlite.pipeline import new_bank
-
     bank = new_bank(CSAConfig(bank_device="cpu", bank_dtype="float16"))
     assert (bank.device, bank.dtype) == (torch.device("cpu"), torch.float16)
     assert (new_bank(CSAConfig()).device, new_bank(CSAConfig()).dtype) == (None, None)  # where the tokens are made
@@ -621,8 +617,7 @@ def test_each_batch_is_tiled_as_the_settings_say(sw_pipe):
 @pytest.mark.parametrize("guidance", [5.0, 1.0])
 def test_after_the_merge_step_the_id_prompt_replaces_the_tokens_and_the_pooled_embedding(sw_pipe, monkeypatch, guidance):
     story = parse_story("[A] a boy img\n[A] walking in the park")
-    width = sw_pipe.text_encoder.config.hidden_size
-    enc = IDEncoder(IDEncoderConfig.tiny(width, width, image_size=32)).eval()
+    enc = tiny_id_encoder(sw_pipe)
     seen = []  # per step: the conditional half's tokens and pooled embedding, and the unconditional half's
     forward = sw_pipe.unet.forward
 
@@ -646,8 +641,6 @@ def test_after_the_merge_step_the_id_prompt_replaces_the_tokens_and_the_pooled_e
 
 
 def test_each_kind_of_model_has_its_defaults(sw_pipe, sdxl_folder, sd15_folder):
-    from sdlite.pipeline import REAL_BANK_STEPS, REAL_ID_LENGTH
-
     assert model_defaults(sw_pipe) == {"steps": 20, "guidance_scale": 5.0, "layers": "all", "first_steps_without_csa": 0,
                                        "rate": 1.0, "id_length": 4, "bank_steps": None}
     real = {"steps": 35, "layers": "up", "first_steps_without_csa": 1, "rate": 0.5, "id_length": REAL_ID_LENGTH,
@@ -658,7 +651,6 @@ def test_each_kind_of_model_has_its_defaults(sw_pipe, sdxl_folder, sd15_folder):
 
 def test_generate_storys_own_checks_say_what_to_pass(sw_pipe, sd15_folder):
     story = parse_story(FOUR)
-    face = np.full((40, 40, 3), 200, np.uint8)
     enc = IDEncoder(IDEncoderConfig.tiny(16, 16, image_size=32))
     cases = [
         (dict(csa={"rate": 0.5}), TypeError, "csa must be a CSAConfig, got dict: e.g. CSAConfig(rate=0.5)"),
@@ -669,7 +661,7 @@ def test_generate_storys_own_checks_say_what_to_pass(sw_pipe, sd15_folder):
          "the PhotoMaker path needs both id_images={name: [images]} and id_encoder=IDEncoder(...)"),
         (dict(id_images={"Lily": []}, id_encoder=enc), ValueError,
          "every character in id_images needs at least one image"),
-        (dict(id_images={"Bob": [face]}, id_encoder=enc), ValueError,
+        (dict(id_images={"Bob": [FACE]}, id_encoder=enc), ValueError,
          "id_images names ['Bob'], not characters of the story (['Lily'])"),
     ]
     for kwargs, error, message in cases:
@@ -678,13 +670,11 @@ def test_generate_storys_own_checks_say_what_to_pass(sw_pipe, sd15_folder):
     with pytest.raises(ValueError, match=whole(
             "the PhotoMaker path needs an SDXL pipeline (PhotoMaker fuses into both SDXL text encoders' tokens): load "
             "an SDXL model, or drop id_images for SD1.5")):
-        generate_story(load_pipeline(sd15_folder), story, id_images={"Lily": [face]}, id_encoder=enc)
+        generate_story(load_pipeline(sd15_folder), story, id_images={"Lily": [FACE]}, id_encoder=enc)
     assert len(generate_story(sw_pipe, story, steps=1, progress=False).images) == 4  # one step is enough
 
 
 def test_csa_settings_are_checked_at_their_bounds_with_whole_messages():
-    from sdlite.pipeline import MODEL_DEFAULT
-
     for ok in (dict(rate=0), dict(rate=1), dict(rate=0.25), dict(first_steps_without_csa=0), dict(tile=2, stride=1),
                dict(tile=2, stride=2), dict(id_length=1, bank_steps=1, read_batch=1), dict(id_length=MODEL_DEFAULT),
                dict(bank_steps=MODEL_DEFAULT), dict(rate_by_scale={1: 0, 32: 1}), dict(bank_dtype="bfloat16"),
