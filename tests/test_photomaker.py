@@ -223,6 +223,43 @@ def test_a_run_folder_is_not_started_twice(trained):
         train_id_encoder(trained.run, trained.cfg, progress=False, storyworld=trained.folder)
 
 
+def test_a_run_started_from_a_trained_encoder_holds_its_weights_then_fine_tunes_them(trained, tmp_path):
+    from sdlite.pipeline import load_pipeline
+    from sdlite.storyworld.models import load_storyworld_clip
+    from sdlite.train.id_encoder import IDTraining, load_initial_weights
+
+    start = load_id_encoder(trained.export)
+    pipe = load_pipeline(trained.folder)
+    model = IDTraining(storyworld_id_encoder(pipe, load_storyworld_clip(folder=trained.folder)[0], seed=5), pipe.unet,
+                       trained.cfg.lora_rank)
+    load_initial_weights(model, trained.export)
+    for k, v in start.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[k], v), k
+    lora = model.lora_state_dict()
+    assert set(lora) == set(start.lora_weights) and all(torch.equal(lora[k], v) for k, v in start.lora_weights.items())
+
+    cfg = dataclasses.replace(trained.cfg, tower_steps=0, steps=2, hair_weight=5.0, label_weight=0.0, seed=1)
+    tuned = train_id_encoder(tmp_path / "run", cfg, export=tmp_path / "export", progress=False,
+                             storyworld=trained.folder, init=trained.export)
+    record = json.loads((tmp_path / "export" / "training.json").read_text())
+    assert record["config"]["hair_weight"] == 5.0
+    assert record["init"]["training"] == json.loads((trained.export / "training.json").read_text())  # the chain
+    changed = [k for k, v in start.state_dict().items() if not torch.equal(tuned.state_dict()[k], v)]
+    assert changed and all(not k.startswith("vision_model.") or cfg.tower_lr_scale > 0 for k in changed)
+
+
+def test_a_start_without_a_lora_or_with_bad_weights_is_refused(trained, tmp_path):
+    encoder = load_id_encoder(trained.export)
+    encoder.lora_weights = {}
+    save_id_encoder(encoder, tmp_path / "no_lora")
+    with pytest.raises(ValueError, match="no UNet LoRA"):
+        train_id_encoder(tmp_path / "run", trained.cfg, progress=False, storyworld=trained.folder,
+                         init=tmp_path / "no_lora")
+    for bad in ({"hair_weight": -1.0}, {"label_weight": -0.1}, {"high_noise_weight": 0.5}):
+        with pytest.raises(ValueError, match=">= "):
+            IDTrainConfig(**bad)
+
+
 def test_the_exported_lora_fuses_into_a_storyworld_pipeline(trained):
     from sdlite.pipeline import load_pipeline
 

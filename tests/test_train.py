@@ -1,6 +1,7 @@
 """sdlite.train: every loop runs a few steps on tiny models, resumes exactly, and exports a loadable pipeline."""
 import dataclasses
 import json
+import types
 
 import numpy as np
 import pytest
@@ -184,6 +185,43 @@ def test_character_mask_covers_the_character_only():
     assert mask[0, 0] == 0 and mask[0, -1] == 0  # the sky corners are background
     col = int(round(panel.x * 16))
     assert mask[:, max(0, col - 2) : col + 2].sum() > 0  # something at the character's x position
+
+
+def test_the_hair_mask_is_the_part_of_the_character_mask_that_the_hair_changes():
+    for seed in range(4):
+        panel = sw.sample_panel(np.random.default_rng(seed))
+        body, hair = character_mask(panel), character_mask(panel, attributes=("hair",))
+        assert 0 < hair.sum() < body.sum() and torch.all(hair <= body)  # inside the character, not all of it
+        rows = hair.nonzero()[:, 0]
+        assert rows.float().mean() < body.nonzero()[:, 0].float().mean()  # above the character's middle: the head
+    with pytest.raises(ValueError, match="hair"):
+        character_mask(panel, attributes=("scene",))
+    with pytest.raises(ValueError, match="one or more"):
+        character_mask(panel, attributes=())
+
+
+def test_cell_weight_adds_to_the_character_weight_where_it_is_given():
+    from sdlite.train.unet import UnetTrainer
+
+    class Echo(torch.nn.Module):  # a "UNet" whose error is the same everywhere but in one cell
+        def forward(self, noisy, t, text, added_cond_kwargs):
+            return types.SimpleNamespace(sample=torch.zeros_like(noisy))
+
+    latents, gen = torch.zeros(2, 4, 16, 16), torch.Generator().manual_seed(0)
+    noise = torch.ones(2, 4, 16, 16)
+    noise[:, :, 3, 5] = 3.0  # the error there is 9 instead of 1
+    cell = torch.zeros(2, 16, 16)
+    cell[:, 3, 5] = 1.0
+    timesteps = torch.tensor([500, 500])
+
+    def loss(cw, mask, cell_weight=None):
+        trainer = UnetTrainer(None, None, None, None, None, TrainConfig(steps=1, batch_size=2, lr=1.0, character_weight=cw), "cpu")
+        return trainer.loss(Echo(), latents, None, None, None, mask, gen, timesteps, noise, cell_weight=cell_weight)
+
+    plain = loss(0.0, torch.zeros(2, 16, 16))
+    torch.testing.assert_close(loss(0.0, torch.zeros(2, 16, 16), 6.0 * cell), loss(6.0, cell))
+    assert loss(0.0, torch.zeros(2, 16, 16), 6.0 * cell) > plain
+    torch.testing.assert_close(loss(0.0, torch.zeros(2, 16, 16), torch.zeros(2, 16, 16)), plain)
 
 
 def test_random_crops_are_seeded():

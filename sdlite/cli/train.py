@@ -266,6 +266,13 @@ def add_id_encoder_parser(sub) -> None:
     ap.add_argument("--steps", type=int, default=None, help="stage 2 steps (diffusion loss on ID pairs)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--decay-steps", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None, help="stage 2's rate (projections, FuseModule, LoRA)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--hair-weight", type=float, default=None, help="extra loss weight on the hair's latent cells")
+    ap.add_argument("--high-noise-weight", type=float, default=None, help="cap of the noisy timesteps' weight")
+    ap.add_argument("--label-weight", type=float, default=None, help="weight of the tower's label heads in stage 2")
+    ap.add_argument("--init", default=None, help="start from this trained ID encoder folder (e.g. to fine-tune "
+                                                 "data/storyworld/id_encoder with another recipe)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this time")
     ap.add_argument("--storyworld", default=None, help="pipeline folder (default data/storyworld)")
@@ -280,13 +287,13 @@ def run_id_encoder(args) -> int:
     from ..train.id_encoder import IDTrainConfig, train_id_encoder
 
     set_threads(args)
-    overrides = {k: v for k, v in (("tower_steps", args.tower_steps), ("steps", args.steps),
-                                   ("batch_size", args.batch_size), ("decay_steps", args.decay_steps))
-                 if v is not None}
+    overrides = {k: getattr(args, k) for k in ("tower_steps", "steps", "batch_size", "decay_steps", "lr", "warmup",
+                                               "hair_weight", "high_noise_weight", "label_weight")
+                 if getattr(args, k) is not None}
     cfg = dataclasses.replace(IDTrainConfig(seed=args.seed), **overrides)
     train_id_encoder(args.out, cfg, export=args.export, resume=args.resume, force=args.force,
                      max_minutes=args.max_minutes, progress=not args.quiet, command=args.command_line,
-                     storyworld=args.storyworld)
+                     storyworld=args.storyworld, init=args.init)
     if args.export:
         print(f"wrote {args.export}")
     return 0

@@ -22,19 +22,28 @@ from .world import (
 # ----------------------------------------------------------------------------------------------------------
 # Where the character is (training weighs its loss up there)
 # ----------------------------------------------------------------------------------------------------------
-def _contrast_character(ch: Character) -> Character:
-    """The same class word with every identity attribute changed (to find the character's pixels)."""
-    def other(values, v):
-        return values[(values.index(v) + 1) % len(values)]
-    return dataclasses.replace(ch, hair=other(HAIR_COLOURS, ch.hair), shirt=other(SHIRT_COLOURS, ch.shirt),
-                               trousers=other(TROUSERS_COLOURS, ch.trousers), hat=other(HATS, ch.hat))
+_VALUES = {"hair": HAIR_COLOURS, "shirt": SHIRT_COLOURS, "trousers": TROUSERS_COLOURS, "hat": HATS}
 
 
-def character_mask(panel: Panel, size: int = 64, latent_size: int = 16) -> torch.Tensor:
+def _contrast_character(ch: Character, attributes=IDENTITY_ATTRIBUTES) -> Character:
+    """The same character with each of `attributes` changed to the next value (to find their pixels)."""
+    def other(name):
+        values = _VALUES[name]
+        return values[(values.index(getattr(ch, name)) + 1) % len(values)]
+    return dataclasses.replace(ch, **{name: other(name) for name in attributes})
+
+
+def character_mask(panel: Panel, size: int = 64, latent_size: int = 16,
+                   attributes: tuple[str, ...] = IDENTITY_ATTRIBUTES) -> torch.Tensor:
     """(latent_size, latent_size) float in {0, 1}: latent cells that show the character's identity attributes
-    (hair, shirt, trousers, hat): where the render changes when those attributes change."""
+    (by default hair, shirt, trousers and hat; `attributes=("hair",)` for the hair alone): where the render changes
+    when those attributes change."""
+    bad = set(attributes) - set(IDENTITY_ATTRIBUTES)
+    if bad or not attributes:
+        raise ValueError(f"attributes={attributes!r}: name one or more of {IDENTITY_ATTRIBUTES}")
     a = render(panel, size).astype(np.int16)
-    b = render(dataclasses.replace(panel, character=_contrast_character(panel.character)), size).astype(np.int16)
+    b = render(dataclasses.replace(panel, character=_contrast_character(panel.character, attributes)),
+               size).astype(np.int16)
     diff = torch.from_numpy((np.abs(a - b).sum(-1) > 30).astype(np.float32))[None, None]  # (1,1,H,W)
     return (F.adaptive_max_pool2d(diff, latent_size)[0, 0] > 0).float()
 
@@ -201,7 +210,8 @@ class IDPairDataset(Dataset):
 
     Item: {"references": uint8 (n, H, W, 3) renders of the character in other scenes and poses, "pixel_values":
     float32 (3, H, W) in [-1, 1] the target, "caption": its ID prompt (identity unsaid, `id_caption`), "mask":
-    (H/4, W/4) the character's latent cells, "labels": {name: int} of the target}. Characters come from the
+    (H/4, W/4) the character's latent cells, "hair_mask": (H/4, W/4) those of its hair, "labels": {name: int} of the
+    target}. Characters come from the
     training split (`held_out=False`) or the held-out one.
     """
 
@@ -229,4 +239,5 @@ class IDPairDataset(Dataset):
         refs, target = self.panels(i)
         return {"references": np.stack([render(p, self.size) for p in refs]),
                 "pixel_values": to_tensor(render(target, self.size)), "caption": id_caption(target),
-                "mask": character_mask(target, self.size, self.size // 4), "labels": labels(target)}
+                "mask": character_mask(target, self.size, self.size // 4),
+                "hair_mask": character_mask(target, self.size, self.size // 4, ("hair",)), "labels": labels(target)}

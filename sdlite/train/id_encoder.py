@@ -16,6 +16,10 @@ one run, one optimizer, one checkpoint (resumable at any step):
    its label heads kept as a small auxiliary loss. A quarter of each batch are ordinary fully captioned renders
    without ID, so the LoRA'd UNet still follows text (delayed conditioning starts every ID panel text-only).
 
+A run can also start from a trained encoder (`init`, `--init FOLDER`: its weights and LoRA, new label heads) to
+fine-tune it with another recipe, e.g. stage 2 only with `hair_weight`: more loss on the hair's latent cells, the
+smallest attribute and the one the shipped recipe followed least. The exported `training.json` keeps the chain.
+
 Held-out characters (`storyworld.datasets.is_held_out`, one combination in five) are never shown in training: the
 evaluation (`python -m sdlite.eval photomaker`) takes its reference renders from them.
 """
@@ -67,6 +71,7 @@ class IDTrainConfig:
     # stage 2: noisy timesteps weigh up to this many times more (x 1/SNR, as an x0 loss would): see `noise_weight`
     high_noise_weight: float = 20.0
     character_weight: float = 4.0
+    hair_weight: float = 0.0  # extra loss weight on the hair's latent cells (the smallest attribute, drawn mid-way)
     min_snr_gamma: float = 5.0
     caption_dropout: float = 0.1  # zeroed prompts (unconditional), for classifier-free guidance
     warmup: int = 100
@@ -85,6 +90,8 @@ class IDTrainConfig:
             raise ValueError(f"text_fraction={self.text_fraction} must be in [0, 1): some of each batch needs ID")
         if min(self.lr, self.tower_lr) <= 0 or self.tower_lr_scale < 0 or self.decay_steps < 0 or self.warmup < 0:
             raise ValueError("learning rates must be > 0; tower_lr_scale, decay_steps and warmup >= 0")
+        if min(self.hair_weight, self.character_weight, self.label_weight) < 0 or self.high_noise_weight < 1:
+            raise ValueError("hair_weight, character_weight and label_weight must be >= 0, high_noise_weight >= 1")
 
     @property
     def total_steps(self) -> int:
@@ -135,6 +142,26 @@ def storyworld_id_encoder(pipe, clip, seed: int = 0) -> IDEncoder:
     if tuple(clip.visual_projection.weight.shape) == tuple(encoder.visual_projection.weight.shape):
         encoder.visual_projection.load_state_dict(clip.visual_projection.state_dict())
     return encoder
+
+
+def load_initial_weights(model: IDTraining, folder: str | Path) -> None:
+    """Start from a trained ID encoder folder (`save_id_encoder`'s: encoder weights and its UNet LoRA), e.g. to
+    fine-tune the shipped one with another recipe (`--init`). The tower's label heads start new."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    from ..id_encoder import load_id_encoder
+
+    trained = load_id_encoder(folder)
+    if trained.config != model.encoder.config:
+        raise ValueError(f"--init {folder}: its ID encoder has another shape than this run's; start from scratch")
+    lora = {k.removeprefix("unet."): v for k, v in trained.lora_weights.items()}
+    if not lora:
+        raise ValueError(f"--init {folder} holds no UNet LoRA (lora.safetensors): train one from scratch instead")
+    model.encoder.load_state_dict(trained.state_dict())
+    result = set_peft_model_state_dict(model.unet, convert_unet_state_dict_to_peft(lora))
+    if result.unexpected_keys:
+        raise ValueError(f"--init {folder}: its LoRA does not fit this UNet (e.g. {result.unexpected_keys[0]})")
 
 
 def _param_groups(model: IDTraining, cfg: IDTrainConfig) -> list[dict]:
@@ -194,8 +221,11 @@ class IDBatches:
         ds = self.pairs[k - 1]
         n_id = self.cfg.batch_size - self.n_text
         pairs = [ds[step * n_id + j] for j in range(n_id)]
-        plain = [self.plain[step * self.n_text + j] | {"mask": character_mask(self.plain.panel(step * self.n_text + j)[0])}
-                 for j in range(self.n_text)]
+        plain = []
+        for j in range(self.n_text):
+            panel = self.plain.panel(step * self.n_text + j)[0]
+            plain.append(self.plain[step * self.n_text + j] | {"mask": character_mask(panel),
+                                                              "hair_mask": character_mask(panel, attributes=("hair",))})
         return pairs, plain, k
 
 
@@ -224,12 +254,14 @@ def _fuse_step(model: IDTraining, data: IDBatches, trainer: UnetTrainer, tokeniz
     text = fuse_id_embeddings(text, id_embeds, mask, enc.fuse_module)
     pixels = torch.stack([it["pixel_values"] for it in pairs])
     masks = [it["mask"] for it in pairs]
+    hair = [it["hair_mask"] for it in pairs]
     if plain:  # ordinary captions, no ID: the text path stays as it was
         with torch.no_grad():
             t2, p2 = encode_text(trainer.te1, trainer.te2, trainer.tok1, trainer.tok2, [it["caption"] for it in plain])
         text, pooled = torch.cat([text, t2]), torch.cat([pooled, p2])
         pixels = torch.cat([pixels, torch.stack([it["pixel_values"] for it in plain])])
         masks += [it["mask"] for it in plain]
+        hair += [it["hair_mask"] for it in plain]
     keep = (torch.rand(len(masks), generator=gen) >= cfg.caption_dropout).float().to(device)
     text, pooled = text * keep[:, None, None], pooled * keep[:, None]  # force_zeros_for_empty_prompt
     with torch.no_grad():
@@ -238,17 +270,20 @@ def _fuse_step(model: IDTraining, data: IDBatches, trainer: UnetTrainer, tokeniz
     time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=text.dtype, device=device).repeat(len(masks), 1)
     timesteps = torch.randint(0, len(trainer.alphas_cumprod), (len(masks),), generator=gen)
     weight = noise_weight(compute_snr(trainer.scheduler, timesteps), cfg.high_noise_weight)
+    cells = cfg.hair_weight * torch.stack(hair) if cfg.hair_weight else None  # (n, 16, 16)
     diffusion = trainer.loss(model.unet, latents, text, pooled, time_ids, torch.stack(masks), gen, timesteps=timesteps,
-                             sample_weight=weight)
+                             sample_weight=weight, cell_weight=cells)
     return {"loss": diffusion + cfg.label_weight * label_loss, "diffusion": diffusion, "label_acc": label_acc,
             "references": k}
 
 
 def train_id_encoder(out: str | Path, cfg: IDTrainConfig, export: str | Path | None = None, resume: bool = False,
                      force: bool = False, max_minutes: float | None = None, progress: bool = True,
-                     command: str = "", storyworld: str | Path | None = None) -> IDEncoder:
+                     command: str = "", storyworld: str | Path | None = None,
+                     init: str | Path | None = None) -> IDEncoder:
     """Train (or resume) a storyworld ID encoder in the run folder `out`; export it (an ID encoder folder with its
-    LoRA and training.json) to `export` when the run is complete. Returns the encoder (with `lora_weights`)."""
+    LoRA and training.json) to `export` when the run is complete. Returns the encoder (with `lora_weights`).
+    `init`: start from a trained ID encoder folder instead of storyworld's CLIP (`load_initial_weights`)."""
     from ..pipeline import load_pipeline
     from ..storyworld.models import load_storyworld_clip
 
@@ -259,6 +294,8 @@ def train_id_encoder(out: str | Path, cfg: IDTrainConfig, export: str | Path | N
     pipe = load_pipeline(storyworld or "storyworld")
     clip, _ = load_storyworld_clip(folder=storyworld)
     model = seeded(cfg.seed, lambda: IDTraining(storyworld_id_encoder(pipe, clip, cfg.seed), pipe.unet, cfg.lora_rank))
+    if init is not None:
+        load_initial_weights(model, init)
     groups = _param_groups(model, cfg)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.01)
     ckpt = start_run(out, resume, model, opt)
@@ -314,6 +351,8 @@ def train_id_encoder(out: str | Path, cfg: IDTrainConfig, export: str | Path | N
                   "data": "sdlite.storyworld.datasets.IDPairDataset (training characters only: is_held_out False)",
                   "parameters": {"id_encoder": sum(p.numel() for p in encoder.parameters()),
                                  "lora": sum(v.numel() for v in encoder.lora_weights.values())}}
+        if init is not None and (Path(init) / "training.json").is_file():  # the chain of commands that made it
+            record["init"] = {"folder": str(init), "training": json.loads((Path(init) / "training.json").read_text())}
         (Path(export) / "training.json").write_text(json.dumps(record, indent=1) + "\n")
         shutil.copyfile(out / "log.csv", Path(export) / "log.csv")  # the loss curves ship with the weights
     return encoder

@@ -120,9 +120,9 @@ class UnetTrainer:
 
     def loss(self, unet, latents, text, pooled, time_ids, mask, gen: torch.Generator,
              timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-             sample_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Min-SNR-weighted epsilon MSE, weighted 1 + character_weight on the character's latent cells
-        (and per image by `sample_weight`, (n,), when given)."""
+             sample_weight: torch.Tensor | None = None, cell_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Min-SNR-weighted epsilon MSE, weighted 1 + character_weight on the character's latent cells, plus
+        `cell_weight` (n, h, w) where given (e.g. more on the hair), and per image by `sample_weight`, (n,)."""
         n = latents.shape[0]
         if timesteps is None:
             timesteps = torch.randint(0, len(self.alphas_cumprod), (n,), generator=gen)
@@ -135,6 +135,8 @@ class UnetTrainer:
         snr = compute_snr(self.scheduler, timesteps)  # alpha_t / (1 - alpha_t), (n,)
         snr_w = torch.clamp(snr, max=self.cfg.min_snr_gamma) / snr  # (n,)
         pix_w = 1.0 + self.cfg.character_weight * mask.to(self.device)[:, None]  # (n,1,16,16)
+        if cell_weight is not None:
+            pix_w = pix_w + cell_weight.to(self.device)[:, None]
         per = ((pred.float() - noise) ** 2 * pix_w).mean(dim=(1, 2, 3)) / pix_w.mean(dim=(1, 2, 3))
         if sample_weight is not None:
             snr_w = snr_w * sample_weight.to(snr_w)
