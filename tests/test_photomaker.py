@@ -260,6 +260,22 @@ def test_a_start_without_a_lora_or_with_bad_weights_is_refused(trained, tmp_path
             IDTrainConfig(**bad)
 
 
+def test_the_train_command_passes_the_fine_tuning_options_on(monkeypatch):
+    import sdlite.train.id_encoder as tid
+    from sdlite.cli.train import main as train_main
+
+    seen = {}
+    monkeypatch.setattr(tid, "train_id_encoder", lambda out, cfg, **kw: seen.update(cfg=cfg, **kw))
+    assert train_main(["id-encoder", "--out", "runs/x", "--init", "data/storyworld/id_encoder", "--tower-steps", "0",
+                 "--hair-weight", "8", "--high-noise-weight", "5", "--label-weight", "0", "--lr", "3e-4",
+                 "--warmup", "50", "--threads", "1"]) == 0
+    cfg = seen["cfg"]
+    assert seen["init"] == "data/storyworld/id_encoder"
+    assert (cfg.tower_steps, cfg.hair_weight, cfg.high_noise_weight, cfg.label_weight, cfg.lr, cfg.warmup) == \
+        (0, 8.0, 5.0, 0.0, 3e-4, 50)
+    assert cfg.steps == IDTrainConfig().steps  # what is not given keeps the recipe's value
+
+
 def test_the_exported_lora_fuses_into_a_storyworld_pipeline(trained):
     from sdlite.pipeline import load_pipeline
 
