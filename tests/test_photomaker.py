@@ -404,6 +404,37 @@ def test_the_strength_is_chosen_by_reference_match_within_the_scene_limit():
     assert pm.choose_strength(sweep) == 10.0  # 0 loses the scene; 10 and 20 tie: the lower strength
     with pytest.raises(ValueError, match="widen"):
         pm.choose_strength({"no_id": row(0.2, 1.0), "id_strength_0": row(0.9, 0.5)})
+
+
+def test_other_encoders_are_measured_as_the_id_row_on_their_own_pipelines(monkeypatch):
+    calls = []
+
+    def fake_setting(pipe, encoder, stories, recognizer, *, use_id=True, csa=False, references=1, strength=20.0,
+                     seed=0):
+        calls.append((pipe, encoder, len(stories), use_id, csa, references, strength))
+        match = {"enc": 0.8, "base": 0.6}[encoder] if use_id else 0.2
+        return {"reference_match_min": match, "scene_accuracy": 1.0, "pipe": pipe}
+
+    monkeypatch.setattr(pm, "run_setting", fake_setting)
+    monkeypatch.setattr(pm, "make_reference_stories", lambda n, seed: [seed] * n)
+    res = pm.run_photomaker_eval("pipe", "enc", None, n_stories=3, n_tuning=2, progress=False,
+                                 others={"base": ("pipe2", "base")})
+    ablation = res["encoder_ablation"]
+    assert ablation["id"] == res["table"]["id"] and ablation["base"]["reference_match_min"] == 0.6
+    assert ablation["base"]["pipe"] == "pipe2"  # its own pipeline: a fused LoRA stays in a UNet
+    assert calls[-1] == ("pipe2", "base", 3, True, False, 1, res["style_strength_ratio"])  # the id row's settings
+    assert "encoder_ablation" not in pm.run_photomaker_eval("pipe", "enc", None, n_stories=3, n_tuning=2,
+                                                           progress=False)
+
+
+def test_compare_needs_a_name_and_a_folder(capsys):
+    from sdlite.cli.eval import main as eval_main
+
+    for bad in ("data/storyworld/id_encoder_base", "id=data/storyworld/id_encoder_base"):
+        assert eval_main(["photomaker", "--compare", bad, "--out", "/nonexistent/x.json"]) == 2
+        assert "--compare takes NAME=FOLDER" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the shipped encoder and its results
 # ----------------------------------------------------------------------------------------------------------

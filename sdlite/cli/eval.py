@@ -249,6 +249,8 @@ def add_photomaker_parser(sub) -> None:
     p.add_argument("--tuning-stories", type=int, default=24,
                    help="other stories, for choosing the delayed-conditioning strength (default 24)")
     p.add_argument("--id-encoder", default=None, help="ID encoder folder (default data/storyworld/id_encoder)")
+    p.add_argument("--compare", action="append", default=[], metavar="NAME=FOLDER",
+                   help="another ID encoder folder measured as the 'id' row under encoder_ablation (repeatable)")
     p.add_argument("--recognizer", default=None, help="recognizer file (default: data/recognizer.safetensors)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/photomaker.json")
@@ -266,12 +268,17 @@ def run_photomaker(args) -> int:
 
     if args.stories < 1 or args.tuning_stories < 1:
         raise ValueError("--stories and --tuning-stories must be >= 1")
+    compare = dict(item.split("=", 1) for item in args.compare if "=" in item)
+    if len(compare) != len(args.compare) or "id" in compare:
+        raise ValueError("--compare takes NAME=FOLDER (a name other than 'id'), e.g. "
+                         "--compare base=data/storyworld/id_encoder_base")
     out = check_writable(args.out, args.force)
     set_threads(args)
     encoder = load_id_encoder(args.id_encoder or data_dir() / "storyworld" / "id_encoder")
+    others = {name: (load_pipeline("storyworld"), load_id_encoder(folder)) for name, folder in compare.items()}
     result = run_photomaker_eval(load_pipeline("storyworld"), encoder, load_recognizer(args.recognizer),
                                  n_stories=args.stories, n_tuning=args.tuning_stories, seed=args.seed,
-                                 command=args.command_line)
+                                 command=args.command_line, others=others)
     write_result(result, out)
     print(json.dumps({k: v for k, v in result.items() if k not in ("table", "strength_sweep")}, indent=1))
     print(f"wrote {out}")

@@ -114,8 +114,10 @@ def choose_strength(sweep: dict[str, dict], max_scene_drop: float = 0.05) -> flo
 
 
 def run_photomaker_eval(pipe, encoder, recognizer, *, n_stories: int = 50, n_tuning: int = 24, seed: int = 0,
-                        command: str = "", progress: bool = True) -> dict:
-    """The whole table (see the module doc) as a dict ready for results/photomaker.json."""
+                        command: str = "", progress: bool = True, others: dict | None = None) -> dict:
+    """The whole table (see the module doc) as a dict ready for results/photomaker.json. `others`: {name: (pipe,
+    encoder)}, other ID encoders (each on its own pipeline: a LoRA stays fused) measured as the `id` row, under
+    `encoder_ablation`."""
     t0 = time.time()
     say = print if progress else (lambda *a, **k: None)
     tuning = make_reference_stories(n_tuning, TUNING_SEED)
@@ -133,6 +135,8 @@ def run_photomaker_eval(pipe, encoder, recognizer, *, n_stories: int = 50, n_tun
     }
     for name, row in table.items():
         say(f"{name}: {row}")
+    ablation = {name: run_setting(other_pipe, other, stories, recognizer, strength=strength, seed=seed)
+                for name, (other_pipe, other) in (others or {}).items()}
     result = {
         "reference_match_min": table["id"]["reference_match_min"],
         "reference_match_min_with_csa": table["id_csa"]["reference_match_min"],
@@ -143,6 +147,7 @@ def run_photomaker_eval(pipe, encoder, recognizer, *, n_stories: int = 50, n_tun
         "style_strength_ratio": strength,
         "table": table,
         "strength_sweep": {"n_stories": n_tuning, "seed": TUNING_SEED, "rows": sweep},
+        **({"encoder_ablation": {"id": table["id"], **ablation}} if ablation else {}),
         "seconds": round(time.time() - t0, 1),
         "command": command,
     }
