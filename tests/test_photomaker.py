@@ -238,7 +238,8 @@ def test_a_run_started_from_a_trained_encoder_holds_its_weights_then_fine_tunes_
     lora = model.lora_state_dict()
     assert set(lora) == set(start.lora_weights) and all(torch.equal(lora[k], v) for k, v in start.lora_weights.items())
 
-    cfg = dataclasses.replace(trained.cfg, tower_steps=0, steps=2, hair_weight=5.0, label_weight=0.0, seed=1)
+    cfg = dataclasses.replace(trained.cfg, tower_steps=0, steps=2, hair_weight=5.0, label_weight=0.0, seed=1,
+                              lora_targets=("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"))
     tuned = train_id_encoder(tmp_path / "run", cfg, export=tmp_path / "export", progress=False,
                              storyworld=trained.folder, init=trained.export)
     record = json.loads((tmp_path / "export" / "training.json").read_text())
@@ -246,6 +247,13 @@ def test_a_run_started_from_a_trained_encoder_holds_its_weights_then_fine_tunes_
     assert record["init"]["training"] == json.loads((trained.export / "training.json").read_text())  # the chain
     changed = [k for k, v in start.state_dict().items() if not torch.equal(tuned.state_dict()[k], v)]
     assert changed and all(not k.startswith("vision_model.") or cfg.tower_lr_scale > 0 for k in changed)
+    # the attention LoRA went on from the trained one; the ResNet convolutions got one of their own, which fuses
+    assert set(start.lora_weights) < set(tuned.lora_weights)
+    assert any(".conv1." in k for k in tuned.lora_weights) and any(".conv2." in k for k in tuned.lora_weights)
+    pipe = load_pipeline(trained.folder)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    assert fuse_photomaker_lora(pipe, load_id_encoder(tmp_path / "export").lora_weights)
+    assert any(not torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items() if ".conv1." in k)
 
 
 def test_a_start_without_a_lora_or_with_bad_weights_is_refused(trained, tmp_path):
@@ -258,6 +266,9 @@ def test_a_start_without_a_lora_or_with_bad_weights_is_refused(trained, tmp_path
     for bad in ({"hair_weight": -1.0}, {"label_weight": -0.1}, {"high_noise_weight": 0.5}):
         with pytest.raises(ValueError, match=">= "):
             IDTrainConfig(**bad)
+    for bad in ((), ("to_q", "")):
+        with pytest.raises(ValueError, match="lora_targets"):
+            IDTrainConfig(lora_targets=bad)
 
 
 def test_the_train_command_passes_the_fine_tuning_options_on(monkeypatch):
@@ -268,11 +279,12 @@ def test_the_train_command_passes_the_fine_tuning_options_on(monkeypatch):
     monkeypatch.setattr(tid, "train_id_encoder", lambda out, cfg, **kw: seen.update(cfg=cfg, **kw))
     assert train_main(["id-encoder", "--out", "runs/x", "--init", "data/storyworld/id_encoder", "--tower-steps", "0",
                  "--hair-weight", "8", "--high-noise-weight", "5", "--label-weight", "0", "--lr", "3e-4",
-                 "--warmup", "50", "--threads", "1"]) == 0
+                 "--warmup", "50", "--lora-targets", "to_q, to_k,conv1", "--threads", "1"]) == 0
     cfg = seen["cfg"]
     assert seen["init"] == "data/storyworld/id_encoder"
     assert (cfg.tower_steps, cfg.hair_weight, cfg.high_noise_weight, cfg.label_weight, cfg.lr, cfg.warmup) == \
         (0, 8.0, 5.0, 0.0, 3e-4, 50)
+    assert cfg.lora_targets == ("to_q", "to_k", "conv1")
     assert cfg.steps == IDTrainConfig().steps  # what is not given keeps the recipe's value
 
 

@@ -271,6 +271,8 @@ def add_id_encoder_parser(sub) -> None:
     ap.add_argument("--hair-weight", type=float, default=None, help="extra loss weight on the hair's latent cells")
     ap.add_argument("--high-noise-weight", type=float, default=None, help="cap of the noisy timesteps' weight")
     ap.add_argument("--label-weight", type=float, default=None, help="weight of the tower's label heads in stage 2")
+    ap.add_argument("--lora-targets", default=None, help="UNet layers with a LoRA, comma-separated (default "
+                    "to_q,to_k,to_v,to_out.0: every attention layer; add conv1,conv2 for the ResNet blocks)")
     ap.add_argument("--init", default=None, help="start from this trained ID encoder folder (e.g. to fine-tune "
                                                  "data/storyworld/id_encoder with another recipe)")
     ap.add_argument("--seed", type=int, default=0)
@@ -290,6 +292,8 @@ def run_id_encoder(args) -> int:
     overrides = {k: getattr(args, k) for k in ("tower_steps", "steps", "batch_size", "decay_steps", "lr", "warmup",
                                                "hair_weight", "high_noise_weight", "label_weight")
                  if getattr(args, k) is not None}
+    if args.lora_targets is not None:
+        overrides["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     cfg = dataclasses.replace(IDTrainConfig(seed=args.seed), **overrides)
     train_id_encoder(args.out, cfg, export=args.export, resume=args.resume, force=args.force,
                      max_minutes=args.max_minutes, progress=not args.quiet, command=args.command_line,

@@ -67,6 +67,8 @@ class IDTrainConfig:
     text_fraction: float = 0.25
     max_references: int = 3  # step s uses 1 + s % max_references reference renders per pair
     lora_rank: int = 16
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # UNet layers with a LoRA (PhotoMaker: attention; + "conv1", "conv2"
+    #                                               puts one on each ResNet block's convolutions too)
     label_weight: float = 0.1  # stage 2: weight of the heads' cross-entropy (the tower keeps seeing identity)
     # stage 2: noisy timesteps weigh up to this many times more (x 1/SNR, as an x0 loss would): see `noise_weight`
     high_noise_weight: float = 20.0
@@ -90,6 +92,8 @@ class IDTrainConfig:
             raise ValueError(f"text_fraction={self.text_fraction} must be in [0, 1): some of each batch needs ID")
         if min(self.lr, self.tower_lr) <= 0 or self.tower_lr_scale < 0 or self.decay_steps < 0 or self.warmup < 0:
             raise ValueError("learning rates must be > 0; tower_lr_scale, decay_steps and warmup >= 0")
+        if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
+            raise ValueError(f"lora_targets={self.lora_targets!r}: name one or more UNet layers, e.g. {LORA_TARGETS}")
         if min(self.hair_weight, self.character_weight, self.label_weight) < 0 or self.high_noise_weight < 1:
             raise ValueError("hair_weight, character_weight and label_weight must be >= 0, high_noise_weight >= 1")
 
@@ -101,7 +105,7 @@ class IDTrainConfig:
 class IDTraining(nn.Module):
     """What one run trains and checkpoints: the ID encoder, the tower's label heads, and the UNet with its LoRA."""
 
-    def __init__(self, encoder: IDEncoder, unet, rank: int):
+    def __init__(self, encoder: IDEncoder, unet, rank: int, targets: tuple[str, ...] = LORA_TARGETS):
         super().__init__()
         from peft import LoraConfig
 
@@ -110,7 +114,7 @@ class IDTraining(nn.Module):
         self.heads = nn.ModuleDict({name: nn.Linear(hidden, len(ATTRIBUTES[name])) for name in ID_LABELS})
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                    target_modules=list(LORA_TARGETS)))
+                                    target_modules=list(targets)))
         self.unet = unet
 
     def label_loss(self, pooled: torch.Tensor, labels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
@@ -293,7 +297,8 @@ def train_id_encoder(out: str | Path, cfg: IDTrainConfig, export: str | Path | N
     device = torch.device("cpu")
     pipe = load_pipeline(storyworld or "storyworld")
     clip, _ = load_storyworld_clip(folder=storyworld)
-    model = seeded(cfg.seed, lambda: IDTraining(storyworld_id_encoder(pipe, clip, cfg.seed), pipe.unet, cfg.lora_rank))
+    model = seeded(cfg.seed, lambda: IDTraining(storyworld_id_encoder(pipe, clip, cfg.seed), pipe.unet, cfg.lora_rank,
+                                                cfg.lora_targets))
     if init is not None:
         load_initial_weights(model, init)
     groups = _param_groups(model, cfg)
