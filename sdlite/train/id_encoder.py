@@ -49,8 +49,9 @@ from .unet import UnetTrainer, encode_text
 ID_LABELS = ("class_word", "hair", "shirt", "trousers", "hat")  # what the tower's heads read
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention layer's projections (self and cross)
 EXPORT_SUBDIR = "id_encoder"  # data/storyworld/id_encoder
-RECIPE_COMMAND = ("python -m sdlite.train id-encoder --out runs/id_encoder --export data/storyworld/id_encoder "
-                  "--force --threads 1")
+RECIPE_COMMAND = ("python -m sdlite.train id-encoder --out runs/id_encoder --export data/storyworld/id_encoder_base "
+                  "--force --threads 1")  # the base run; `make train-id-encoder` then fine-tunes it (SHIPPED_RECIPE)
+SHIPPED_RECIPE = "make train-id-encoder (the base run, then two hair fine-tunes with --init: see the Makefile)"
 
 
 @dataclass(frozen=True)
@@ -350,7 +351,7 @@ def train_id_encoder(out: str | Path, cfg: IDTrainConfig, export: str | Path | N
     if export is not None and finished:
         save_id_encoder(encoder, export, force=force)
         total = seconds + time.time() - start
-        record = {"command": command or RECIPE_COMMAND, "recipe": RECIPE_COMMAND, "config": dataclasses.asdict(cfg),
+        record = {"command": command or RECIPE_COMMAND, "recipe": SHIPPED_RECIPE, "config": dataclasses.asdict(cfg),
                   "cpu_seconds": round(total, 1), "threads": torch.get_num_threads(),
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   "data": "sdlite.storyworld.datasets.IDPairDataset (training characters only: is_held_out False)",
