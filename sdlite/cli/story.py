@@ -42,8 +42,8 @@ def add_story_parser(subparsers) -> None:
                         "(photomaker-v1.bin); default on storyworld: its own, data/storyworld/id_encoder")
     p.add_argument("--id-strength", type=float, default=None, metavar="R",
                    help="--ref: style strength in %% (PhotoMaker's style_strength_ratio): the first R %% of the "
-                        "steps use the text-only prompt, the rest the reference (default: 20 on real SDXL, as "
-                        "PhotoMaker; 10 on storyworld, chosen by its evaluation; lower follows the reference more, "
+                        "steps use the text-only prompt, the rest the reference (default 20: PhotoMaker's on real SDXL, "
+                        "and on storyworld the value its evaluation chose; lower follows the reference more, "
                         "higher the text)")
     p.add_argument("--preset", choices=["official"], default=None,
                    help="official: the official StoryDiffusion demo's settings (official sampling, rates 0.5 at both "
@@ -282,7 +282,7 @@ def reference_mode(args, references: dict, real: bool) -> dict:
 
 
 PHOTOMAKER_ID_STRENGTH = 20.0  # PhotoMaker's own default, for real SDXL with photomaker-v1.bin
-STORYWORLD_ID_STRENGTH = 10.0  # storyworld's encoder: chosen by `python -m sdlite.eval photomaker` on its tuning stories
+STORYWORLD_ID_STRENGTH = 20.0  # storyworld's encoder: chosen by `python -m sdlite.eval photomaker` on its tuning stories
 
 
 def story_settings(args, real: bool):
