@@ -22,13 +22,10 @@ from .world import (
 # ----------------------------------------------------------------------------------------------------------
 # Where the character is (training weighs its loss up there)
 # ----------------------------------------------------------------------------------------------------------
-_VALUES = {"hair": HAIR_COLOURS, "shirt": SHIRT_COLOURS, "trousers": TROUSERS_COLOURS, "hat": HATS}
-
-
 def _contrast_character(ch: Character, attributes=IDENTITY_ATTRIBUTES) -> Character:
     """The same character with each of `attributes` changed to the next value (to find their pixels)."""
     def other(name):
-        values = _VALUES[name]
+        values = ATTRIBUTES[name]
         return values[(values.index(getattr(ch, name)) + 1) % len(values)]
     return dataclasses.replace(ch, **{name: other(name) for name in attributes})
 
@@ -211,8 +208,7 @@ class IDPairDataset(Dataset):
     Item: {"references": uint8 (n, H, W, 3) renders of the character in other scenes and poses, "pixel_values":
     float32 (3, H, W) in [-1, 1] the target, "caption": its ID prompt (identity unsaid, `id_caption`), "mask":
     (H/4, W/4) the character's latent cells, "hair_mask": (H/4, W/4) those of its hair, "labels": {name: int} of the
-    target}. Characters come from the
-    training split (`held_out=False`) or the held-out one.
+    target}. Characters come from the training split (`held_out=False`) or the held-out one.
     """
 
     def __init__(self, n: int, num_references: int = 1, seed: int = 0, size: int = 64, held_out: bool = False):

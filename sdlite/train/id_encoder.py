@@ -17,8 +17,8 @@ one run, one optimizer, one checkpoint (resumable at any step):
    without ID, so the LoRA'd UNet still follows text (delayed conditioning starts every ID panel text-only).
 
 A run can also start from a trained encoder (`init`, `--init FOLDER`: its weights and LoRA, new label heads) to
-fine-tune it with another recipe, e.g. stage 2 only with `hair_weight`: more loss on the hair's latent cells, the
-smallest attribute and the one the shipped recipe followed least. The exported `training.json` keeps the chain.
+fine-tune it with another recipe, e.g. stage 2 only with `hair_weight`: more loss on the hair's latent cells (about
+10 of 256), the attribute the first recipe followed least. The exported `training.json` keeps the chain.
 
 Held-out characters (`storyworld.datasets.is_held_out`, one combination in five) are never shown in training: the
 evaluation (`python -m sdlite.eval photomaker`) takes its reference renders from them.
@@ -74,7 +74,7 @@ class IDTrainConfig:
     # stage 2: noisy timesteps weigh up to this many times more (x 1/SNR, as an x0 loss would): see `noise_weight`
     high_noise_weight: float = 20.0
     character_weight: float = 4.0
-    hair_weight: float = 0.0  # extra loss weight on the hair's latent cells (the smallest attribute, drawn mid-way)
+    hair_weight: float = 0.0  # extra loss weight on the hair's latent cells (about 10 of 256: otherwise barely seen)
     min_snr_gamma: float = 5.0
     caption_dropout: float = 0.1  # zeroed prompts (unconditional), for classifier-free guidance
     warmup: int = 100
