@@ -26,7 +26,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-from sdlite.eval.photomaker import MATCHED, TUNING_SEED, make_reference_stories
+from sdlite.eval.photomaker import MATCHED, TUNING_SEED, make_reference_stories, reference_match
+from sdlite.images import to_tensor, to_uint8
 from sdlite.id_encoder import load_id_encoder
 from sdlite.pipeline import CSAConfig, generate_story, load_pipeline
 from sdlite.story import parse_story
@@ -54,11 +55,10 @@ def probe(pipe, encoder, recognizer, stories, mode: str, strength: float, guidan
               if mode != "text_hair" else {})
         res = generate_story(pipe, parse_story(story_text(st, mode)), csa=CSAConfig(enabled=False), seed=1000 * k,
                              guidance_scale=guidance, steps=steps, progress=False, **kw)
-        read = recognizer.predict(np.concatenate([st.references[0][None], res.arrays()]))
-        rows.append({a: float((read[a][1:] == read[a][0]).float().mean()) for a in MATCHED})
-        ref_hair = sw.HAIR_COLOURS[int(read["hair"][0])]
-        misses.update((ref_hair, sw.HAIR_COLOURS[v]) for v in read["hair"][1:].tolist()
-                      if sw.HAIR_COLOURS[v] != ref_hair)
+        panels = res.arrays()
+        rows.append(reference_match(panels, st.references[0], recognizer))
+        hair = [sw.HAIR_COLOURS[v] for v in recognizer.predict(np.concatenate([st.references[0][None], panels]))["hair"]]
+        misses.update((hair[0], h) for h in hair[1:] if h != hair[0])
     mean = {a: round(float(np.mean([r[a] for r in rows])), 3) for a in MATCHED}
     return {**mean, "reference_match_min": min(mean.values())}, misses
 
@@ -68,16 +68,14 @@ def vae_hair(pipe, recognizer, n: int = 40, seed: int = 3) -> dict[str, float]:
     """Per hair colour: the share of n random renders with that hair whose VAE reconstruction is read right."""
     import dataclasses
 
-    from sdlite.images import to_tensor
-
     rng, out = np.random.default_rng(seed), {}
     for hair in sw.HAIR_COLOURS:
         renders = np.stack([sw.render(sw.sample_panel(rng, dataclasses.replace(sw.sample_character(rng), hair=hair)))
                             for _ in range(n)])
         x = torch.stack([to_tensor(im) for im in renders])
-        back = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        images = ((back.permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
-        out[hair] = round(float((recognizer.predict(images)["hair"] == sw.HAIR_COLOURS.index(hair)).float().mean()), 3)
+        back = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
+        read = recognizer.predict(to_uint8(back))["hair"]
+        out[hair] = round(float((read == sw.HAIR_COLOURS.index(hair)).float().mean()), 3)
     return out
 
 
