@@ -215,7 +215,8 @@ def test_cell_weight_adds_to_the_character_weight_where_it_is_given():
     timesteps = torch.tensor([500, 500])
 
     def loss(cw, mask, cell_weight=None):
-        trainer = UnetTrainer(None, None, None, None, None, TrainConfig(steps=1, batch_size=2, lr=1.0, character_weight=cw), "cpu")
+        cfg = TrainConfig(steps=1, batch_size=2, lr=1.0, character_weight=cw)
+        trainer = UnetTrainer(None, None, None, None, None, cfg, "cpu")
         return trainer.loss(Echo(), latents, None, None, None, mask, gen, timesteps, noise, cell_weight=cell_weight)
 
     plain = loss(0.0, torch.zeros(2, 16, 16))
