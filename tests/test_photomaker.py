@@ -359,6 +359,29 @@ def test_strength_and_photomaker_need_a_reference(tmp_path, capsys):
     assert "0 to 100" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options, expected", [
+    (("--ref", "Lily={lily}"), "reference default"),
+    (("--ref", "Lily={lily}", "--guidance", "5"), 5.0),
+    (("--guidance", "4"), 4.0),
+    ((), None),  # no reference: the model's own default (generate_story's None)
+])
+def test_storyworld_reference_mode_has_its_own_guidance_unless_told(tmp_path, monkeypatch, options, expected):
+    from sdlite.cli.story import STORYWORLD_ID_GUIDANCE
+
+    seen = {}
+
+    def generate(pipe, story, **kw):
+        seen.update(kw)
+        return types.SimpleNamespace(images=[Image.new("RGB", (64, 64)) for _ in range(len(story))])
+
+    monkeypatch.setattr(sdlite.pipeline, "generate_story", generate)
+    options = [o.format(lily=tmp_path / "lily.png") for o in options]
+    assert run_cli(tmp_path, *options, "--quiet", "--no-csa") == 0
+    expected = STORYWORLD_ID_GUIDANCE if expected == "reference default" else expected
+    assert seen["guidance_scale"] == expected
+    assert STORYWORLD_ID_GUIDANCE != 5.0  # the tuned value differs from the text-only default (else: no test)
+
+
 def test_story_ref_generates_with_the_reference(trained, tmp_path):
     args = ["--model", str(trained.folder), "--photomaker", str(trained.export), "--quiet", "--no-csa"]
     assert run_cli(tmp_path, "--ref", f"Lily={tmp_path / 'lily.png'}", "--id-strength", "0", *args) == 0
@@ -418,13 +441,28 @@ def test_the_strength_is_chosen_by_reference_match_within_the_scene_limit():
         pm.choose_strength({"no_id": row(0.2, 1.0), "id_strength_0": row(0.9, 0.5)})
 
 
+def test_the_guidance_is_chosen_by_the_same_rule_over_its_own_rows():
+    def row(match, scene):
+        return {"reference_match_min": match, "scene_accuracy": scene}
+
+    sweep = {"no_id": row(0.2, 0.95), "id_guidance_2": row(0.9, 0.80), "id_guidance_3": row(0.7, 0.93),
+             "id_guidance_4": row(0.7, 0.95), "id_guidance_5": row(0.6, 0.95),
+             "id_strength_0": row(1.0, 0.95)}  # another sweep's row: not a guidance
+    assert pm.choose_guidance(sweep) == 3.0  # 2 loses the scene; 3 and 4 tie: the lower scale
+    assert pm.choose_guidance(sweep, max_scene_drop=0.2) == 2.0
+    with pytest.raises(ValueError, match="widen"):
+        pm.choose_guidance({"no_id": row(0.2, 1.0), "id_guidance_2": row(0.9, 0.5)})
+
+
 def test_other_encoders_are_measured_as_the_id_row_on_their_own_pipelines(monkeypatch):
     calls = []
 
     def fake_setting(pipe, encoder, stories, recognizer, *, use_id=True, csa=False, references=1, strength=20.0,
-                     seed=0):
-        calls.append((pipe, encoder, len(stories), use_id, csa, references, strength))
+                     guidance=None, seed=0):
+        calls.append((pipe, encoder, len(stories), use_id, csa, references, strength, guidance))
         match = {"enc": 0.8, "base": 0.6}[encoder] if use_id else 0.2
+        if guidance is not None:  # the guidance sweep: 4 reads best
+            match -= abs(guidance - 4.0) / 10
         return {"reference_match_min": match, "scene_accuracy": 1.0, "pipe": pipe}
 
     monkeypatch.setattr(pm, "run_setting", fake_setting)
@@ -434,7 +472,11 @@ def test_other_encoders_are_measured_as_the_id_row_on_their_own_pipelines(monkey
     ablation = res["encoder_ablation"]
     assert ablation["id"] == res["table"]["id"] and ablation["base"]["reference_match_min"] == 0.6
     assert ablation["base"]["pipe"] == "pipe2"  # its own pipeline: a fused LoRA stays in a UNet
-    assert calls[-1] == ("pipe2", "base", 3, True, False, 1, res["style_strength_ratio"])  # the id row's settings
+    assert res["guidance_scale"] == 4.0 and set(res["guidance_sweep"]["rows"]) == {
+        "no_id", *(f"id_guidance_{g:g}" for g in pm.GUIDANCES)}
+    assert calls[-1] == ("pipe2", "base", 3, True, False, 1, res["style_strength_ratio"], 4.0)  # the id row's
+    table_calls = [c for c in calls if c[2] == 3 and c[3]]  # the table's ID rows: all at the chosen settings
+    assert len(table_calls) == 4 and {c[6:] for c in table_calls} == {(res["style_strength_ratio"], 4.0)}
     assert "encoder_ablation" not in pm.run_photomaker_eval("pipe", "enc", None, n_stories=3, n_tuning=2,
                                                            progress=False)
 
@@ -468,7 +510,7 @@ def test_the_shipped_tower_sees_what_storyworld_clips_tower_misses():
 
 
 def test_results_photomaker_json_is_whole_and_its_bars_follow_its_numbers():
-    from sdlite.cli.story import STORYWORLD_ID_STRENGTH
+    from sdlite.cli.story import STORYWORLD_ID_GUIDANCE, STORYWORLD_ID_STRENGTH
 
     res = json.loads((ROOT / "results" / "photomaker.json").read_text())
     for key in ("reference_match_min", "reference_match_min_with_csa", "no_id_reference_match_min",
@@ -483,6 +525,7 @@ def test_results_photomaker_json_is_whole_and_its_bars_follow_its_numbers():
     assert res["scene_accuracy_drop"] == pytest.approx(table["no_id"]["scene_accuracy"] -
                                                        table["id"]["scene_accuracy"], abs=1e-4)
     assert res["style_strength_ratio"] == STORYWORLD_ID_STRENGTH  # the CLI's default is the one the sweep chose
+    assert res["guidance_scale"] == STORYWORLD_ID_GUIDANCE == pm.choose_guidance(res["guidance_sweep"]["rows"])
     assert res["command"].startswith("python -m sdlite.eval photomaker")
 
 

@@ -22,7 +22,8 @@ def add_story_parser(subparsers) -> None:
                         "stabilityai/stable-diffusion-xl-base-1.0 (fp16 on CUDA)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps ...")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 20 storyworld, 35 SDXL)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 5)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"guidance scale (default: 5; {STORYWORLD_ID_GUIDANCE:g} with --ref on storyworld)")
     p.add_argument("--seed", type=int, default=0, help="seed: panel i uses seed + i (default 0)")
     p.add_argument("--shared-seed", action="store_true", help="the same noise seed for every panel (official demo)")
     p.add_argument("--rate", type=float, default=None,
@@ -204,6 +205,8 @@ def run_story_command(args) -> int:
     real = tokenizer is None or not is_small_vocabulary(tokenizer)
     csa, run = story_settings(args, real)
     id_kwargs = reference_mode(args, references, real)  # the ID encoder loads (and fails) before the pipeline
+    if id_kwargs and not real and run["guidance"] is None:
+        run["guidance"] = STORYWORLD_ID_GUIDANCE  # storyworld's reference mode has its own tuned default
     pipe = load_pipeline(args.model, args.device)
     low_vram(pipe, args)
     bank = load_characters(pipe, story, csa, run, load_dir) if load_dir is not None else None
@@ -283,6 +286,7 @@ def reference_mode(args, references: dict, real: bool) -> dict:
 
 PHOTOMAKER_ID_STRENGTH = 20.0  # PhotoMaker's own default, for real SDXL with photomaker-v1.bin
 STORYWORLD_ID_STRENGTH = 20.0  # storyworld's encoder: chosen by `python -m sdlite.eval photomaker` on its tuning stories
+STORYWORLD_ID_GUIDANCE = 3.0  # and its guidance scale with --ref (without --guidance), chosen the same way
 
 
 def story_settings(args, real: bool):

@@ -14,6 +14,8 @@ share of panels that agree with the reference. Settings, all on the same stories
     id_3_refs        three references, CSA off
     id_strength_R    the delayed-conditioning sweep (style strength R %: text-only for the first R % of the steps),
                      on *other* stories (`tuning_seed`); the default strength is chosen there, then used above
+    id_guidance_G    then, at that strength, the guidance sweep (classifier-free guidance scale G) on the same tuning
+                     stories; the reference mode's default guidance is chosen there the same way, then used above
 
 Bars: reference_match_min (id) >= 0.75, reference_match_min_with_csa >= reference_match_min - 0.02, scene accuracy
 within 5 points of no_id.
@@ -35,6 +37,7 @@ from ..storyworld.datasets import id_caption, sample_split_character
 
 MATCHED = ("hair", "shirt", "trousers", "hat")
 STRENGTHS = (0.0, 10.0, 20.0, 30.0, 50.0)
+GUIDANCES = (2.0, 3.0, 4.0, 5.0)  # 5: storyworld's default guidance (the strength sweep's)
 EVAL_SEED = 5150
 TUNING_SEED = 6160
 PANELS = 4
@@ -84,14 +87,16 @@ def _scene_action(panels: np.ndarray, story: ReferenceStory, recognizer) -> tupl
 
 
 def run_setting(pipe, encoder, stories: list[ReferenceStory], recognizer, *, use_id: bool = True, csa: bool = False,
-                references: int = 1, strength: float = 20.0, seed: int = 0) -> dict:
-    """Mean reference match per attribute, its minimum, scene and action accuracy of one setting over the stories."""
+                references: int = 1, strength: float = 20.0, guidance: float | None = None, seed: int = 0) -> dict:
+    """Mean reference match per attribute, its minimum, scene and action accuracy of one setting over the stories
+    (`guidance`: the classifier-free guidance scale; None: the model's default, storyworld's 5)."""
     rows = []
     for k, st in enumerate(stories):
         story = parse_story(st.text)
         kw = {"id_images": {"Ref": list(st.references[:references])}, "id_encoder": encoder,
               "style_strength_ratio": strength} if use_id else {}
-        res = generate_story(pipe, story, csa=CSAConfig(enabled=csa), seed=seed + 1000 * k, progress=False, **kw)
+        res = generate_story(pipe, story, csa=CSAConfig(enabled=csa), seed=seed + 1000 * k, guidance_scale=guidance,
+                             progress=False, **kw)
         panels = res.arrays()
         match = reference_match(panels, st.references[0], recognizer)
         scene, action = _scene_action(panels, st, recognizer)
@@ -101,16 +106,27 @@ def run_setting(pipe, encoder, stories: list[ReferenceStory], recognizer, *, use
     return {k: round(v, 4) for k, v in mean.items()}
 
 
+def _choose(sweep: dict[str, dict], prefix: str, max_scene_drop: float) -> float:
+    """The value V of the best `prefix`V row: the highest reference match among the rows whose scene accuracy is
+    within `max_scene_drop` of the no-ID baseline; a tie goes to the lower V."""
+    base = sweep["no_id"]["scene_accuracy"]
+    ok = [(row["reference_match_min"], -float(name[len(prefix):]), float(name[len(prefix):]))
+          for name, row in sweep.items() if name.startswith(prefix)
+          and base - row["scene_accuracy"] <= max_scene_drop]
+    if not ok:
+        raise ValueError(f"no {prefix}* setting keeps scene accuracy within the limit: widen the sweep")
+    return max(ok)[2]
+
+
 def choose_strength(sweep: dict[str, dict], max_scene_drop: float = 0.05) -> float:
     """The delayed-conditioning default: the strength with the best reference match among those whose scene
     accuracy is within `max_scene_drop` of the no-ID baseline (the trade-off PhotoMaker describes)."""
-    base = sweep["no_id"]["scene_accuracy"]
-    ok = [(row["reference_match_min"], -float(name.split("_")[-1]), float(name.split("_")[-1]))
-          for name, row in sweep.items() if name.startswith("id_strength_")
-          and base - row["scene_accuracy"] <= max_scene_drop]
-    if not ok:
-        raise ValueError("no strength keeps scene accuracy within the limit: widen the sweep")
-    return max(ok)[2]
+    return _choose(sweep, "id_strength_", max_scene_drop)
+
+
+def choose_guidance(sweep: dict[str, dict], max_scene_drop: float = 0.05) -> float:
+    """The reference mode's guidance scale, by the same rule over the `id_guidance_G` rows."""
+    return _choose(sweep, "id_guidance_", max_scene_drop)
 
 
 def run_photomaker_eval(pipe, encoder, recognizer, *, n_stories: int = 50, n_tuning: int = 24, seed: int = 0,
@@ -126,16 +142,23 @@ def run_photomaker_eval(pipe, encoder, recognizer, *, n_stories: int = 50, n_tun
         sweep[f"id_strength_{r:g}"] = run_setting(pipe, encoder, tuning, recognizer, strength=r, seed=seed)
         say(f"tuning strength {r:g}: {sweep[f'id_strength_{r:g}']}")
     strength = choose_strength(sweep)
+    guidance_rows = {"no_id": sweep["no_id"]}
+    for g in GUIDANCES:
+        guidance_rows[f"id_guidance_{g:g}"] = run_setting(pipe, encoder, tuning, recognizer, strength=strength,
+                                                          guidance=g, seed=seed)
+        say(f"tuning guidance {g:g}: {guidance_rows[f'id_guidance_{g:g}']}")
+    guidance = choose_guidance(guidance_rows)
     stories = make_reference_stories(n_stories, EVAL_SEED)
+    chosen = {"strength": strength, "guidance": guidance, "seed": seed}  # every ID row's settings
     table = {
         "no_id": run_setting(pipe, encoder, stories, recognizer, use_id=False, seed=seed),
-        "id": run_setting(pipe, encoder, stories, recognizer, strength=strength, seed=seed),
-        "id_csa": run_setting(pipe, encoder, stories, recognizer, csa=True, strength=strength, seed=seed),
-        "id_3_refs": run_setting(pipe, encoder, stories, recognizer, references=3, strength=strength, seed=seed),
+        "id": run_setting(pipe, encoder, stories, recognizer, **chosen),
+        "id_csa": run_setting(pipe, encoder, stories, recognizer, csa=True, **chosen),
+        "id_3_refs": run_setting(pipe, encoder, stories, recognizer, references=3, **chosen),
     }
     for name, row in table.items():
         say(f"{name}: {row}")
-    ablation = {name: run_setting(other_pipe, other, stories, recognizer, strength=strength, seed=seed)
+    ablation = {name: run_setting(other_pipe, other, stories, recognizer, **chosen)
                 for name, (other_pipe, other) in (others or {}).items()}
     result = {
         "reference_match_min": table["id"]["reference_match_min"],
@@ -145,8 +168,11 @@ def run_photomaker_eval(pipe, encoder, recognizer, *, n_stories: int = 50, n_tun
         "n_stories": n_stories,
         "panels_per_story": PANELS,
         "style_strength_ratio": strength,
+        "guidance_scale": guidance,
         "table": table,
         "strength_sweep": {"n_stories": n_tuning, "seed": TUNING_SEED, "rows": sweep},
+        "guidance_sweep": {"n_stories": n_tuning, "seed": TUNING_SEED, "style_strength_ratio": strength,
+                           "rows": guidance_rows},
         **({"encoder_ablation": {"id": table["id"], **ablation}} if ablation else {}),
         "seconds": round(time.time() - t0, 1),
         "command": command,
