@@ -280,6 +280,7 @@ def run_photomaker(args) -> int:
                                  n_stories=args.stories, n_tuning=args.tuning_stories, seed=args.seed,
                                  command=args.command_line, others=others)
     write_result(result, out)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("table", "strength_sweep", "guidance_sweep")}, indent=1))
+    sweeps = ("table", "strength_sweep", "guidance_sweep")  # printed in full while they ran
+    print(json.dumps({k: v for k, v in result.items() if k not in sweeps}, indent=1))
     print(f"wrote {out}")
     return 0
