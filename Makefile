@@ -76,7 +76,8 @@ train-storyworld: install
 
 # The motion predictor and the video decoder (data/motion/), on top of data/storyworld/ (about 80 min on 2 idle cores):
 # grid embeddings (pooled + 4x4 cells); a decoder that also reads the cells spatially (4 input channels), trained
-# 3000 steps, then fine-tuned 1000 steps with keyframe reading (the shipped decoder) and, for the ablation, without.
+# 3000 steps, then fine-tuned 1000 steps with keyframe reading (the shipped decoder) and, for the ablation, without;
+# and, for the ablation's decoder-size row, a decoder of twice the channels trained as the first (about 100 min more).
 train-motion: install
 	$(PY) -m sdlite.train motion-cache --clips 3000 --seed 1 --out runs/motion/train_grid4 --latents --grid 4
 	$(PY) -m sdlite.train motion-cache --clips 200 --seed 2 --out runs/motion/val_grid4 --grid 4
@@ -84,6 +85,7 @@ train-motion: install
 	$(PY) -m sdlite.train video-decoder --cache runs/motion/train_grid4 --spatial-channels 4 --out runs/video_spatial --export data/motion/decoder_3000_steps --size base --steps 3000 --batch-size 4 --threads 1 --force
 	$(PY) -m sdlite.train video-decoder --cache runs/motion/train_grid4 --init data/motion/decoder_3000_steps --keyframe-attention --out runs/video_kf --export data/motion/decoder --steps 1000 --batch-size 4 --lr 3e-4 --threads 1 --force
 	$(PY) -m sdlite.train video-decoder --cache runs/motion/train_grid4 --init data/motion/decoder_3000_steps --out runs/video_plain --export data/motion/decoder_no_keyframes --steps 1000 --batch-size 4 --lr 3e-4 --threads 1 --force
+	$(PY) -m sdlite.train video-decoder --cache runs/motion/train_grid4 --spatial-channels 4 --out runs/video_wide --export data/motion/decoder_wide_3000_steps --size wide --steps 3000 --batch-size 4 --threads 1 --force
 
 # storyworld's PhotoMaker ID encoder (on top of data/storyworld/): data/storyworld/id_encoder_base/ is the first
 # recipe, 600 tower steps then 4000 steps of the diffusion loss on reference -> target pairs (about 51 minutes on one
@@ -102,7 +104,7 @@ eval: install
 	$(PY) -m sdlite.eval consistency --stories 50 --panels 4 4 --batch-stories 25 --shared-settings no_csa,default --threads 1 --out results/consistency.json --force
 	$(PY) -m sdlite.eval transitions --clips 100 --steps 8 --methods latent_interpolation,no_predictor,temporal_only,full,true_embeddings --threads 1 --out results/motion.json --force
 	$(PY) -m sdlite.eval photomaker --stories 50 --tuning-stories 24 --compare base=data/storyworld/id_encoder_base --threads 1 --out results/photomaker.json --force
-	$(PY) -m sdlite.eval decoder-ablation --clips 100 --steps 8 --decoder "3000 steps, no keyframe reading=data/motion/decoder_3000_steps" --decoder "3000 + 1000 steps, no keyframe reading=data/motion/decoder_no_keyframes" --decoder "3000 + 1000 steps, keyframe reading (shipped)=data/motion/decoder" --threads 1 --out results/motion_ablation.json --force
+	$(PY) -m sdlite.eval decoder-ablation --clips 100 --steps 8 --decoder "3000 steps, no keyframe reading=data/motion/decoder_3000_steps" --decoder "3000 + 1000 steps, no keyframe reading=data/motion/decoder_no_keyframes" --decoder "3000 + 1000 steps, keyframe reading (shipped)=data/motion/decoder" --decoder "wide (2x channels), 3000 steps, no keyframe reading=data/motion/decoder_wide_3000_steps" --threads 1 --out results/motion_ablation.json --force
 
 benchmarks: install
 	$(PY) benchmarks/attention.py

@@ -1,6 +1,7 @@
 """Keyframe-reading attention (sdlite.keyframe_attention) and the decoder's options that use it; guidance on the frame
 embeddings (sdlite.video.sample_latents(embed_guidance=...))."""
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +17,8 @@ from sdlite.motion import ImageEmbedder
 from sdlite.storyworld.models import StoryworldSizes, build_clip, build_scheduler, build_storyworld_tokenizer, build_vae
 from sdlite.train.motion import build_cache
 from sdlite.video import VideoDecoder, build_decoder, sample_latents
+
+ROOT = Path(__file__).resolve().parents[1]
 
 E = 32
 
@@ -186,3 +189,26 @@ def test_the_shipped_decoders_record_how_they_were_made():
         assert rec["trained_steps"] == records["decoder"]["trained_steps"] and rec["config"] == records["decoder"]["config"]
         assert ("--keyframe-attention" in rec["command"]) == (name == "decoder")
         assert rec["parameters"] == base["parameters"]  # keyframe reading adds no parameters
+
+
+def test_the_size_ablations_wide_decoder_differs_from_its_base_in_width_only():
+    """data/motion/decoder_wide_3000_steps: the decoder-size row of the ablation. Same recipe, steps and data as the
+    3000-step base decoder; only the channels double. Its row in results/motion_ablation.json is this folder."""
+    from sdlite.motion import motion_dir
+
+    base, wide = motion_dir() / "decoder_3000_steps", motion_dir() / "decoder_wide_3000_steps"
+    configs = [json.loads((f / "config.json").read_text()) for f in (base, wide)]
+    records = [json.loads((f / "training.json").read_text()) for f in (base, wide)]
+    unets = [c.pop("unet_config") for c in configs]
+    assert [2 * c for c in unets[0].pop("block_out_channels")] == unets[1].pop("block_out_channels")
+    assert unets[0] == unets[1] and configs[0]["_class_name"] == configs[1]["_class_name"] == "VideoDecoder"
+    for c in configs:  # the base decoder was saved before the keyframe flag existed: absent means off
+        c.setdefault("keyframe_attention", False)
+        c.pop("_diffusers_version")
+    assert configs[0] == configs[1] and configs[1]["keyframe_attention"] is False
+    assert records[1]["config"] == records[0]["config"] and records[1]["trained_steps"] == 3000
+    assert "--size wide" in records[1]["command"] and records[1]["train_clips"] == records[0]["train_clips"]
+    assert records[1]["parameters"] > 3 * records[0]["parameters"]
+    rows = json.loads((ROOT / "results" / "motion_ablation.json").read_text())["rows"]
+    row = next(r for r in rows.values() if Path(r["folder"]) == Path("data/motion/decoder_wide_3000_steps"))
+    assert row["parameters"] == records[1]["parameters"] and row["training_steps"] == 3000
