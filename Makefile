@@ -85,7 +85,7 @@ train-motion: install
 	$(PY) -m sdlite.train video-decoder --cache runs/motion/train_grid4 --spatial-channels 4 --out runs/video_spatial --export data/motion/decoder_3000_steps --size base --steps 3000 --batch-size 4 --threads 1 --force
 	$(PY) -m sdlite.train video-decoder --cache runs/motion/train_grid4 --init data/motion/decoder_3000_steps --keyframe-attention --out runs/video_kf --export data/motion/decoder --steps 1000 --batch-size 4 --lr 3e-4 --threads 1 --force
 	$(PY) -m sdlite.train video-decoder --cache runs/motion/train_grid4 --init data/motion/decoder_3000_steps --out runs/video_plain --export data/motion/decoder_no_keyframes --steps 1000 --batch-size 4 --lr 3e-4 --threads 1 --force
-	$(PY) -m sdlite.train video-decoder --cache runs/motion/train_grid4 --spatial-channels 4 --out runs/video_wide --export data/motion/decoder_wide_3000_steps --size wide --steps 3000 --batch-size 4 --threads 1 --force
+	$(PY) -m sdlite.train video-decoder --cache runs/motion/train_grid4 --spatial-channels 4 --out runs/video_wide --export data/motion/decoder_wide_3000_steps --size wide --steps 3000 --batch-size 4 --save-dtype float16 --threads 1 --force
 
 # storyworld's PhotoMaker ID encoder (on top of data/storyworld/): data/storyworld/id_encoder_base/ is the first
 # recipe, 600 tower steps then 4000 steps of the diffusion loss on reference -> target pairs (about 51 minutes on one

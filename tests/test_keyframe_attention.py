@@ -151,6 +151,31 @@ def test_train_command_fine_tunes_a_decoder_with_keyframe_attention(tmp_path):
                        str(tmp_path / "nowhere"), "--steps", "1"]) == 2
 
 
+def test_a_decoder_export_can_be_stored_in_float16(tmp_path):
+    """`--save-dtype float16`: half the bytes on disk, loads back as float32 within float16's rounding."""
+    from safetensors.torch import load_file
+
+    sizes = StoryworldSizes.named("tiny")
+    clip = build_clip(sizes, build_storyworld_tokenizer(), seed=1).eval()
+    build_cache(tmp_path / "c", 2, seed=4, embedder=ImageEmbedder(clip), vae=build_vae(sizes, seed=2).eval(),
+                frames=4, progress=False)
+    for dtype in ("float32", "float16"):
+        assert train_main(["video-decoder", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / f"r_{dtype}"),
+                           "--export", str(tmp_path / dtype), "--size", "tiny", "--steps", "1", "--batch-size", "1",
+                           "--save-dtype", dtype]) == 0
+        assert json.loads((tmp_path / dtype / "training.json").read_text())["saved_dtype"] == dtype
+    stored = {d: load_file(str(tmp_path / d / "diffusion_pytorch_model.safetensors")) for d in ("float32", "float16")}
+    assert {t.dtype for t in stored["float16"].values()} == {torch.float16}
+    full, half = VideoDecoder.storyworld(tmp_path / "float32"), VideoDecoder.storyworld(tmp_path / "float16")
+    for (name, a), b in zip(full.named_parameters(), half.parameters()):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b, a.half().float(), rtol=0, atol=0, msg=name)  # the same run, rounded once
+    with pytest.raises(ValueError, match="save_dtype"):
+        from sdlite.train.video import train_decoder_on_caches
+
+        train_decoder_on_caches([tmp_path / "c"], tmp_path / "r_bad", None, save_dtype="bfloat16")
+
+
 def test_decoder_ablation_compares_decoders_on_the_same_clips(tmp_path, capsys):
     """Two copies of the shipped decoder score the same and differ by exactly 0; a missing folder is one line."""
     from sdlite.cli.eval import main as eval_main

@@ -218,6 +218,8 @@ def add_video_decoder_parser(sub) -> None:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--stop-at", type=int, default=None, help="stop after this step (checkpointed; --resume later)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed, exported) after this long")
+    t.add_argument("--save-dtype", choices=("float32", "float16"), default="float32",
+                   help="the export's weights (float16: half the size; loads back as float32)")
     t.add_argument("--force", action="store_true")
     t.add_argument("--storyworld", default=None, help="folder with vae/ and clip/ (default data/storyworld)")
     add_threads_option(t)
@@ -236,7 +238,7 @@ def run_video_decoder(args) -> int:
                                    export=args.export, resume=args.resume, stop_at=args.stop_at,
                                    max_minutes=args.max_minutes, storyworld=args.storyworld,
                                    command=args.command_line, keyframe_attention=args.keyframe_attention,
-                                   init=args.init)
+                                   init=args.init, save_dtype=args.save_dtype)
     if info is not None:
         print(json.dumps(info, indent=1))
     return 0

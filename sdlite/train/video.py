@@ -158,13 +158,17 @@ def train_decoder_on_caches(caches: list[str | os.PathLike], out: str | os.PathL
                             size: str = "base", spatial_channels: int = 0, export: str | os.PathLike | None = None,
                             resume: bool = False, stop_at: int | None = None, max_minutes: float | None = None,
                             storyworld: str | os.PathLike | None = None, command: str = "",
-                            keyframe_attention: bool = False, init: str | os.PathLike | None = None) -> dict | None:
+                            keyframe_attention: bool = False, init: str | os.PathLike | None = None,
+                            save_dtype: str = "float32") -> dict | None:
     """The whole job behind `python -m sdlite.train video-decoder`: load the storyworld VAE and CLIP and the caches,
     build the decoder (before encoding the prompts, so a bad setting fails before any work), train, and (when the
     schedule finished, or time ran out with `max_minutes`) export it with its `training.json`. Returns that record.
 
     `init`: start from a trained decoder's folder (its shape; `size` and `spatial_channels` are then ignored) instead
-    of random weights, e.g. to add keyframe attention, which has no parameters of its own, to a trained decoder."""
+    of random weights, e.g. to add keyframe attention, which has no parameters of its own, to a trained decoder.
+    `save_dtype="float16"` stores the export at half the size (it loads back as float32, each weight rounded)."""
+    if save_dtype not in ("float32", "float16"):
+        raise ValueError(f"save_dtype={save_dtype!r}: use 'float32' or 'float16'")
     models = load_video_models(storyworld_folder=storyworld, decoder=False, predictor=False)
     loaded = [load_cache(c) for c in caches]
     cache = {"latents": torch.cat([c["latents"] for c in loaded]), "embeds": torch.cat([c["embeds"] for c in loaded])}
@@ -183,8 +187,9 @@ def train_decoder_on_caches(caches: list[str | os.PathLike], out: str | os.PathL
     finished = hist["last_step"] == cfg.steps
     if not export or not (finished or max_minutes is not None):
         return None
-    decoder.save_pretrained(export)
-    info = {"command": command, "train_clips": len(captions), "config": dataclasses.asdict(cfg),
+    decoder.to(getattr(torch, save_dtype)).save_pretrained(export)  # (the decoder is not used after this)
+    info = {"command": command, "saved_dtype": save_dtype, "train_clips": len(captions),
+            "config": dataclasses.asdict(cfg),
             "trained_steps": hist["last_step"], "finished_schedule": finished,
             "parameters": sum(p.numel() for p in decoder.parameters()),
             "final_loss": hist["loss"][-1], "mean_logged_loss_last_4": float(np.mean(hist["loss"][-4:])),
