@@ -513,6 +513,66 @@ def test_decoder_training_smoke_is_deterministic(tiny_models, tmp_path):
         train_video.train_decoder({"embeds": cache["embeds"]}, text, empty, dec0, tiny_models.scheduler, cfg)
 
 
+def test_character_weighted_decoder_loss_weighs_the_characters_cells(tiny_models):
+    """`character_weight`: the cells of the mask count 1 + w times; a uniform mask (all or nothing) changes nothing,
+    since each clip's weights are normalised to average 1; the weighted loss is the weighted mean of the errors."""
+    dec = build_decoder("tiny", image_embed_dim=E, cross_attention_dim=32, seed=7)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 4, 16, 16, generator=g)
+    batch = {"latents": z, "embeds": torch.randn(2, 4, E, generator=g), "text": torch.randn(2, 32, 32, generator=g),
+             "empty_text": torch.zeros(1, 32, 32), "embed_std": 1.0}
+
+    def loss(weight, masks, model=dec):
+        cfg = train_video.DecoderTrainConfig(character_weight=weight)
+        return train_video._decoder_loss(model, dec, tiny_models.scheduler, cfg, {**batch, "masks": masks},
+                                         torch.Generator().manual_seed(3), "cpu")
+
+    plain = loss(0.0, None)
+    for uniform in (torch.zeros(2, 4, 16, 16), torch.ones(2, 4, 16, 16)):
+        torch.testing.assert_close(loss(4.0, uniform), plain)
+    half = torch.zeros(2, 4, 16, 16)
+    half[..., :8] = 1.0  # the character in the left half of every frame
+    # a model that predicts 0 makes the error the target itself: the residual to the keyframes' cross-fade
+    target = dec.to_diffusion_space(z, z[:, 0], z[:, -1])
+    zero_model = lambda noisy, *a: torch.zeros_like(noisy)  # noqa: E731
+    err = target.pow(2)  # (B, L, C, h, w)
+    w = 1.0 + 4.0 * half.unsqueeze(2)
+    expected = ((err * w).mean(dim=(1, 2, 3, 4)) / w.mean(dim=(1, 2, 3, 4))).mean()
+    torch.testing.assert_close(loss(4.0, half, zero_model), expected)
+    left, right = err[..., :8].mean(), err[..., 8:].mean()
+    assert expected != pytest.approx(err.mean().item()) and min(left, right) <= expected <= max(left, right)
+    with pytest.raises(ValueError, match="character_weight"):
+        train_video.DecoderTrainConfig(character_weight=-1.0)
+    cache = {"latents": z, "embeds": batch["embeds"]}
+    with pytest.raises(ValueError, match="masks"):
+        train_video.train_decoder(cache, batch["text"], batch["empty_text"], dec, tiny_models.scheduler,
+                                  train_video.DecoderTrainConfig(steps=1, character_weight=4.0))
+
+
+def test_character_masks_of_a_cache_are_the_renders_masks_and_kept(tmp_path):
+    """`character_masks(cache)`: per clip and frame the `character_mask` of that frame's panel, computed once into
+    masks.safetensors; `--character-weight` trains with them and records the weight."""
+    from sdlite.storyworld.datasets import ClipDataset, character_mask
+
+    sizes = StoryworldSizes.named("tiny")
+    clip = build_clip(sizes, build_storyworld_tokenizer(), seed=1).eval()
+    build_cache(tmp_path / "c", 2, seed=4, embedder=ImageEmbedder(clip), vae=build_vae(sizes, seed=2).eval(), frames=4,
+                progress=False)
+    masks = train_motion.character_masks(tmp_path / "c", progress=False)
+    lat = load_cache(tmp_path / "c")["latents"]
+    assert masks.shape == (2, 4, *lat.shape[-2:]) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    panels, _ = ClipDataset(2, frames=4, seed=4).panels(1)
+    for f, p in enumerate(panels):
+        assert torch.equal(masks[1, f], character_mask(p, latent_size=lat.shape[-1]))
+    assert 0 < masks.mean() < 0.5  # the character, not the whole frame
+    assert (tmp_path / "c" / "masks.safetensors").is_file()
+    assert torch.equal(train_motion.character_masks(tmp_path / "c", progress=False), masks)  # read back
+    assert train_main(["video-decoder", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r"), "--export",
+                       str(tmp_path / "d"), "--size", "tiny", "--steps", "1", "--batch-size", "1",
+                       "--character-weight", "4"]) == 0
+    assert json.loads((tmp_path / "d" / "training.json").read_text())["config"]["character_weight"] == 4.0
+
+
 # ---------------------------------------------------------------- transitions and the CLI
 def _keyframes():
     a, b, _ = sw.sample_clip_endpoints(np.random.default_rng(0), kind="walk across")

@@ -215,6 +215,9 @@ def add_video_decoder_parser(sub) -> None:
     t.add_argument("--keyframe-attention", action="store_true",
                    help="the frames' self-attention also reads the keyframes' tokens (sdlite.keyframe_attention)")
     t.add_argument("--init", default=None, help="start from this trained decoder folder instead of random weights")
+    t.add_argument("--character-weight", type=float, default=0.0,
+                   help="the latent cells that show the character count 1 + this many times in the loss "
+                        "(masks computed once into the cache folder; 0: plain MSE)")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--stop-at", type=int, default=None, help="stop after this step (checkpointed; --resume later)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed, exported) after this long")
@@ -233,7 +236,8 @@ def run_video_decoder(args) -> int:
     set_threads(args)
     if args.export:
         check_writable(Path(args.export) / "config.json", args.force)
-    cfg = DecoderTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    cfg = DecoderTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             character_weight=args.character_weight)
     info = train_decoder_on_caches(args.cache, args.out, cfg, size=args.size, spatial_channels=args.spatial_channels,
                                    export=args.export, resume=args.resume, stop_at=args.stop_at,
                                    max_minutes=args.max_minutes, storyworld=args.storyworld,

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ..motion import STORYWORLD_SIZE, ImageEmbedder, SemanticMotionPredictor, check_frames, predictor_errors
 from ..seeds import check_seed, seeded, step_generator
-from ..storyworld.datasets import ClipDataset
+from ..storyworld.datasets import ClipDataset, character_mask
 from .loop import CsvLog, accelerator, save_checkpoint, set_lr, start_run, warmup_cosine
 
 
@@ -131,6 +131,33 @@ def load_cache(folder: str | os.PathLike) -> dict:
     meta = folder / "cache.json"
     result["grid"] = int(json.loads(meta.read_text()).get("grid", 0)) if meta.is_file() else 0
     return result
+
+
+def character_masks(folder: str | os.PathLike, progress: bool = True) -> torch.Tensor:
+    """(N, L, h, w) float {0, 1}: for each cached clip and frame, the latent cells that show the character's identity
+    attributes (`character_mask`, from the same renders the cache encoded). Computed once (a few CPU minutes for
+    3000 clips) and kept in `folder/masks.safetensors`."""
+    folder = Path(folder)
+    meta = json.loads((folder / "cache.json").read_text())
+    path = folder / "masks.safetensors"
+    if path.is_file():
+        return load_file(str(path))["masks"].float()
+    first = load_file(str(sorted(folder.glob("part_*.safetensors"))[0]))
+    if "latents" not in first:
+        raise ValueError(f"{folder} holds no latents: character masks weigh the decoder's latent loss")
+    latent_size = first["latents"].shape[-1]
+    dataset = ClipDataset(meta["n_clips"], frames=meta["frames"], seed=meta["seed"])
+    t0, masks = time.time(), []
+    for i in range(len(dataset)):
+        panels, _ = dataset.panels(i)
+        masks.append(torch.stack([character_mask(p, size=dataset.size, latent_size=latent_size) for p in panels]))  # (L, h, w)
+        if progress and (i + 1) % 500 == 0:
+            print(f"character masks: {i + 1}/{len(dataset)} clips ({time.time() - t0:.0f}s)", flush=True)
+    out = torch.stack(masks)  # (N, L, h, w)
+    tmp = path.with_suffix(".tmp")
+    save_file({"masks": out.to(torch.uint8)}, str(tmp))
+    tmp.rename(path)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

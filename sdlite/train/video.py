@@ -23,7 +23,7 @@ import torch
 from ..seeds import step_generator
 from ..video import VideoDecoder, build_decoder, encode_prompts, load_video_models
 from .loop import CsvLog, accelerator, save_checkpoint, set_lr, start_run, warmup_cosine
-from .motion import cache_grid, load_cache
+from .motion import cache_grid, character_masks, load_cache
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class DecoderTrainConfig:
     text_drop_prob: float = 0.3  # drop the prompt ("" encoding)
     embed_noise: float = 0.2  # Gaussian noise on the true embeddings, in units of their std (~ the predictor's error)
     min_snr_gamma: float = 5.0
+    character_weight: float = 0.0  # extra loss weight on the latent cells that show the character (0: plain MSE)
     seed: int = 0
     log_every: int = 25
     ckpt_every: int = 200
@@ -47,6 +48,8 @@ class DecoderTrainConfig:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.warmup < 0:
             raise ValueError(f"steps={self.steps}, batch_size={self.batch_size}, lr={self.lr}, warmup={self.warmup}: "
                              "steps and batch size must be >= 1, lr > 0, warmup >= 0")
+        if self.character_weight < 0:
+            raise ValueError(f"character_weight={self.character_weight}: use 0 (plain MSE) or a positive weight")
         for name in ("null_prob", "text_drop_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be a probability in [0, 1]")
@@ -78,7 +81,12 @@ def _decoder_loss(model, unwrapped: VideoDecoder, scheduler, cfg: DecoderTrainCo
         target, weight = noise, torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # min-SNR weighting
     else:
         target, weight = z, torch.ones(b)  # clean latents: plain MSE at every noise level
-    per_clip = (pred.float() - target).pow(2).mean(dim=(1, 2, 3, 4))  # (B,)
+    err = (pred.float() - target).pow(2)  # (B, L, C, h, w)
+    if cfg.character_weight > 0:  # the character's cells count 1 + w times as much; each clip's weights average 1
+        w = 1.0 + cfg.character_weight * batch["masks"].to(err.device).unsqueeze(2)  # (B, L, 1, h, w)
+        per_clip = (err * w).mean(dim=(1, 2, 3, 4)) / w.mean(dim=(1, 2, 3, 4))  # (B,)
+    else:
+        per_clip = err.mean(dim=(1, 2, 3, 4))  # (B,)
     return (weight.to(per_clip.device) * per_clip).mean()
 
 
@@ -87,7 +95,8 @@ def train_decoder(cache: dict, text: torch.Tensor, empty_text: torch.Tensor, dec
                   progress: bool = False, stop_at: int | None = None,
                   max_minutes: float | None = None) -> tuple[VideoDecoder, dict]:
     """Train `decoder` on cached clips: `cache` from `load_cache` (needs "latents" (N, L, C, h, w) and "embeds"
-    (N, L, E)), `text` the encoded captions (N, T, D), `empty_text` the "" encoding (1, T, D).
+    (N, L, E), and "masks" (N, L, h, w) when `cfg.character_weight` > 0), `text` the encoded captions (N, T, D),
+    `empty_text` the "" encoding (1, T, D).
 
     Everything random in step s comes from a generator seeded with (seed, s): resuming continues exactly; `stop_at`
     ends the run after that step (with a checkpoint), to split a long run into short jobs; `max_minutes` ends it
@@ -96,6 +105,10 @@ def train_decoder(cache: dict, text: torch.Tensor, empty_text: torch.Tensor, dec
         raise ValueError("the cache holds no latents: build it with `python -m sdlite.train motion-cache --latents`")
     lat, emb = cache["latents"], cache["embeds"]
     n = lat.shape[0]
+    masks = cache.get("masks")
+    if cfg.character_weight > 0 and (masks is None or masks.shape[:2] != lat.shape[:2] or masks.shape[2:] != lat.shape[3:]):
+        raise ValueError("character_weight > 0 needs cache['masks'] (N, L, h, w) matching the latents: "
+                         "sdlite.train.motion.character_masks(cache_folder)")
     if text.shape[0] != n:
         raise ValueError(f"{text.shape[0]} text encodings for {n} clips: encode every cached caption")
     acc = accelerator()
@@ -123,6 +136,8 @@ def train_decoder(cache: dict, text: torch.Tensor, empty_text: torch.Tensor, dec
         idx = torch.randint(n, (cfg.batch_size,), generator=g)
         batch = {"latents": lat[idx].to(acc.device), "embeds": emb[idx].to(acc.device),
                  "text": text[idx].to(acc.device), "empty_text": empty_text, "embed_std": emb_std}
+        if cfg.character_weight > 0:
+            batch["masks"] = masks[idx]
         set_lr(opt, cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup, floor=0.1))  # cosine to 10%
         loss = _decoder_loss(model, unwrapped, scheduler, cfg, batch, g, acc.device)
         opt.zero_grad(set_to_none=True)
@@ -172,6 +187,8 @@ def train_decoder_on_caches(caches: list[str | os.PathLike], out: str | os.PathL
     models = load_video_models(storyworld_folder=storyworld, decoder=False, predictor=False)
     loaded = [load_cache(c) for c in caches]
     cache = {"latents": torch.cat([c["latents"] for c in loaded]), "embeds": torch.cat([c["embeds"] for c in loaded])}
+    if cfg.character_weight > 0:
+        cache["masks"] = torch.cat([character_masks(c) for c in caches])
     if init is not None:
         decoder = initial_decoder(init, keyframe_attention, cache_grid(loaded))
     else:
