@@ -150,7 +150,8 @@ def character_masks(folder: str | os.PathLike, progress: bool = True) -> torch.T
     t0, masks = time.time(), []
     for i in range(len(dataset)):
         panels, _ = dataset.panels(i)
-        masks.append(torch.stack([character_mask(p, size=dataset.size, latent_size=latent_size) for p in panels]))  # (L, h, w)
+        masks.append(torch.stack([character_mask(p, size=dataset.size, latent_size=latent_size)
+                                  for p in panels]))  # (L, h, w)
         if progress and (i + 1) % 500 == 0:
             print(f"character masks: {i + 1}/{len(dataset)} clips ({time.time() - t0:.0f}s)", flush=True)
     out = torch.stack(masks)  # (N, L, h, w)

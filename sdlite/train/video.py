@@ -106,7 +106,8 @@ def train_decoder(cache: dict, text: torch.Tensor, empty_text: torch.Tensor, dec
     lat, emb = cache["latents"], cache["embeds"]
     n = lat.shape[0]
     masks = cache.get("masks")
-    if cfg.character_weight > 0 and (masks is None or masks.shape[:2] != lat.shape[:2] or masks.shape[2:] != lat.shape[3:]):
+    fits = masks is not None and masks.shape[:2] == lat.shape[:2] and masks.shape[2:] == lat.shape[3:]
+    if cfg.character_weight > 0 and not fits:
         raise ValueError("character_weight > 0 needs cache['masks'] (N, L, h, w) matching the latents: "
                          "sdlite.train.motion.character_masks(cache_folder)")
     if text.shape[0] != n:
