@@ -44,12 +44,14 @@ from diffusers import ConfigMixin, ModelMixin, UNetMotionModel
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from .frame_polish import check_strength, polish_latents
 from .images import as_image_tensor, fit_square, to_uint8
 from .keyframe_attention import install_keyframe_attention
 from .motion import (
     ImageEmbedder, SemanticMotionPredictor, check_frames, grid_parts, linear_interpolation, load_shipped, motion_dir,
 )
 from .paths import check_writable
+from .pipeline import load_pipeline
 from .seeds import check_seed, seeded
 
 MODES = ("full", "no_predictor", "temporal_only", "true_embeddings")
@@ -418,14 +420,19 @@ def transition_latents(models: VideoModels, start: torch.Tensor, end: torch.Tens
 @torch.no_grad()
 def generate_transition(start, end, frames: int = 16, models: VideoModels | None = None, prompt: str = "",
                         mode: str = "full", steps: int = 20, seed: int = 0, strength: float = 1.0,
-                        pin_keyframes: bool = True) -> torch.Tensor:
+                        pin_keyframes: bool = True, polish: float = 0.0, pipe=None) -> torch.Tensor:
     """A transition video from `start` to `end` (paths, PIL images, uint8 arrays or (3, H, W) tensors in [-1, 1]):
-    float (L, 3, H, W) in [-1, 1]. With `pin_keyframes` the first and last frames are the keyframes themselves."""
+    float (L, 3, H, W) in [-1, 1]. With `pin_keyframes` the first and last frames are the keyframes themselves.
+    `polish` > 0: the image model `pipe` (default: storyworld's) then redraws the in-between frames at that
+    strength, reading the keyframes (`sdlite.frame_polish`; e.g. `STORYWORLD_POLISH_STRENGTH`)."""
+    polish = check_strength(polish)
     models = models if models is not None else load_video_models()
     size = image_size(models)
     a = fit_square(as_image_tensor(start), size).to(models.device)
     b = fit_square(as_image_tensor(end), size).to(models.device)
     z = transition_latents(models, a[None], b[None], frames, [prompt], mode, steps, seed, strength)
+    if polish > 0:
+        z = polish_latents(pipe if pipe is not None else load_pipeline(), z, [prompt], polish, seed=seed)
     video = decode_latents(models.vae, z)[0]  # (L, 3, H, W)
     if pin_keyframes:
         video[0], video[-1] = a, b
@@ -443,11 +450,12 @@ def latent_interpolation_video(models: VideoModels, start: torch.Tensor, end: to
 @torch.no_grad()
 def story_video(panels, models: VideoModels | None = None, frames: int = 16, hold: int = 4,
                 prompts: list[str] | None = None, mode: str = "full", steps: int = 20, seed: int = 0,
-                strength: float = 1.0) -> torch.Tensor:
+                strength: float = 1.0, polish: float = 0.0, pipe=None) -> torch.Tensor:
     """A whole story as one video: each panel (keyframe) held `hold` frames, consecutive panels joined by a
     `frames`-frame transition (their shared keyframes are not repeated). `panels`: a list of keyframes (any form
     `generate_transition` takes) or a (N, 3, H, W) tensor; `prompts`: one per transition (N - 1) or None.
-    Transition k uses seed `seed + k`. Returns (T, 3, H, W) in [-1, 1], T = N * hold + (N - 1) * (frames - 2)."""
+    Transition k uses seed `seed + k`; `polish`, `pipe`: as `generate_transition`.
+    Returns (T, 3, H, W) in [-1, 1], T = N * hold + (N - 1) * (frames - 2)."""
     panels = list(panels)
     if len(panels) < 2:
         raise ValueError(f"a story video needs at least 2 panels, got {len(panels)}")
@@ -456,12 +464,14 @@ def story_video(panels, models: VideoModels | None = None, frames: int = 16, hol
     if prompts is not None and len(prompts) != len(panels) - 1:
         raise ValueError(f"got {len(prompts)} prompts for {len(panels) - 1} transitions: one per pair of panels")
     models = models if models is not None else load_video_models()
+    if check_strength(polish) > 0 and pipe is None:
+        pipe = load_pipeline()  # once for every transition
     size = image_size(models)
     keys = [fit_square(as_image_tensor(p), size).to(models.device) for p in panels]
     out = [keys[0][None].expand(hold, -1, -1, -1)]
     for k in range(len(keys) - 1):
         clip = generate_transition(keys[k], keys[k + 1], frames, models, prompts[k] if prompts else "", mode,
-                                   steps, seed + k, strength, pin_keyframes=True)
+                                   steps, seed + k, strength, pin_keyframes=True, polish=polish, pipe=pipe)
         out += [clip[1:-1], keys[k + 1][None].expand(hold, -1, -1, -1)]
     return torch.cat(out)
 

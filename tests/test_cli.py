@@ -85,6 +85,10 @@ def test_story_video_option_checks_before_generating(model_folder, tmp_path, cap
     assert main(base + ["--video", str(existing)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert existing.read_bytes() == b"user data" and not (tmp_path / "p.png").exists()  # nothing generated
+    assert main(base + ["--video-polish", "0.3"]) == 2
+    assert "--video-polish works with --video" in capsys.readouterr().err
+    assert main(base + ["--video", str(tmp_path / "s.gif"), "--video-polish", "2"]) == 2
+    assert "--video-polish 2.0" in capsys.readouterr().err and not (tmp_path / "p.png").exists()
 
 
 def test_video_subcommand_is_registered():
@@ -106,6 +110,7 @@ def test_the_light_parsers_copies_match_the_library():
 
     assert cli_story.STYLE_NAMES == tuple(STYLES)
     assert cli_eval.TRANSITION_METHODS == transitions.METHODS and cli_eval.TRANSITION_SEED == transitions.EVAL_SEED
+    assert cli_eval.TRANSITION_POLISHED == transitions.POLISHED
     assert cli_video.USER_MODES == MODES[:3] and "true_embeddings" not in cli_video.USER_MODES
 
 

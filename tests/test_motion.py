@@ -644,6 +644,37 @@ def test_cli_writes_a_video_and_never_overwrites(tiny_models, tmp_path, monkeypa
     assert ".mp4, .gif or .png" in capsys.readouterr().err
 
 
+def test_cli_polish_redraws_the_in_between_frames_only(tiny_models, tmp_path, monkeypatch, capsys):
+    """`sdlite video --polish S`: the same clip, its in-between frames redrawn by the image model (a tiny SDXL
+    here, standing in for storyworld's), the keyframes untouched; a bad strength fails before any work."""
+    from sdlite.cli.video import POLISH_STRENGTH
+    from sdlite.tiny import tiny_sdxl_pipeline
+
+    a, b = _keyframes()
+    Image.fromarray(a).save(tmp_path / "a.png")
+    Image.fromarray(b).save(tmp_path / "b.png")
+    monkeypatch.setattr(video, "load_video_models", lambda *args, **kw: tiny_models)
+    monkeypatch.setattr(video, "load_pipeline", lambda *args, **kw: tiny_sdxl_pipeline(seed=0))
+    argv = ["video", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--frames", "5", "--steps", "1",
+            "--scale", "1", "--out"]
+    assert sdlite_main(argv + [str(tmp_path / "plain.png")]) == 0
+    assert sdlite_main(argv + [str(tmp_path / "polished.png"), "--polish", "0.5"]) == 0
+    plain = np.asarray(Image.open(tmp_path / "plain.png")).reshape(64, 5, 64, 3)
+    polished = np.asarray(Image.open(tmp_path / "polished.png")).reshape(64, 5, 64, 3)
+    assert np.array_equal(plain[:, [0, 4]], polished[:, [0, 4]])  # the keyframes
+    assert not np.array_equal(plain[:, 1:4], polished[:, 1:4])
+    assert sdlite_main(argv + [str(tmp_path / "bad.png"), "--polish", "1.5"]) == 2
+    assert "--polish 1.5" in capsys.readouterr().err and not (tmp_path / "bad.png").exists()
+    from sdlite.cli import build_parser
+
+    assert build_parser().parse_args(argv + ["x.png", "--polish"]).polish == POLISH_STRENGTH
+    assert build_parser().parse_args(argv + ["x.png"]).polish == 0.0
+    frames = [sw.render(sw.sample_panel(np.random.default_rng(i))) for i in range(3)]
+    v = video.story_video(frames, tiny_models, frames=4, hold=1, steps=1, polish=0.5)
+    assert v.shape == (3 + 2 * 2, 3, 64, 64)
+    torch.testing.assert_close(v[3], sw.to_tensor(frames[1]))  # hold, 2 in-between frames, panel 2
+
+
 def test_sdlite_console_command_has_video(tiny_models, tmp_path, monkeypatch):
     from sdlite import cli
 
@@ -720,6 +751,27 @@ def test_evaluate_and_summary_have_the_checked_names(tiny_models):
     sub = transitions.summarize(part, "test", n_clips=2)
     assert set(sub["psnr"]) == {"temporal_only", "true_embeddings"}
     assert sub["bars"]["full_beats_a_b_c_in_psnr"] is None
+
+
+def test_the_evaluation_measures_the_polished_method_next_to_d(tiny_models, tmp_path):
+    """`full_polished`: (d)'s latents redrawn by an image pipeline (here a tiny SDXL); strength 0 is (d) itself."""
+    from sdlite.storyworld.recognizer import Recognizer
+    from sdlite.tiny import tiny_sdxl_pipeline
+
+    sdxl = tiny_sdxl_pipeline(seed=0)
+    rec = Recognizer("a").eval()
+    kw = dict(n_clips=2, seed=5, frames=4, steps=1, batch_size=2, recognizer=rec)
+    with pytest.raises(ValueError, match="image pipeline"):
+        transitions.evaluate(tiny_models, methods=("full", transitions.POLISHED), **kw)
+    res = transitions.evaluate(tiny_models, methods=("full", transitions.POLISHED), pipe=sdxl, polish_strength=0.5,
+                               **kw)
+    out = transitions.summarize(res, "test", n_clips=2)
+    assert out["identity_agreement_full_polished"] == res["per_method"][transitions.POLISHED]["identity_agreement"]
+    assert out["psnr"]["full"] != out["psnr"][transitions.POLISHED]  # the same (d) latents, redrawn
+    zero = transitions.evaluate(tiny_models, methods=("full", transitions.POLISHED), pipe=sdxl, polish_strength=0.0,
+                                **kw)
+    assert zero["per_method"]["full"]["psnr"] == zero["per_method"][transitions.POLISHED]["psnr"]
+    json.dumps(out)
 
 
 def test_predictor_errors_are_the_mean_squared_errors_themselves():

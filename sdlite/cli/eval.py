@@ -20,6 +20,7 @@ TABLES: tuple[str, ...] = tuple(f"sdlite.cli.eval:add_{name}_parser" for name in
     "storyworld", "consistency", "transitions", "decoder_ablation", "predictor_errors", "check", "photomaker"))
 # sdlite.eval.transitions.METHODS / EVAL_SEED (a test keeps them equal): the parser imports no torch
 TRANSITION_METHODS = ("latent_interpolation", "no_predictor", "temporal_only", "full", "true_embeddings")
+TRANSITION_POLISHED = "full_polished"  # (and POLISHED)
 TRANSITION_SEED = 777
 
 
@@ -121,7 +122,10 @@ def add_transitions_parser(sub) -> None:
     e.add_argument("--embed-guidance", type=float, default=1.0,
                    help="classifier-free guidance on the frame embeddings (1: off)")
     e.add_argument("--methods", default=",".join(TRANSITION_METHODS),
-                   help=f"comma-separated subset of {TRANSITION_METHODS}")
+                   help=f"comma-separated subset of {TRANSITION_METHODS + (TRANSITION_POLISHED,)} ("
+                        f"{TRANSITION_POLISHED}: (d), then the image model redraws the in-between frames)")
+    e.add_argument("--polish-strength", type=float, default=None,
+                   help=f"{TRANSITION_POLISHED}'s strength (default: chosen on 20 other clips)")
     e.add_argument("--decoder", default=None, help="decoder folder (default data/motion/decoder)")
     e.add_argument("--out", default="results/motion.json")
     e.add_argument("--force", action="store_true")
@@ -138,15 +142,16 @@ def run_transitions(args) -> int:
     check_writable(args.out, args.force)
     set_threads(args)
     methods = tuple(args.methods.split(","))
-    unknown = set(methods) - set(TRANSITION_METHODS)
+    known = TRANSITION_METHODS + (TRANSITION_POLISHED,)
+    unknown = set(methods) - set(known)
     if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}: choose from {TRANSITION_METHODS}")
+        raise ValueError(f"unknown methods {sorted(unknown)}: choose from {known}")
     res = run_transitions_eval(args.out, args.command_line, n_clips=args.clips, seed=args.seed, frames=args.frames,
                                steps=args.steps, strength=args.strength, pin=not args.no_pin, methods=methods,
                                storyworld=args.storyworld, motion=args.motion, decoder=args.decoder,
-                               embed_guidance=args.embed_guidance)
+                               embed_guidance=args.embed_guidance, polish_strength=args.polish_strength)
     print(json.dumps({k: res[k] for k in ("predictor_error_ratio_vs_linear", "psnr", "identity_agreement_full",
-                                          "bars")}, indent=1))
+                                          "identity_agreement_full_polished", "bars") if k in res}, indent=1))
     return 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from .video import add_polish_option, check_polish
+
 # sdlite.story.STYLES's names, listed here so that building the parser imports no torch (a test keeps them equal).
 STYLE_NAMES = ("plain", "comic", "photo", "cinematic", "watercolour", "manga")
 
@@ -90,6 +92,7 @@ def add_story_parser(subparsers) -> None:
     p.add_argument("--video", default=None,
                    help="also write the whole story as one video (.mp4/.gif): panels as keyframes joined by "
                         "transitions of the semantic motion predictor + video decoder (sdlite.video)")
+    add_polish_option(p, "--video-polish")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -159,6 +162,9 @@ def run_story_command(args) -> int:
     width = max(2, len(str(len(story))))  # panel_01 .. panel_99, panel_001 .. for longer stories: names sort
     panel_paths = [panel_dir / f"panel_{i + 1:0{width}d}.png" for i in range(len(story))]
     video_path = Path(args.video) if getattr(args, "video", None) else None
+    check_polish(getattr(args, "video_polish", 0.0), "--video-polish")
+    if getattr(args, "video_polish", 0.0) and video_path is None:
+        raise ValueError("--video-polish works with --video: add --video story.gif")
     if video_path is not None and video_path.suffix.lower() not in (".mp4", ".gif"):
         raise ValueError(f"--video {video_path}: use a path ending in .mp4 or .gif")
     if video_path is not None and len(story) < 2:
@@ -228,7 +234,9 @@ def run_story_command(args) -> int:
     if video_path is not None:
         from ..video import story_video, write_video
 
-        video = story_video(result.images, video_models, seed=args.seed)
+        polish = args.video_polish  # with it, transition k is redrawn with panel k's prompt
+        video = story_video(result.images, video_models, seed=args.seed, polish=polish, pipe=pipe,
+                            prompts=[p.prompt for p in story.panels[:-1]] if polish else None)
         writers[video_path] = lambda p: write_video(p, video, force=True)
     writers.update(character_writers(pipe, bank, csa, run, save_paths))
     write_all_or_nothing(writers, force=args.force)

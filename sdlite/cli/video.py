@@ -6,6 +6,21 @@ from pathlib import Path
 
 # sdlite.video.MODES without the ceiling mode (a user has no true embeddings), listed here to keep imports light.
 USER_MODES = ("full", "no_predictor", "temporal_only")
+# sdlite.frame_polish.STORYWORLD_POLISH_STRENGTH (a test keeps them equal): what `--polish` alone means
+POLISH_STRENGTH = 0.5
+
+
+def add_polish_option(p, flag: str = "--polish") -> None:
+    """The polish option of `sdlite video` and `sdlite story --video` (sdlite.frame_polish)."""
+    p.add_argument(flag, type=float, nargs="?", const=POLISH_STRENGTH, default=0.0, metavar="S",
+                   help=f"the image model then redraws the in-between frames, reading the keyframes: {flag} alone "
+                        f"uses {POLISH_STRENGTH} (chosen on tuning clips: the character is kept better, the "
+                        "frames follow the motion less closely; results/motion.json); 0: off (default)")
+
+
+def check_polish(value: float, flag: str = "--polish") -> None:
+    if not 0.0 <= value <= 1.0:  # (NaN fails too)
+        raise ValueError(f"{flag} {value}: a strength in [0, 1] (e.g. {POLISH_STRENGTH}; 0 turns it off)")
 
 
 def add_video_parser(subparsers, name: str = "video") -> argparse.ArgumentParser:
@@ -23,6 +38,7 @@ def add_video_parser(subparsers, name: str = "video") -> argparse.ArgumentParser
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strength", type=float, default=1.0, help="1: start from noise; <1: from the noised "
                                                                 "latent interpolation")
+    add_polish_option(p)
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--scale", type=int, default=4, help="upscale frames this many times (nearest) when writing")
     p.add_argument("--force", action="store_true", help="overwrite --out")
@@ -47,6 +63,7 @@ def run_video(args) -> int:
         raise ValueError(f"--out {out}: write .mp4, .gif or .png (a strip of frames)")
     if args.fps < 1 or args.scale < 1 or args.steps < 1:
         raise ValueError(f"--fps {args.fps}, --scale {args.scale}, --steps {args.steps}: each must be 1 or more")
+    check_polish(args.polish)
     for key in (args.start, args.end):
         check_keyframe(key)
     quiet_libraries()  # the cheap checks are done: from here on, libraries load (without their bars)
@@ -55,7 +72,7 @@ def run_video(args) -> int:
 
     check_frames(args.frames)
     video = generate_transition(args.start, args.end, args.frames, prompt=args.prompt, mode=args.mode,
-                                steps=args.steps, seed=args.seed, strength=args.strength)
+                                steps=args.steps, seed=args.seed, strength=args.strength, polish=args.polish)
     write_all_or_nothing({out: lambda p: write_video(p, video, fps=args.fps, scale=args.scale, force=True)},
                          force=args.force)
     print(f"wrote {out} ({video.shape[0]} frames)")

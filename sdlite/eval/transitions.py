@@ -4,6 +4,8 @@ Four methods make the frames between two keyframes of held-out clips (`ClipDatas
 (a) `latent_interpolation`, the cross-fade of the keyframes' latents, no model; (b) `no_predictor`, the decoder fed
 linearly interpolated embeddings; (c) `temporal_only`, the decoder without embeddings; (d) `full`, the decoder fed
 the semantic motion predictor's embeddings; and `true_embeddings`, the decoder fed the true ones (a ceiling).
+On request, `full_polished`: (d), then the image model redraws the in-between frames reading the keyframes
+(`sdlite.frame_polish`), at a strength chosen on other clips (`polish_sweep`, `TUNING_SEED`) unless given.
 `python -m sdlite.eval transitions` writes results/motion.json (`summarize` gives its shape).
 """
 from __future__ import annotations
@@ -18,13 +20,17 @@ import torch
 
 from ..motion import linear_interpolation, motion_dir
 from ..storyworld.datasets import ClipDataset
+from ..frame_polish import check_strength, polish_latents
 from ..video import VideoModels, decode_latents, latent_interpolation_video, transition_latents
 from .video_metrics import (
     IDENTITY_LABELS, clip_similarities, frame_identity_agreement, motion_amount, paired_difference_ci, video_metrics,
 )
 
 METHODS = ("latent_interpolation", "no_predictor", "temporal_only", "full", "true_embeddings")
+POLISHED = "full_polished"  # (d) + the image model's redraw: run only when asked (it needs the image pipeline)
 EVAL_SEED = 777  # held-out clips: ClipDataset(n, seed=EVAL_SEED); training caches use other seeds
+TUNING_SEED = 4242  # the clips the polish strength is chosen on (neither training's nor the evaluation's)
+POLISH_STRENGTHS = (0.1, 0.2, 0.3, 0.5)
 PER_CLIP = ("psnr", "identity_agreement")  # kept clip by clip, for paired comparisons
 
 
@@ -53,13 +59,17 @@ def _embedding_errors(models: VideoModels, true_e: torch.Tensor) -> dict[str, to
 
 
 def _method_video(models: VideoModels, method: str, x: torch.Tensor, prompts: list[str], true_e: torch.Tensor,
-                  steps: int, seed: int, strength: float, pin: bool, embed_guidance: float = 1.0) -> torch.Tensor:
+                  steps: int, seed: int, strength: float, pin: bool, embed_guidance: float = 1.0,
+                  pipe=None, polish_strength: float = 0.0) -> torch.Tensor:
     frames = x.shape[1]
     if method == "latent_interpolation":
         return latent_interpolation_video(models, x[:, 0], x[:, -1], frames)
-    z = transition_latents(models, x[:, 0], x[:, -1], frames, prompts, method, steps, seed, strength,
+    mode = "full" if method == POLISHED else method
+    z = transition_latents(models, x[:, 0], x[:, -1], frames, prompts, mode, steps, seed, strength,
                            frame_embeds=true_e if method == "true_embeddings" else None, pin=pin,
                            embed_guidance=embed_guidance)
+    if method == POLISHED:  # the same (d) latents, redrawn by the image model
+        z = polish_latents(pipe, z, prompts, polish_strength, seed=seed)
     return decode_latents(models.vae, z)
 
 
@@ -70,10 +80,13 @@ def _means(values: dict[str, list]) -> dict[str, float]:
 @torch.no_grad()
 def evaluate(models: VideoModels, n_clips: int = 100, seed: int = EVAL_SEED, frames: int = 16, steps: int = 20,
              strength: float = 1.0, batch_size: int = 10, recognizer=None, methods=METHODS,
-             progress: bool = False, pin: bool = True, embed_guidance: float = 1.0) -> dict:
+             progress: bool = False, pin: bool = True, embed_guidance: float = 1.0, pipe=None,
+             polish_strength: float = 0.0) -> dict:
     """Compare the methods on `n_clips` held-out clips `ClipDataset(n_clips, frames, seed)` against their true
-    frames. Returns {"per_method": {method: {metric: mean}}, "per_kind_psnr": {method: {kind: mean}},
+    frames (`full_polished` needs the image pipeline `pipe` and a `polish_strength`). Returns {"per_method": {method: {metric: mean}}, "per_kind_psnr": {method: {kind: mean}},
     "truth": {metric: mean of the true clips}, "predictor": errors of the predicted embeddings, ...}."""
+    if POLISHED in methods and pipe is None:
+        raise ValueError(f"method {POLISHED!r} needs the image pipeline: evaluate(..., pipe=load_pipeline())")
     data = ClipDataset(n_clips, frames=frames, seed=seed)
     per: dict[str, dict[str, list]] = {m: {} for m in methods}
     truth: dict[str, list] = {}
@@ -93,7 +106,7 @@ def evaluate(models: VideoModels, n_clips: int = 100, seed: int = EVAL_SEED, fra
             truth.setdefault(k, []).append(v.cpu())
         for m in methods:
             video = _method_video(models, m, x, [it["caption"] for it in items], true_e, steps, seed + first,
-                                  strength, pin, embed_guidance)
+                                  strength, pin, embed_guidance, pipe, polish_strength)
             for k, v in video_metrics(video, x, models.embedder, true_e, recognizer).items():
                 per[m].setdefault(k, []).append(v.cpu())
         if progress:
@@ -141,6 +154,7 @@ def summarize(res: dict, command: str, **settings) -> dict:
             "full_beats_a_b_c_in_psnr": beats,
             "identity_agreement_full_ge_0.85": bool(ident >= 0.85),
         },
+        **({"identity_agreement_full_polished": pm[POLISHED]["identity_agreement"]} if POLISHED in pm else {}),
         "metrics": pm, "truth": res["truth"], "per_kind_psnr": res["per_kind_psnr"],
         "per_kind_identity": res.get("per_kind_identity"),
         "kind_counts": res["kind_counts"], "psnr_lead_of_full": res.get("psnr_lead_of_full"),
@@ -148,26 +162,64 @@ def summarize(res: dict, command: str, **settings) -> dict:
     }
 
 
+def polish_sweep(models: VideoModels, pipe, recognizer, n_clips: int = 20, seed: int = TUNING_SEED,
+                 strengths=POLISH_STRENGTHS, **settings) -> dict[str, dict[str, float]]:
+    """(d) unpolished ("0") and polished at each strength on `n_clips` clips of `seed` (not the evaluation's):
+    {strength: {"psnr", "identity_agreement"}}. `settings`: evaluate's frames, steps, strength, pin."""
+    rows = {"0": evaluate(models, n_clips, seed, recognizer=recognizer, methods=("full",), **settings)}
+    for s in strengths:
+        rows[f"{s:g}"] = evaluate(models, n_clips, seed, recognizer=recognizer, methods=(POLISHED,), pipe=pipe,
+                                  polish_strength=check_strength(s), **settings)
+    return {k: {m: round(r["per_method"][next(iter(r["per_method"]))][m], 4) for m in ("psnr", "identity_agreement")}
+            for k, r in rows.items()}
+
+
+def choose_polish_strength(sweep: dict[str, dict[str, float]]) -> float:
+    """The polished strength with the highest frame identity (a tie goes to the lower strength)."""
+    polished = [(row["identity_agreement"], -float(k), float(k)) for k, row in sweep.items() if float(k) > 0]
+    if not polished:
+        raise ValueError("the sweep holds no polished row: sweep at least one strength > 0")
+    return max(polished)[2]
+
+
 def run_transitions_eval(out: str | os.PathLike | None, command: str, n_clips: int = 100, seed: int = EVAL_SEED,
                          frames: int = 16, steps: int = 20, strength: float = 1.0, pin: bool = True,
                          methods=METHODS, storyworld: str | os.PathLike | None = None,
                          motion: str | os.PathLike | None = None, decoder: str | os.PathLike | None = None,
-                         embed_guidance: float = 1.0) -> dict:
+                         embed_guidance: float = 1.0, polish_strength: float | None = None,
+                         tuning_clips: int = 20) -> dict:
     """The job behind `python -m sdlite.eval transitions`: load the shipped models (or the given folders), evaluate,
-    summarize, attach the models' training records, and write the json to `out` (when not None)."""
+    summarize, attach the models' training records, and write the json to `out` (when not None). With
+    `full_polished` among the methods, the polish strength is `polish_strength`, or when None the one
+    `polish_sweep` chooses on `tuning_clips` other clips (recorded under "polish")."""
+    from ..pipeline import load_pipeline
     from ..storyworld.recognizer import load_recognizer
     from ..video import VideoDecoder, load_video_models
 
-    unknown = set(methods) - set(METHODS)
+    unknown = set(methods) - set(METHODS + (POLISHED,))
     if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}: choose from {METHODS}")
+        raise ValueError(f"unknown methods {sorted(unknown)}: choose from {METHODS + (POLISHED,)}")
+    if polish_strength is not None:
+        check_strength(polish_strength)
     models = load_video_models(storyworld_folder=storyworld, motion_folder=motion)
     if decoder:
         models.decoder = VideoDecoder.storyworld(decoder)
-    res = evaluate(models, n_clips, seed, frames, steps, strength, recognizer=load_recognizer(),
-                   methods=tuple(methods), progress=True, pin=pin, embed_guidance=embed_guidance)
+    recognizer = load_recognizer()
+    pipe, polish = None, None
+    if POLISHED in methods:
+        pipe = load_pipeline(storyworld if storyworld is not None else "storyworld")
+        polish = {"strength": polish_strength, "chosen_on": None}
+        if polish_strength is None:
+            sweep = polish_sweep(models, pipe, recognizer, tuning_clips, frames=frames, steps=steps,
+                                 strength=strength, pin=pin)
+            polish = {"strength": choose_polish_strength(sweep),
+                      "chosen_on": {"n_clips": tuning_clips, "seed": TUNING_SEED, "sweep": sweep}}
+            print(f"polish strength {polish['strength']:g} chosen on {tuning_clips} tuning clips: {sweep}", flush=True)
+    res = evaluate(models, n_clips, seed, frames, steps, strength, recognizer=recognizer,
+                   methods=tuple(methods), progress=True, pin=pin, embed_guidance=embed_guidance, pipe=pipe,
+                   polish_strength=polish["strength"] if polish else 0.0)
     res = summarize(res, command, n_clips=n_clips, seed=seed, steps=steps, strength=strength, pin=pin,
-                    embed_guidance=embed_guidance)
+                    embed_guidance=embed_guidance, **({"polish": polish} if polish else {}))
     mf = Path(motion) if motion else motion_dir()
     for part, folder in (("predictor", mf / "predictor"), ("decoder", Path(decoder or mf / "decoder"))):
         if (folder / "training.json").is_file():
