@@ -49,13 +49,15 @@ def image_to_image_pipeline(pipe):
 @torch.no_grad()
 def polish_latents(pipe, latents: torch.Tensor, prompts: list[str], strength: float = 0.3, *,
                    steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
-                   read_keyframes: bool = True, csa: CSAConfig | None = None) -> torch.Tensor:
+                   read_keyframes: bool = True, shared_noise: bool = True,
+                   csa: CSAConfig | None = None) -> torch.Tensor:
     """Redraw the in-between frames of clips with the image model `pipe` (storyworld's, or an SDXL / SD1.5
     pipeline whose VAE made the latents).
 
     latents: scaled VAE latents (B, L, C, h, w), frame 0 and L-1 the keyframes; prompts: one per clip;
     strength: the share of the `steps`-step schedule that is redrawn (0: return the latents unchanged);
     read_keyframes: the frames' self-attention reads the keyframes' tokens (the CSA bank), else plain img2img;
+    shared_noise: one noise draw for every frame of a clip (else a draw per frame; for the ablation);
     csa: its settings (default: the model's CSA defaults). Returns latents of the same shape, keyframes unchanged;
     clip b's noise comes from `torch.Generator().manual_seed(seed + b)`."""
     strength = check_strength(strength)
@@ -76,8 +78,9 @@ def polish_latents(pipe, latents: torch.Tensor, prompts: list[str], strength: fl
     for b, prompt in enumerate(prompts):
         z = latents[b].to(pipe.unet.device, pipe.unet.dtype)  # (L, C, h, w)
 
-        def run(images, **kw):  # one noise draw for every image of this clip
-            gens = [torch.Generator().manual_seed(seed + b) for _ in range(len(images))]
+        def run(images, **kw):  # one noise draw for every image of this clip (or one generator for them all)
+            gens = ([torch.Generator().manual_seed(seed + b) for _ in range(len(images))] if shared_noise
+                    else torch.Generator().manual_seed(seed + b))
             return i2i(prompt=[prompt] * len(images), image=images, strength=strength, num_inference_steps=steps,
                        guidance_scale=guidance_scale, generator=gens, output_type="latent", **kw).images
 

@@ -66,6 +66,8 @@ def test_one_noise_draw_serves_every_frame_of_a_clip(sdxl):
     for read in (False, True):
         out = polish_latents(sdxl, z, ["a girl"], 0.5, steps=STEPS, seed=2, read_keyframes=read)
         torch.testing.assert_close(out[:, 2], out[:, 1], rtol=1e-5, atol=1e-5)
+        apart = polish_latents(sdxl, z, ["a girl"], 0.5, steps=STEPS, seed=2, read_keyframes=read, shared_noise=False)
+        assert not torch.allclose(apart[:, 2], apart[:, 1], atol=1e-3)  # a draw per frame: they drift apart
 
 
 def test_polish_runs_on_sd15_too(tmp_path):

@@ -83,7 +83,8 @@ def evaluate(models: VideoModels, n_clips: int = 100, seed: int = EVAL_SEED, fra
              progress: bool = False, pin: bool = True, embed_guidance: float = 1.0, pipe=None,
              polish_strength: float = 0.0) -> dict:
     """Compare the methods on `n_clips` held-out clips `ClipDataset(n_clips, frames, seed)` against their true
-    frames (`full_polished` needs the image pipeline `pipe` and a `polish_strength`). Returns {"per_method": {method: {metric: mean}}, "per_kind_psnr": {method: {kind: mean}},
+    frames (`full_polished` needs the image pipeline `pipe` and a `polish_strength`). Returns
+    {"per_method": {method: {metric: mean}}, "per_kind_psnr": {method: {kind: mean}},
     "truth": {metric: mean of the true clips}, "predictor": errors of the predicted embeddings, ...}."""
     if POLISHED in methods and pipe is None:
         raise ValueError(f"method {POLISHED!r} needs the image pipeline: evaluate(..., pipe=load_pipeline())")
