@@ -20,7 +20,7 @@ TABLES: tuple[str, ...] = tuple(f"sdlite.cli.eval:add_{name}_parser" for name in
     "storyworld", "consistency", "transitions", "decoder_ablation", "predictor_errors", "check", "photomaker"))
 # sdlite.eval.transitions.METHODS / EVAL_SEED (a test keeps them equal): the parser imports no torch
 TRANSITION_METHODS = ("latent_interpolation", "no_predictor", "temporal_only", "full", "true_embeddings")
-TRANSITION_POLISHED = "full_polished"  # (and POLISHED)
+TRANSITION_POLISHED = "full_polished"  # transitions.POLISHED: run when named, not in the default list
 TRANSITION_SEED = 777
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..frame_polish import check_strength, polish_latents
 from ..motion import linear_interpolation, motion_dir
 from ..storyworld.datasets import ClipDataset
-from ..frame_polish import check_strength, polish_latents
 from ..video import VideoModels, decode_latents, latent_interpolation_video, transition_latents
 from .video_metrics import (
     IDENTITY_LABELS, clip_similarities, frame_identity_agreement, motion_amount, paired_difference_ci, video_metrics,
@@ -171,8 +171,8 @@ def polish_sweep(models: VideoModels, pipe, recognizer, n_clips: int = 20, seed:
     for s in strengths:
         rows[f"{s:g}"] = evaluate(models, n_clips, seed, recognizer=recognizer, methods=(POLISHED,), pipe=pipe,
                                   polish_strength=check_strength(s), **settings)
-    return {k: {m: round(r["per_method"][next(iter(r["per_method"]))][m], 4) for m in ("psnr", "identity_agreement")}
-            for k, r in rows.items()}
+    means = {k: next(iter(r["per_method"].values())) for k, r in rows.items()}  # each run has one method
+    return {k: {m: round(row[m], 4) for m in ("psnr", "identity_agreement")} for k, row in means.items()}
 
 
 def choose_polish_strength(sweep: dict[str, dict[str, float]]) -> float:
