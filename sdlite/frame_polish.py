@@ -33,7 +33,7 @@ STORYWORLD_POLISH_STRENGTH = 0.5
 def check_strength(strength: float) -> float:
     """The share of the schedule that is redrawn: 0 (nothing) ... 1 (from pure noise)."""
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-        raise ValueError(f"polish strength={strength!r}: use a number in [0, 1] (e.g. 0.3; 0 turns polishing off)")
+        raise ValueError(f"polish strength={strength!r}: use a number in [0, 1] (e.g. 0.5; 0 turns polishing off)")
     return float(strength)
 
 
@@ -47,8 +47,9 @@ def image_to_image_pipeline(pipe):
 
 
 @torch.no_grad()
-def polish_latents(pipe, latents: torch.Tensor, prompts: list[str], strength: float = 0.3, *,
-                   steps: int | None = None, guidance_scale: float | None = None, seed: int = 0,
+def polish_latents(pipe, latents: torch.Tensor, prompts: list[str],
+                   strength: float = STORYWORLD_POLISH_STRENGTH, *, steps: int | None = None,
+                   guidance_scale: float | None = None, seed: int = 0,
                    read_keyframes: bool = True, shared_noise: bool = True,
                    csa: CSAConfig | None = None) -> torch.Tensor:
     """Redraw the in-between frames of clips with the image model `pipe` (storyworld's, or an SDXL / SD1.5
