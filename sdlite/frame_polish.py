@@ -74,36 +74,40 @@ def polish_latents(pipe, latents: torch.Tensor, prompts: list[str],
     guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
     csa = (csa or CSAConfig()).with_model_defaults(defaults)
     i2i = image_to_image_pipeline(pipe)
-    out = latents.clone()
-    frames = latents.shape[1]
-    for b, prompt in enumerate(prompts):
-        z = latents[b].to(pipe.unet.device, pipe.unet.dtype)  # (L, C, h, w)
-
-        def run(images, **kw):  # one noise draw for every image of this clip (or one generator for them all)
-            gens = ([torch.Generator().manual_seed(seed + b) for _ in range(len(images))] if shared_noise
-                    else torch.Generator().manual_seed(seed + b))
-            return i2i(prompt=[prompt] * len(images), image=images, strength=strength, num_inference_steps=steps,
-                       guidance_scale=guidance_scale, generator=gens, output_type="latent", **kw).images
-
-        if not read_keyframes:
-            out[b, 1:-1] = run(z[1:-1]).to(out.dtype)
-            continue
+    handle = None
+    if read_keyframes:  # one install for every clip: each clip reseeds it and starts from an empty bank
         handle = install_consistent_attention(
             pipe.unet, rate=csa.rate, layers=csa.layers, guidance_halves=guidance_scale > 1.0,
-            first_steps_without_csa=csa.first_steps_without_csa, sampling=csa.sampling, seed=seed + b,
+            first_steps_without_csa=csa.first_steps_without_csa, sampling=csa.sampling, seed=seed,
             bank=new_bank(csa), vae_scale_factor=pipe.vae_scale_factor)
 
-        def next_step(_pipe, i, _t, _kwargs):  # the bank is keyed by the step index: keep it in step
-            handle.set_step(i + 1)
-            return {}
+    def next_step(_pipe, i, _t, _kwargs):  # the bank is keyed by the step index: keep it in step
+        handle.set_step(i + 1)
+        return {}
 
-        try:
+    def run(images, prompt, clip_seed, **kw):  # one noise draw for every image of a clip (or one generator)
+        gens = ([torch.Generator().manual_seed(clip_seed) for _ in range(len(images))] if shared_noise
+                else torch.Generator().manual_seed(clip_seed))
+        return i2i(prompt=[prompt] * len(images), image=images, strength=strength, num_inference_steps=steps,
+                   guidance_scale=guidance_scale, generator=gens, output_type="latent", **kw).images
+
+    out = latents.clone()
+    frames = latents.shape[1]
+    try:
+        for b, prompt in enumerate(prompts):
+            z = latents[b].to(pipe.unet.device, pipe.unet.dtype)  # (L, C, h, w)
+            if handle is None:
+                out[b, 1:-1] = run(z[1:-1], prompt, seed + b).to(out.dtype)
+                continue
+            handle.reseed(seed + b)
+            handle.bank.clear()
             handle.set_step(0)
             with handle.write("keyframes"):  # (2, C, h, w): their tokens to the bank, step by step
-                run(z[[0, frames - 1]], callback_on_step_end=next_step)
+                run(z[[0, frames - 1]], prompt, seed + b, callback_on_step_end=next_step)
             handle.set_step(0)
             with handle.read("keyframes"):  # (L-2, C, h, w): each frame reads its own tokens + the keyframes'
-                out[b, 1:-1] = run(z[1:-1], callback_on_step_end=next_step).to(out.dtype)
-        finally:
+                out[b, 1:-1] = run(z[1:-1], prompt, seed + b, callback_on_step_end=next_step).to(out.dtype)
+    finally:
+        if handle is not None:
             handle.remove()
     return out
