@@ -21,6 +21,7 @@ guess is punished more than a blurred average when it is wrong).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .attention import install_consistent_attention
 from .pipeline import CSAConfig, model_defaults, new_bank
@@ -37,6 +38,24 @@ def check_strength(strength: float) -> float:
     return float(strength)
 
 
+def check_structure(factor: int) -> int:
+    """The low-pass factor whose coarse latent the redraw must keep (0: off)."""
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 0:
+        raise ValueError(f"keep_structure={factor!r}: use 0 (off) or a whole factor >= 1 (e.g. 2: keep the latent "
+                         f"averaged over 2x2 cells)")
+    return factor
+
+
+def low_pass(z: torch.Tensor, factor: int) -> torch.Tensor:
+    """(N, C, h, w) -> (N, C, h, w): every `factor` x `factor` block of cells replaced by its mean (a projection:
+    low_pass(low_pass(z)) == low_pass(z), so what is put back is kept exactly). h and w must divide by `factor`."""
+    h, w = z.shape[-2:]
+    if h % factor or w % factor:
+        raise ValueError(f"keep_structure={factor} must divide the latent size {h}x{w}: e.g. 2, 4 or 8")
+    coarse = F.avg_pool2d(z, factor)  # (N, C, h / factor, w / factor)
+    return coarse.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+
+
 def image_to_image_pipeline(pipe):
     """diffusers' img2img pipeline on the same components (no copy of the weights)."""
     from diffusers import AutoPipelineForImage2Image
@@ -46,11 +65,39 @@ def image_to_image_pipeline(pipe):
     return i2i
 
 
+def redraw(i2i, images: torch.Tensor, prompt: str, *, strength: float, steps: int, guidance_scale: float,
+           seed: int, shared_noise: bool = True, keep_structure: int = 0, handle=None) -> torch.Tensor:
+    """One img2img call on latents (N, C, h, w) -> (N, C, h, w): every image from the same noise draw
+    (`torch.Generator().manual_seed(seed)`; `shared_noise=False`: one generator for all, a draw per image), the CSA
+    `handle` (if any) kept at the pipeline's step, and with `keep_structure` = N the coarse part of the latents put
+    back after every step (see `polish_latents`; N = 1 keeps the images themselves, noised to each step's level)."""
+    gens = ([torch.Generator().manual_seed(seed) for _ in range(len(images))] if shared_noise
+            else torch.Generator().manual_seed(seed))
+    noise = torch.randn(images[:1].shape, generator=torch.Generator().manual_seed(seed)).to(images)  # (1, C, h, w)
+
+    def after_step(pipe, i, t, kwargs):
+        if handle is not None:  # the bank is keyed by the step index: keep it in step
+            handle.set_step(i + 1)
+        if not keep_structure:
+            return {}
+        # the step just taken was at t: the latents are now at the level of the schedule's next timestep
+        timesteps = pipe.scheduler.timesteps
+        later = timesteps[int((timesteps == t).nonzero()[-1]) + 1:]
+        ref = (images if len(later) == 0  # after the last step: the clean latents
+               else pipe.scheduler.add_noise(images, noise.expand_as(images), later[:1]))
+        z = kwargs["latents"]  # (N, C, h, w)
+        return {"latents": z - low_pass(z, keep_structure) + low_pass(ref.to(z.dtype), keep_structure)}
+
+    return i2i(prompt=[prompt] * len(images), image=images, strength=strength, num_inference_steps=steps,
+               guidance_scale=guidance_scale, generator=gens, output_type="latent",
+               callback_on_step_end=after_step, callback_on_step_end_tensor_inputs=["latents"]).images
+
+
 @torch.no_grad()
 def polish_latents(pipe, latents: torch.Tensor, prompts: list[str],
                    strength: float = STORYWORLD_POLISH_STRENGTH, *, steps: int | None = None,
                    guidance_scale: float | None = None, seed: int = 0,
-                   read_keyframes: bool = True, shared_noise: bool = True,
+                   read_keyframes: bool = True, shared_noise: bool = True, keep_structure: int = 0,
                    csa: CSAConfig | None = None) -> torch.Tensor:
     """Redraw the in-between frames of clips with the image model `pipe` (storyworld's, or an SDXL / SD1.5
     pipeline whose VAE made the latents).
@@ -59,12 +106,19 @@ def polish_latents(pipe, latents: torch.Tensor, prompts: list[str],
     strength: the share of the `steps`-step schedule that is redrawn (0: return the latents unchanged);
     read_keyframes: the frames' self-attention reads the keyframes' tokens (the CSA bank), else plain img2img;
     shared_noise: one noise draw for every frame of a clip (else a draw per frame; for the ablation);
+    keep_structure: 0, or a factor N: after every step the redraw's coarse part (`low_pass(., N)`) is replaced by
+    the input latent's, noised to the same level (ILVR, Choi et al. 2021): the image model may redraw the details
+    but not move what the decoder placed;
     csa: its settings (default: the model's CSA defaults). Returns latents of the same shape, keyframes unchanged;
     clip b's noise comes from `torch.Generator().manual_seed(seed + b)`."""
     strength = check_strength(strength)
+    keep_structure = check_structure(keep_structure)
     if latents.ndim != 5 or latents.shape[1] < 3:
         raise ValueError(f"latents must be (B, L, C, h, w) with L >= 3 (two keyframes and a frame between them), "
                          f"got {tuple(latents.shape)}")
+    if keep_structure and (latents.shape[-2] % keep_structure or latents.shape[-1] % keep_structure):
+        raise ValueError(f"keep_structure={keep_structure} must divide the latent size "
+                         f"{latents.shape[-2]}x{latents.shape[-1]}: e.g. 2 or 4")
     if len(prompts) != latents.shape[0]:
         raise ValueError(f"got {len(prompts)} prompts for {latents.shape[0]} clips: pass one prompt per clip")
     if strength == 0.0:
@@ -81,32 +135,24 @@ def polish_latents(pipe, latents: torch.Tensor, prompts: list[str],
             first_steps_without_csa=csa.first_steps_without_csa, sampling=csa.sampling, seed=seed,
             bank=new_bank(csa), vae_scale_factor=pipe.vae_scale_factor)
 
-    def next_step(_pipe, i, _t, _kwargs):  # the bank is keyed by the step index: keep it in step
-        handle.set_step(i + 1)
-        return {}
-
-    def run(images, prompt, clip_seed, **kw):  # one noise draw for every image of a clip (or one generator)
-        gens = ([torch.Generator().manual_seed(clip_seed) for _ in range(len(images))] if shared_noise
-                else torch.Generator().manual_seed(clip_seed))
-        return i2i(prompt=[prompt] * len(images), image=images, strength=strength, num_inference_steps=steps,
-                   guidance_scale=guidance_scale, generator=gens, output_type="latent", **kw).images
-
     out = latents.clone()
     frames = latents.shape[1]
     try:
         for b, prompt in enumerate(prompts):
+            kw = dict(strength=strength, steps=steps, guidance_scale=guidance_scale, seed=seed + b,
+                      shared_noise=shared_noise, keep_structure=keep_structure, handle=handle)
             z = latents[b].to(pipe.unet.device, pipe.unet.dtype)  # (L, C, h, w)
             if handle is None:
-                out[b, 1:-1] = run(z[1:-1], prompt, seed + b).to(out.dtype)
+                out[b, 1:-1] = redraw(i2i, z[1:-1], prompt, **kw).to(out.dtype)
                 continue
             handle.reseed(seed + b)
             handle.bank.clear()
             handle.set_step(0)
             with handle.write("keyframes"):  # (2, C, h, w): their tokens to the bank, step by step
-                run(z[[0, frames - 1]], prompt, seed + b, callback_on_step_end=next_step)
+                redraw(i2i, z[[0, frames - 1]], prompt, **kw)
             handle.set_step(0)
             with handle.read("keyframes"):  # (L-2, C, h, w): each frame reads its own tokens + the keyframes'
-                out[b, 1:-1] = run(z[1:-1], prompt, seed + b, callback_on_step_end=next_step).to(out.dtype)
+                out[b, 1:-1] = redraw(i2i, z[1:-1], prompt, **kw).to(out.dtype)
     finally:
         if handle is not None:
             handle.remove()

@@ -6,7 +6,7 @@ import torch
 
 from sdlite.eval import transitions
 from sdlite.cli.video import POLISH_STRENGTH
-from sdlite.frame_polish import STORYWORLD_POLISH_STRENGTH, check_strength, polish_latents
+from sdlite.frame_polish import STORYWORLD_POLISH_STRENGTH, check_strength, low_pass, polish_latents
 from sdlite.pipeline import load_pipeline
 from sdlite.tiny import tiny_sd15_pipeline, tiny_sdxl_pipeline
 
@@ -68,6 +68,36 @@ def test_one_noise_draw_serves_every_frame_of_a_clip(sdxl):
         torch.testing.assert_close(out[:, 2], out[:, 1], rtol=1e-5, atol=1e-5)
         apart = polish_latents(sdxl, z, ["a girl"], 0.5, steps=STEPS, seed=2, read_keyframes=read, shared_noise=False)
         assert not torch.allclose(apart[:, 2], apart[:, 1], atol=1e-3)  # a draw per frame: they drift apart
+
+
+def test_low_pass_is_the_block_mean_and_a_projection():
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    lp = low_pass(z, 4)
+    torch.testing.assert_close(lp[..., :4, :4], z[..., :4, :4].mean(dim=(-2, -1), keepdim=True).expand(-1, -1, 4, 4))
+    torch.testing.assert_close(low_pass(lp, 4), lp)  # putting the coarse part back twice changes nothing
+    assert torch.equal(low_pass(z, 1), z)
+    with pytest.raises(ValueError, match="must divide"):
+        low_pass(z, 3)
+
+
+def test_keep_structure_keeps_the_coarse_latent_and_redraws_the_rest(sdxl):
+    """ILVR: the redrawn frames' block means are the input's (to float error), their detail is new; keep_structure=1
+    gives the input latents back, each step's latents being the input noised to that step's level."""
+    z = _clips(sdxl, b=1)
+    free = polish_latents(sdxl, z, ["a girl"], 0.8, steps=STEPS, seed=5)
+    kept = polish_latents(sdxl, z, ["a girl"], 0.8, steps=STEPS, seed=5, keep_structure=2)
+    mid = (slice(None), slice(1, -1))
+    torch.testing.assert_close(low_pass(kept[mid].flatten(0, 1), 2), low_pass(z[mid].flatten(0, 1), 2),
+                               rtol=0, atol=1e-5)
+    assert not torch.allclose(low_pass(free[mid].flatten(0, 1), 2), low_pass(z[mid].flatten(0, 1), 2), atol=1e-2)
+    assert not torch.allclose(kept[mid], z[mid], atol=1e-2)  # the detail is redrawn
+    torch.testing.assert_close(polish_latents(sdxl, z, ["a girl"], 0.8, steps=STEPS, seed=5, keep_structure=1), z,
+                               rtol=0, atol=1e-5)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="keep_structure"):
+            polish_latents(sdxl, z, ["a girl"], 0.5, keep_structure=bad)
+    with pytest.raises(ValueError, match="must divide"):
+        polish_latents(sdxl, z, ["a girl"], 0.5, keep_structure=3)
 
 
 def test_polish_runs_on_sd15_too(tmp_path):
