@@ -37,6 +37,7 @@ from .attention import (
     layer_scale,
 )
 from .bank import BankLayer, ConsistencyBank, estimate_bank_nbytes
+from .id_selection import CANDIDATE_SEED_STRIDE, check_candidates, pick_closest
 from .token_sampling import check_sampling
 from .story import Story, check_story_prompts
 
@@ -585,6 +586,7 @@ def generate_story(
     id_encoder=None,
     style_strength_ratio: float = 20.0,
     bank: ConsistencyBank | None = None,
+    candidates: int = 1,
 ) -> StoryResult:
     """Generate the panels of ``story`` with consistent self-attention on an SDXL or SD1.5 pipeline.
 
@@ -607,6 +609,10 @@ def generate_story(
         bank: a :class:`~sdlite.bank.ConsistencyBank` the caller keeps (default: a new one, emptied at the end).
             Characters it holds already (e.g. loaded from character files) are not written again: all their
             panels read it. After the call it holds every character of the story: save them to go on next page.
+        candidates: with id_images, the story is drawn this many times (seed ``seed + j * CANDIDATE_SEED_STRIDE``
+            for draw j, so draw 0 is the single draw) and each solo panel of a referenced character keeps the draw
+            whose ID embedding is closest to the references' (:mod:`sdlite.id_selection`). 1: a single draw. With
+            a ``bank`` you keep, draw 0 writes the characters it does not hold yet and the later draws read them.
     Returns:
         :class:`StoryResult` with one PIL image per panel in story order.
     """
@@ -614,6 +620,16 @@ def generate_story(
 
     from .id_encoder import fuse_photomaker_lora, photomaker_tokenizers, start_merge_step
 
+    if check_candidates(candidates) > 1:
+        if id_images is None:
+            raise ValueError(f"candidates={candidates} chooses each panel by its closeness to the reference images: "
+                             "pass id_images and id_encoder (sdlite story --ref), or leave candidates at 1")
+        runs = [generate_story(pipe, story, csa=csa, steps=steps, guidance_scale=guidance_scale, height=height,
+                               width=width, seed=seed + j * CANDIDATE_SEED_STRIDE, seed_policy=seed_policy,
+                               progress=progress, id_images=id_images, id_encoder=id_encoder,
+                               style_strength_ratio=style_strength_ratio, bank=bank)
+                for j in range(candidates)]
+        return pick_closest(id_encoder, runs, id_images)
     csa, steps, guidance_scale = _checked_settings(pipe, story, csa, steps, guidance_scale, id_images, id_encoder)
     tokenizers = None
     if id_images is not None:

@@ -359,14 +359,15 @@ def test_strength_and_photomaker_need_a_reference(tmp_path, capsys):
     assert "0 to 100" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("options, expected", [
-    (("--ref", "Lily={lily}"), "reference default"),
-    (("--ref", "Lily={lily}", "--guidance", "5"), 5.0),
-    (("--guidance", "4"), 4.0),
-    ((), None),  # no reference: the model's own default (generate_story's None)
+@pytest.mark.parametrize("options, expected, candidates", [
+    (("--ref", "Lily={lily}"), "reference default", "reference default"),
+    (("--ref", "Lily={lily}", "--guidance", "5", "--candidates", "3"), 5.0, 3),
+    (("--guidance", "4"), 4.0, None),
+    ((), None, None),  # no reference: the model's own default (generate_story's None), one draw
 ])
-def test_storyworld_reference_mode_has_its_own_guidance_unless_told(tmp_path, monkeypatch, options, expected):
-    from sdlite.cli.story import STORYWORLD_ID_GUIDANCE
+def test_storyworld_reference_mode_has_its_own_guidance_unless_told(tmp_path, monkeypatch, options, expected,
+                                                                    candidates):
+    from sdlite.cli.story import STORYWORLD_ID_CANDIDATES, STORYWORLD_ID_GUIDANCE
 
     seen = {}
 
@@ -380,6 +381,78 @@ def test_storyworld_reference_mode_has_its_own_guidance_unless_told(tmp_path, mo
     expected = STORYWORLD_ID_GUIDANCE if expected == "reference default" else expected
     assert seen["guidance_scale"] == expected
     assert STORYWORLD_ID_GUIDANCE != 5.0  # the tuned value differs from the text-only default (else: no test)
+    assert seen.get("candidates") == (STORYWORLD_ID_CANDIDATES if candidates == "reference default" else candidates)
+    assert STORYWORLD_ID_CANDIDATES == pm.STORYWORLD_CANDIDATES > 1
+
+
+class ColourEncoder:
+    """A stand-in ID encoder whose ID embedding is an image's mean colour (for choosing among candidates)."""
+
+    def pixel_values(self, images):
+        return torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) for im in images])
+
+    def id_embeddings(self, pixels):  # (B, 1, 3, H, W) -> (B, 1, 3)
+        return pixels.mean(dim=(-2, -1)) + 1.0
+
+
+def _run(colours, story_text="[Lily] a girl img\n[Bob] a boy\n[Lily] waving\n[Bob] sitting\n"):
+    story = parse_story(story_text)
+    return sdlite.pipeline.StoryResult([Image.new("RGB", (8, 8), c) for c in colours], story,
+                                       seeds=[7] * len(colours), plan=[], settings={"seed": 7})
+
+
+def test_each_referenced_panel_keeps_the_candidate_closest_to_its_references():
+    from sdlite.id_selection import pick_closest
+
+    red, green, reddish = (250, 10, 10), (10, 250, 10), (200, 60, 40)
+    runs = [_run([green, green]), _run([reddish, red]), _run([red, reddish])]
+    for j, run in enumerate(runs):
+        run.seeds[:] = [100 * j, 100 * j + 1]
+    picked = pick_closest(ColourEncoder(), runs, {"Lily": [Image.new("RGB", (8, 8), red)]})
+    assert picked.settings["chosen_candidate"] == [2, 0] and picked.settings["candidates"] == 3
+    assert picked.images[0] is runs[2].images[0] and picked.seeds == [200, 1]  # Bob has no reference: draw 0
+    both = pick_closest(ColourEncoder(), runs, {"Lily": [Image.new("RGB", (8, 8), red)],
+                                                "Bob": [Image.new("RGB", (8, 8), green)]})
+    assert both.settings["chosen_candidate"] == [2, 0]
+    tie = pick_closest(ColourEncoder(), [_run([red, red]), _run([red, red])], {"Lily": [Image.new("RGB", (8, 8), red)]})
+    assert tie.settings["chosen_candidate"] == [0, 0]  # a tie keeps the earlier draw
+    with pytest.raises(ValueError, match="at least one"):
+        pick_closest(ColourEncoder(), [], {})
+
+
+def test_generate_story_draws_candidates_with_their_own_seeds_and_keeps_the_closest(trained):
+    from sdlite.id_selection import CANDIDATE_SEED_STRIDE, reference_similarity
+    from sdlite.pipeline import load_pipeline
+
+    pipe, encoder = load_pipeline(trained.folder), load_id_encoder(trained.export)
+    story, refs = parse_story(STORY), {"Lily": [lily_picture()]}
+    kw = dict(csa=CSAConfig(enabled=False), steps=3, progress=False, id_images=refs, id_encoder=encoder,
+              style_strength_ratio=0.0)
+    draws = [generate_story(pipe, story, seed=5 + j * CANDIDATE_SEED_STRIDE, **kw) for j in range(3)]
+    best = generate_story(pipe, story, seed=5, candidates=3, **kw)
+    for i in range(len(story)):
+        sims = reference_similarity(encoder, [d.images[i] for d in draws], refs["Lily"])
+        j = best.settings["chosen_candidate"][i]
+        assert j == int(sims.argmax())
+        np.testing.assert_array_equal(np.asarray(best.images[i]), np.asarray(draws[j].images[i]))
+    assert best.seeds == [draws[j].seeds[i] for i, j in enumerate(best.settings["chosen_candidate"])]
+    np.testing.assert_array_equal(generate_story(pipe, story, seed=5, candidates=1, **kw).arrays(), draws[0].arrays())
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="candidates"):
+            generate_story(pipe, story, seed=5, candidates=bad, **kw)
+    with pytest.raises(ValueError, match="closeness to the reference"):
+        generate_story(pipe, story, csa=CSAConfig(enabled=False), steps=3, progress=False, candidates=2)
+
+
+@pytest.mark.parametrize("options, message", [
+    (("--candidates", "2"), "--candidates works with --ref"),
+    (("--ref", "Lily={lily}", "--candidates", "0"), "--candidates 0"),
+])
+def test_bad_candidates_fail_before_any_model_loads(tmp_path, capsys, options, message):
+    options = [o.format(lily=tmp_path / "lily.png") for o in options]
+    assert run_cli(tmp_path, *options) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_story_ref_generates_with_the_reference(trained, tmp_path):
@@ -458,8 +531,8 @@ def test_other_encoders_are_measured_as_the_id_row_on_their_own_pipelines(monkey
     calls = []
 
     def fake_setting(pipe, encoder, stories, recognizer, *, use_id=True, csa=False, references=1, strength=20.0,
-                     guidance=None, seed=0):
-        calls.append((pipe, encoder, len(stories), use_id, csa, references, strength, guidance))
+                     guidance=None, seed=0, candidates=1):
+        calls.append((pipe, encoder, len(stories), use_id, csa, references, strength, guidance, candidates))
         match = {"enc": 0.8, "base": 0.6}[encoder] if use_id else 0.2
         if guidance is not None:  # the guidance sweep: 4 reads best
             match -= abs(guidance - 4.0) / 10
@@ -474,9 +547,14 @@ def test_other_encoders_are_measured_as_the_id_row_on_their_own_pipelines(monkey
     assert ablation["base"]["pipe"] == "pipe2"  # its own pipeline: a fused LoRA stays in a UNet
     assert res["guidance_scale"] == 4.0 and set(res["guidance_sweep"]["rows"]) == {
         "no_id", *(f"id_guidance_{g:g}" for g in pm.GUIDANCES)}
-    assert calls[-1] == ("pipe2", "base", 3, True, False, 1, res["style_strength_ratio"], 4.0)  # the id row's
+    k = pm.STORYWORLD_CANDIDATES
+    assert calls[-1] == ("pipe2", "base", 3, True, False, 1, res["style_strength_ratio"], 4.0, k)  # the id row's
     table_calls = [c for c in calls if c[2] == 3 and c[3]]  # the table's ID rows: all at the chosen settings
-    assert len(table_calls) == 4 and {c[6:] for c in table_calls} == {(res["style_strength_ratio"], 4.0)}
+    assert len(table_calls) == 6 and {c[6:8] for c in table_calls} == {(res["style_strength_ratio"], 4.0)}
+    assert sorted(c[8] for c in table_calls) == [1, 1, k, k, k, k]  # the single-draw rows, and the shipped ones
+    assert [c[8] for c in calls if c[2] == 3 and not c[3]] == [1, k]  # no ID; the choice alone
+    assert res["candidates"] == k and set(res["candidate_sweep"]["rows"]) == {"1", *map(str, pm.CANDIDATE_COUNTS)}
+    assert res["candidate_sweep"]["rows"]["1"] == res["guidance_sweep"]["rows"]["id_guidance_4"]
     assert "encoder_ablation" not in pm.run_photomaker_eval("pipe", "enc", None, n_stories=3, n_tuning=2,
                                                            progress=False)
 
@@ -521,6 +599,10 @@ def test_results_photomaker_json_is_whole_and_its_bars_follow_its_numbers():
     assert res["reference_match_min"] == table["id"]["reference_match_min"] == min(
         table["id"][a] for a in pm.MATCHED)
     assert res["no_id_reference_match_min"] == table["no_id"]["reference_match_min"]
+    assert res["reference_match_min_single_draw"] == table["id_single_draw"]["reference_match_min"]
+    from sdlite.cli.story import STORYWORLD_ID_CANDIDATES
+
+    assert res["candidates"] == STORYWORLD_ID_CANDIDATES  # the table's ID rows are what `--ref` does
     assert res["bars"]["reference_match_min_ge_0.75"] == (res["reference_match_min"] >= 0.75)
     assert res["scene_accuracy_drop"] == pytest.approx(table["no_id"]["scene_accuracy"] -
                                                        table["id"]["scene_accuracy"], abs=1e-4)

@@ -222,7 +222,7 @@ def test_a_v2_checkpoint_is_refused_with_the_reason():
                                     "lora_weights": {"a": 1}}, IDEncoderConfig.tiny())
 
 
-def test_story_ref_runs_on_a_real_layout_sdxl_folder_with_photomaker_path(folder, tmp_path, capsys):
+def test_story_ref_runs_on_a_real_layout_sdxl_folder_with_photomaker_path(folder, tmp_path, capsys, monkeypatch):
     """`sdlite story --ref NAME=IMAGE --photomaker PATH` on the real-layout folder: the trigger registered, the
     encoder's LoRA fused, panels written; without --photomaker a real model is refused before it loads. (PATH is an
     ID encoder folder here: a real photomaker-v1.bin holds a 300 M-parameter ViT-L tower, too large for a test.)"""
@@ -240,5 +240,19 @@ def test_story_ref_runs_on_a_real_layout_sdxl_folder_with_photomaker_path(folder
               "--size", "64", "--steps", "2", "--no-csa", "--quiet"]
     assert main([*common, "--out", str(tmp_path / "a" / "page.png")]) == 2
     assert "--photomaker PATH" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    import sdlite.pipeline
+
+    seen, generate = [], sdlite.pipeline.generate_story
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("candidates"))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(sdlite.pipeline, "generate_story", spy)
     assert main([*common, "--photomaker", str(tmp_path / "photomaker"), "--out", str(tmp_path / "b" / "page.png")]) == 0
     assert sorted(p.name for p in (tmp_path / "b" / "page_panels").iterdir()) == ["panel_01.png", "panel_02.png"]
+    assert seen == [1]  # one draw per panel on a real model unless asked: each draw is a full SDXL sampling
+    assert main([*common, "--photomaker", str(tmp_path / "photomaker"), "--candidates", "2",
+                 "--out", str(tmp_path / "c" / "page.png")]) == 0
+    assert seen[1] == 2 and len(seen) == 1 + 1 + 2  # the call, then its two draws
+    assert (tmp_path / "c" / "page_panels" / "panel_02.png").is_file()

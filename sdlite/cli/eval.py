@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from . import add_threads_option, build_registry_parser, run_module_command, set_threads
+from .story import STORYWORLD_ID_CANDIDATES
 
 TABLES: tuple[str, ...] = tuple(f"sdlite.cli.eval:add_{name}_parser" for name in (
     "storyworld", "consistency", "transitions", "decoder_ablation", "predictor_errors", "check", "photomaker"))
@@ -258,6 +259,9 @@ def add_photomaker_parser(sub) -> None:
                    help="another ID encoder folder measured as the 'id' row under encoder_ablation (repeatable)")
     p.add_argument("--recognizer", default=None, help="recognizer file (default: data/recognizer.safetensors)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--candidates", type=int, default=STORYWORLD_ID_CANDIDATES, metavar="K",
+                   help=f"draws per panel in the ID rows, the closest to the reference kept (default "
+                        f"{STORYWORLD_ID_CANDIDATES}, as sdlite story --ref on storyworld; 1: a single draw)")
     p.add_argument("--out", default="results/photomaker.json")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     add_threads_option(p, default=1)
@@ -271,8 +275,8 @@ def run_photomaker(args) -> int:
     from ..pipeline import load_pipeline
     from ..storyworld.recognizer import load_recognizer
 
-    if args.stories < 1 or args.tuning_stories < 1:
-        raise ValueError("--stories and --tuning-stories must be >= 1")
+    if args.stories < 1 or args.tuning_stories < 1 or args.candidates < 1:
+        raise ValueError("--stories, --tuning-stories and --candidates must be >= 1")
     compare = dict(item.split("=", 1) for item in args.compare if "=" in item)
     if len(compare) != len(args.compare) or "id" in compare:
         raise ValueError("--compare takes NAME=FOLDER (a name other than 'id'), e.g. "
@@ -283,9 +287,9 @@ def run_photomaker(args) -> int:
     others = {name: (load_pipeline("storyworld"), load_id_encoder(folder)) for name, folder in compare.items()}
     result = run_photomaker_eval(load_pipeline("storyworld"), encoder, load_recognizer(args.recognizer),
                                  n_stories=args.stories, n_tuning=args.tuning_stories, seed=args.seed,
-                                 command=args.command_line, others=others)
+                                 command=args.command_line, others=others, candidates=args.candidates)
     write_result(result, out)
-    sweeps = ("table", "strength_sweep", "guidance_sweep")  # printed in full while they ran
+    sweeps = ("table", "strength_sweep", "guidance_sweep", "candidate_sweep")  # printed in full while they ran
     print(json.dumps({k: v for k, v in result.items() if k not in sweeps}, indent=1))
     print(f"wrote {out}")
     return 0

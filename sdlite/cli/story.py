@@ -48,6 +48,10 @@ def add_story_parser(subparsers) -> None:
                         "steps use the text-only prompt, the rest the reference (default 20: PhotoMaker's on real SDXL, "
                         "and on storyworld the value its evaluation chose; lower follows the reference more, "
                         "higher the text)")
+    p.add_argument("--candidates", type=int, default=None, metavar="K",
+                   help=f"--ref: draw each panel K times and keep the draw whose ID embedding is closest to the "
+                        f"reference's (default {STORYWORLD_ID_CANDIDATES} on storyworld, 1 on real models, where "
+                        f"each draw costs a full SDXL sampling)")
     p.add_argument("--preset", choices=["official"], default=None,
                    help="official: the official StoryDiffusion demo's settings (official sampling, rates 0.5 at both "
                         "resolutions, no CSA at step 0 then random skips, 1 reference panel, the same seed for every "
@@ -131,6 +135,10 @@ def check_story_options(args) -> None:
     need(strength is None or (math.isfinite(strength) and 0 <= strength <= 100),
          f"--id-strength {strength}: a percentage of the steps, 0 to 100")
     need(strength is None or bool(getattr(args, "ref", None)), "--id-strength works with --ref: add --ref NAME=IMAGE")
+    candidates = getattr(args, "candidates", None)
+    need(candidates is None or candidates >= 1, f"--candidates {candidates}: use 1 or more draws per panel")
+    need(candidates is None or bool(getattr(args, "ref", None)),
+         "--candidates works with --ref: the draws are compared with the reference (add --ref NAME=IMAGE)")
     need(getattr(args, "photomaker", None) is None or bool(getattr(args, "ref", None)),
          "--photomaker works with --ref: add --ref NAME=IMAGE (the character's reference picture)")
     need(not (getattr(args, "no_csa", False) and (getattr(args, "save_characters", None)
@@ -288,13 +296,17 @@ def reference_mode(args, references: dict, real: bool) -> dict:
     encoder = load_id_encoder(path).to(args.device)
     strength = getattr(args, "id_strength", None)
     default = PHOTOMAKER_ID_STRENGTH if real else STORYWORLD_ID_STRENGTH
+    candidates = getattr(args, "candidates", None)
     return {"id_images": references, "id_encoder": encoder,
-            "style_strength_ratio": default if strength is None else strength}
+            "style_strength_ratio": default if strength is None else strength,
+            "candidates": (1 if real else STORYWORLD_ID_CANDIDATES) if candidates is None else candidates}
 
 
 PHOTOMAKER_ID_STRENGTH = 20.0  # PhotoMaker's own default, for real SDXL with photomaker-v1.bin
 STORYWORLD_ID_STRENGTH = 20.0  # storyworld's encoder: chosen by `python -m sdlite.eval photomaker` on its tuning stories
 STORYWORLD_ID_GUIDANCE = 3.0  # and its guidance scale with --ref (without --guidance), chosen the same way
+STORYWORLD_ID_CANDIDATES = 8  # draws per panel with --ref (sdlite.eval.photomaker.STORYWORLD_CANDIDATES; a test keeps
+# them equal): a cost fixed beforehand, not tuned
 
 
 def story_settings(args, real: bool):

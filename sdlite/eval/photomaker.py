@@ -17,8 +17,17 @@ share of panels that agree with the reference. Settings, all on the same stories
     id_guidance_G    then, at that strength, the guidance sweep (classifier-free guidance scale G) on the same tuning
                      stories; the reference mode's default guidance is chosen there the same way, then used above
 
-Bars: reference_match_min (id) >= 0.75, reference_match_min_with_csa >= reference_match_min - 0.02, scene accuracy
-within 5 points of no_id.
+The ID rows draw every panel `candidates` times (`STORYWORLD_CANDIDATES`, fixed, not tuned) and keep the draw whose
+ID embedding is closest to the reference's (`sdlite.id_selection`), as `sdlite story --ref` does on storyworld.
+Next to them, on the same stories:
+
+    id_single_draw      the ID path with one draw per panel (the row `id` was before the choice)
+    id_csa_single_draw  the same with CSA
+    selection_only      text-only draws, the closest to the reference kept: what the choice does without the ID path
+    candidate_sweep     on the tuning stories, 1, 2, 4 and 8 draws per panel at the chosen strength and guidance
+
+Bars: reference_match_min (id, as shipped) >= 0.75, reference_match_min_with_csa >= reference_match_min - 0.02,
+scene accuracy within 5 points of no_id.
 """
 from __future__ import annotations
 
@@ -30,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..id_selection import CANDIDATE_SEED_STRIDE, pick_closest
 from ..pipeline import CSAConfig, generate_story
 from ..story import parse_story
 from ..storyworld import world as sw
@@ -38,6 +48,8 @@ from ..storyworld.datasets import id_caption, sample_split_character
 MATCHED = ("hair", "shirt", "trousers", "hat")
 STRENGTHS = (0.0, 10.0, 20.0, 30.0, 50.0)
 GUIDANCES = (2.0, 3.0, 4.0, 5.0)  # 5: storyworld's default guidance (the strength sweep's)
+STORYWORLD_CANDIDATES = 8  # draws per panel in reference mode (`sdlite.id_selection`): a 4-panel story in seconds
+CANDIDATE_COUNTS = (2, 4, 8)  # shown on the tuning stories next to the single draw
 EVAL_SEED = 5150
 TUNING_SEED = 6160
 PANELS = 4
@@ -87,16 +99,23 @@ def _scene_action(panels: np.ndarray, story: ReferenceStory, recognizer) -> tupl
 
 
 def run_setting(pipe, encoder, stories: list[ReferenceStory], recognizer, *, use_id: bool = True, csa: bool = False,
-                references: int = 1, strength: float = 20.0, guidance: float | None = None, seed: int = 0) -> dict:
+                references: int = 1, strength: float = 20.0, guidance: float | None = None, seed: int = 0,
+                candidates: int = 1) -> dict:
     """Mean reference match per attribute, its minimum, scene and action accuracy of one setting over the stories
-    (`guidance`: the classifier-free guidance scale; None: the model's default, storyworld's 5)."""
+    (`guidance`: the classifier-free guidance scale; None: the model's default, storyworld's 5; `candidates`: draws
+    per panel, the one closest to the reference kept, `sdlite.id_selection`; without the ID path that choice alone)."""
     rows = []
     for k, st in enumerate(stories):
         story = parse_story(st.text)
-        kw = {"id_images": {"Ref": list(st.references[:references])}, "id_encoder": encoder,
-              "style_strength_ratio": strength} if use_id else {}
-        res = generate_story(pipe, story, csa=CSAConfig(enabled=csa), seed=seed + 1000 * k, guidance_scale=guidance,
-                             progress=False, **kw)
+        refs = {"Ref": list(st.references[:references])}
+        kw = dict(csa=CSAConfig(enabled=csa), guidance_scale=guidance, progress=False)
+        if use_id:
+            res = generate_story(pipe, story, seed=seed + 1000 * k, id_images=refs, id_encoder=encoder,
+                                 style_strength_ratio=strength, candidates=candidates, **kw)
+        else:  # text-only draws; with candidates > 1 kept by closeness to the reference (the choice without the ID)
+            runs = [generate_story(pipe, story, seed=seed + 1000 * k + j * CANDIDATE_SEED_STRIDE, **kw)
+                    for j in range(candidates)]
+            res = runs[0] if candidates == 1 else pick_closest(encoder, runs, refs)
         panels = res.arrays()
         match = reference_match(panels, st.references[0], recognizer)
         scene, action = _scene_action(panels, st, recognizer)
@@ -130,7 +149,8 @@ def choose_guidance(sweep: dict[str, dict], max_scene_drop: float = 0.05) -> flo
 
 
 def run_photomaker_eval(pipe, encoder, recognizer, *, n_stories: int = 50, n_tuning: int = 24, seed: int = 0,
-                        command: str = "", progress: bool = True, others: dict | None = None) -> dict:
+                        command: str = "", progress: bool = True, others: dict | None = None,
+                        candidates: int = STORYWORLD_CANDIDATES) -> dict:
     """The whole table (see the module doc) as a dict ready for results/photomaker.json. `others`: {name: (pipe,
     encoder)}, other ID encoders (each on its own pipeline: a LoRA stays fused) measured as the `id` row, under
     `encoder_ablation`."""
@@ -148,13 +168,24 @@ def run_photomaker_eval(pipe, encoder, recognizer, *, n_stories: int = 50, n_tun
                                                           guidance=g, seed=seed)
         say(f"tuning guidance {g:g}: {guidance_rows[f'id_guidance_{g:g}']}")
     guidance = choose_guidance(guidance_rows)
+    # the draws per panel: fixed beforehand (a cost, not tuned); the tuning stories show what each count buys
+    candidate_rows = {"1": guidance_rows[f"id_guidance_{guidance:g}"]}
+    for c in CANDIDATE_COUNTS:
+        candidate_rows[str(c)] = run_setting(pipe, encoder, tuning, recognizer, strength=strength, guidance=guidance,
+                                             seed=seed, candidates=c)
+        say(f"tuning candidates {c}: {candidate_rows[str(c)]}")
     stories = make_reference_stories(n_stories, EVAL_SEED)
-    chosen = {"strength": strength, "guidance": guidance, "seed": seed}  # every ID row's settings
+    single = {"strength": strength, "guidance": guidance, "seed": seed}
+    chosen = {**single, "candidates": candidates}  # every ID row's settings
     table = {
         "no_id": run_setting(pipe, encoder, stories, recognizer, use_id=False, seed=seed),
         "id": run_setting(pipe, encoder, stories, recognizer, **chosen),
         "id_csa": run_setting(pipe, encoder, stories, recognizer, csa=True, **chosen),
         "id_3_refs": run_setting(pipe, encoder, stories, recognizer, references=3, **chosen),
+        "id_single_draw": run_setting(pipe, encoder, stories, recognizer, **single),
+        "id_csa_single_draw": run_setting(pipe, encoder, stories, recognizer, csa=True, **single),
+        "selection_only": run_setting(pipe, encoder, stories, recognizer, use_id=False, seed=seed,
+                                      candidates=candidates),
     }
     for name, row in table.items():
         say(f"{name}: {row}")
@@ -164,6 +195,8 @@ def run_photomaker_eval(pipe, encoder, recognizer, *, n_stories: int = 50, n_tun
         "reference_match_min": table["id"]["reference_match_min"],
         "reference_match_min_with_csa": table["id_csa"]["reference_match_min"],
         "no_id_reference_match_min": table["no_id"]["reference_match_min"],
+        "reference_match_min_single_draw": table["id_single_draw"]["reference_match_min"],
+        "candidates": candidates,
         "scene_accuracy_drop": round(table["no_id"]["scene_accuracy"] - table["id"]["scene_accuracy"], 4),
         "n_stories": n_stories,
         "panels_per_story": PANELS,
@@ -173,6 +206,8 @@ def run_photomaker_eval(pipe, encoder, recognizer, *, n_stories: int = 50, n_tun
         "strength_sweep": {"n_stories": n_tuning, "seed": TUNING_SEED, "rows": sweep},
         "guidance_sweep": {"n_stories": n_tuning, "seed": TUNING_SEED, "style_strength_ratio": strength,
                            "rows": guidance_rows},
+        "candidate_sweep": {"n_stories": n_tuning, "seed": TUNING_SEED, "style_strength_ratio": strength,
+                            "guidance_scale": guidance, "rows": candidate_rows},
         **({"encoder_ablation": {"id": table["id"], **ablation}} if ablation else {}),
         "seconds": round(time.time() - t0, 1),
         "command": command,
