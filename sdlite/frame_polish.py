@@ -16,7 +16,8 @@ flicker. The keyframes' own outputs are thrown away: the clip still starts and e
 
 What it buys and costs is measured, not assumed (`python -m sdlite.eval transitions --methods full,full_polished`):
 the redrawn frames keep the character better but follow the true in-between frames less closely in PSNR (a sharp
-guess is punished more than a blurred average when it is wrong).
+guess is punished more than a blurred average when it is wrong). Holding the decoder's coarse layout during the
+redraw (`keep_structure`, ILVR) does not win that PSNR back at the same identity (`docs/lab/polish_psnr.py`).
 """
 from __future__ import annotations
 
