@@ -624,11 +624,12 @@ def generate_story(
         if id_images is None:
             raise ValueError(f"candidates={candidates} chooses each panel by its closeness to the reference images: "
                              "pass id_images and id_encoder (sdlite story --ref), or leave candidates at 1")
+        draws = tqdm(range(candidates), desc=f"draws of {len(story)} panels", unit="draw", disable=not progress)
         runs = [generate_story(pipe, story, csa=csa, steps=steps, guidance_scale=guidance_scale, height=height,
                                width=width, seed=seed + j * CANDIDATE_SEED_STRIDE, seed_policy=seed_policy,
-                               progress=progress, id_images=id_images, id_encoder=id_encoder,
+                               progress=False, id_images=id_images, id_encoder=id_encoder,
                                style_strength_ratio=style_strength_ratio, bank=bank)
-                for j in range(candidates)]
+                for j in draws]
         return pick_closest(id_encoder, runs, id_images)
     csa, steps, guidance_scale = _checked_settings(pipe, story, csa, steps, guidance_scale, id_images, id_encoder)
     tokenizers = None
