@@ -39,20 +39,21 @@ def check_strength(strength: float) -> float:
     return float(strength)
 
 
-def check_structure(factor: int) -> int:
-    """The low-pass factor whose coarse latent the redraw must keep (0: off)."""
+def check_structure(factor: int, size: tuple[int, int] | None = None) -> int:
+    """The low-pass factor whose coarse latent the redraw must keep (0: off); with the latent `size` (h, w), a
+    factor that does not divide it is refused."""
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 0:
         raise ValueError(f"keep_structure={factor!r}: use 0 (off) or a whole factor >= 1 (e.g. 2: keep the latent "
                          f"averaged over 2x2 cells)")
+    if factor and size is not None and (size[0] % factor or size[1] % factor):
+        raise ValueError(f"keep_structure={factor} must divide the latent size {size[0]}x{size[1]}: e.g. 2 or 4")
     return factor
 
 
 def low_pass(z: torch.Tensor, factor: int) -> torch.Tensor:
     """(N, C, h, w) -> (N, C, h, w): every `factor` x `factor` block of cells replaced by its mean (a projection:
     low_pass(low_pass(z)) == low_pass(z), so what is put back is kept exactly). h and w must divide by `factor`."""
-    h, w = z.shape[-2:]
-    if h % factor or w % factor:
-        raise ValueError(f"keep_structure={factor} must divide the latent size {h}x{w}: e.g. 2, 4 or 8")
+    check_structure(factor, tuple(z.shape[-2:]))
     coarse = F.avg_pool2d(z, factor)  # (N, C, h / factor, w / factor)
     return coarse.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
 
@@ -74,7 +75,8 @@ def redraw(i2i, images: torch.Tensor, prompt: str, *, strength: float, steps: in
     back after every step (see `polish_latents`; N = 1 keeps the images themselves, noised to each step's level)."""
     gens = ([torch.Generator().manual_seed(seed) for _ in range(len(images))] if shared_noise
             else torch.Generator().manual_seed(seed))
-    noise = torch.randn(images[:1].shape, generator=torch.Generator().manual_seed(seed)).to(images)  # (1, C, h, w)
+    if keep_structure:  # the draw the pipeline makes for the first image, to noise the kept part with
+        noise = torch.randn(images[:1].shape, generator=torch.Generator().manual_seed(seed)).to(images)  # (1, C, h, w)
 
     def after_step(pipe, i, t, kwargs):
         if handle is not None:  # the bank is keyed by the step index: keep it in step
@@ -117,9 +119,7 @@ def polish_latents(pipe, latents: torch.Tensor, prompts: list[str],
     if latents.ndim != 5 or latents.shape[1] < 3:
         raise ValueError(f"latents must be (B, L, C, h, w) with L >= 3 (two keyframes and a frame between them), "
                          f"got {tuple(latents.shape)}")
-    if keep_structure and (latents.shape[-2] % keep_structure or latents.shape[-1] % keep_structure):
-        raise ValueError(f"keep_structure={keep_structure} must divide the latent size "
-                         f"{latents.shape[-2]}x{latents.shape[-1]}: e.g. 2 or 4")
+    check_structure(keep_structure, tuple(latents.shape[-2:]))
     if len(prompts) != latents.shape[0]:
         raise ValueError(f"got {len(prompts)} prompts for {latents.shape[0]} clips: pass one prompt per clip")
     if strength == 0.0:

@@ -23,6 +23,11 @@ import torch.nn.functional as F
 CANDIDATE_SEED_STRIDE = 1_000_003  # a prime far above any story's panel count: candidate j's seeds never meet j+1's
 
 
+def candidate_seeds(seed: int, candidates: int) -> list[int]:
+    """The story seed of each draw: draw 0 is the single draw's `seed`."""
+    return [seed + j * CANDIDATE_SEED_STRIDE for j in range(candidates)]
+
+
 def check_candidates(candidates: int) -> int:
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
         raise ValueError(f"candidates={candidates!r}: use a whole number >= 1 (1: a single draw per panel)")
@@ -36,10 +41,15 @@ def id_directions(encoder, images) -> torch.Tensor:
     return F.normalize(encoder.id_embeddings(pixels)[:, 0].float(), dim=-1)
 
 
-def reference_similarity(encoder, images, references) -> torch.Tensor:
-    """(n,) cosine similarity of each image's ID embedding to the references' mean direction."""
-    ref = F.normalize(id_directions(encoder, references).mean(0), dim=-1)  # (D,)
-    return id_directions(encoder, images) @ ref
+def reference_direction(encoder, references) -> torch.Tensor:
+    """(D,) the references' mean unit ID embedding, normalised: the character's direction."""
+    return F.normalize(id_directions(encoder, references).mean(0), dim=-1)
+
+
+def reference_similarity(encoder, images, references=None, *, direction: torch.Tensor | None = None) -> torch.Tensor:
+    """(n,) cosine similarity of each image's ID embedding to the references' direction (or a given `direction`)."""
+    direction = reference_direction(encoder, references) if direction is None else direction
+    return id_directions(encoder, images) @ direction
 
 
 def pick_closest(encoder, runs: list, id_images: dict):
@@ -50,10 +60,14 @@ def pick_closest(encoder, runs: list, id_images: dict):
         raise ValueError("pick_closest needs at least one candidate run")
     story = runs[0].story
     chosen = [0] * len(story)
+    directions: dict[str, torch.Tensor] = {}  # each character's references embedded once
     for i, panel in enumerate(story.panels):
         if len(panel.characters) != 1 or panel.characters[0] not in id_images:
             continue
-        sims = reference_similarity(encoder, [run.images[i] for run in runs], id_images[panel.characters[0]])
+        name = panel.characters[0]
+        if name not in directions:
+            directions[name] = reference_direction(encoder, id_images[name])
+        sims = reference_similarity(encoder, [run.images[i] for run in runs], direction=directions[name])
         chosen[i] = int(sims.argmax())  # argmax returns the first of equal maxima
     settings = {**runs[0].settings, "candidates": len(runs), "chosen_candidate": chosen}
     return dataclasses.replace(runs[0], images=[runs[j].images[i] for i, j in enumerate(chosen)],

@@ -37,7 +37,7 @@ from .attention import (
     layer_scale,
 )
 from .bank import BankLayer, ConsistencyBank, estimate_bank_nbytes
-from .id_selection import CANDIDATE_SEED_STRIDE, check_candidates, pick_closest
+from .id_selection import candidate_seeds, check_candidates, pick_closest
 from .token_sampling import check_sampling
 from .story import Story, check_story_prompts
 
@@ -609,8 +609,8 @@ def generate_story(
         bank: a :class:`~sdlite.bank.ConsistencyBank` the caller keeps (default: a new one, emptied at the end).
             Characters it holds already (e.g. loaded from character files) are not written again: all their
             panels read it. After the call it holds every character of the story: save them to go on next page.
-        candidates: with id_images, the story is drawn this many times (seed ``seed + j * CANDIDATE_SEED_STRIDE``
-            for draw j, so draw 0 is the single draw) and each solo panel of a referenced character keeps the draw
+        candidates: with id_images, the story is drawn this many times (seeds ``candidate_seeds(seed, K)``:
+            draw j at ``seed + j * CANDIDATE_SEED_STRIDE``, so draw 0 is the single draw) and each solo panel of a referenced character keeps the draw
             whose ID embedding is closest to the references' (:mod:`sdlite.id_selection`). 1: a single draw. With
             a ``bank`` you keep, draw 0 writes the characters it does not hold yet and the later draws read them.
     Returns:
@@ -624,12 +624,13 @@ def generate_story(
         if id_images is None:
             raise ValueError(f"candidates={candidates} chooses each panel by its closeness to the reference images: "
                              "pass id_images and id_encoder (sdlite story --ref), or leave candidates at 1")
-        draws = tqdm(range(candidates), desc=f"draws of {len(story)} panels", unit="draw", disable=not progress)
+        draws = tqdm(candidate_seeds(seed, candidates), desc=f"draws of {len(story)} panels", unit="draw",
+                     disable=not progress)
         runs = [generate_story(pipe, story, csa=csa, steps=steps, guidance_scale=guidance_scale, height=height,
-                               width=width, seed=seed + j * CANDIDATE_SEED_STRIDE, seed_policy=seed_policy,
+                               width=width, seed=draw_seed, seed_policy=seed_policy,
                                progress=False, id_images=id_images, id_encoder=id_encoder,
                                style_strength_ratio=style_strength_ratio, bank=bank)
-                for j in draws]
+                for draw_seed in draws]
         return pick_closest(id_encoder, runs, id_images)
     csa, steps, guidance_scale = _checked_settings(pipe, story, csa, steps, guidance_scale, id_images, id_encoder)
     tokenizers = None

@@ -25,7 +25,7 @@ import torch
 from sdlite.cli.story import STORYWORLD_ID_CANDIDATES, STORYWORLD_ID_GUIDANCE, STORYWORLD_ID_STRENGTH
 from sdlite.eval.photomaker import MATCHED, make_reference_stories, reference_match
 from sdlite.id_encoder import load_id_encoder
-from sdlite.id_selection import CANDIDATE_SEED_STRIDE, reference_similarity
+from sdlite.id_selection import candidate_seeds, reference_similarity
 from sdlite.paths import data_dir
 from sdlite.pipeline import CSAConfig, generate_story, load_pipeline
 from sdlite.story import parse_story
@@ -47,11 +47,11 @@ def main() -> None:
     for k, st in enumerate(make_reference_stories(args.stories, args.seed)):
         story, refs = parse_story(st.text), [st.references[0]]
         def draw(csa: bool) -> np.ndarray:  # (K, P, H, W, 3): the story drawn K times, as candidates=K draws it
-            return np.stack([generate_story(pipe, story, csa=CSAConfig(enabled=csa), seed=1000 * k + j *
-                                            CANDIDATE_SEED_STRIDE, guidance_scale=STORYWORLD_ID_GUIDANCE,
-                                            progress=False, id_images={"Ref": refs}, id_encoder=encoder,
+            return np.stack([generate_story(pipe, story, csa=CSAConfig(enabled=csa), seed=s,
+                                            guidance_scale=STORYWORLD_ID_GUIDANCE, progress=False,
+                                            id_images={"Ref": refs}, id_encoder=encoder,
                                             style_strength_ratio=STORYWORLD_ID_STRENGTH).arrays()
-                             for j in range(args.candidates)])
+                             for s in candidate_seeds(1000 * k, args.candidates)])
 
         def per_panel(draws: np.ndarray, sims: torch.Tensor) -> np.ndarray:
             best = sims.argmax(dim=0)  # (P,)

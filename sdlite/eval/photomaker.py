@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..id_selection import CANDIDATE_SEED_STRIDE, pick_closest
+from ..id_selection import candidate_seeds, pick_closest
 from ..pipeline import CSAConfig, generate_story
 from ..story import parse_story
 from ..storyworld import world as sw
@@ -113,8 +113,7 @@ def run_setting(pipe, encoder, stories: list[ReferenceStory], recognizer, *, use
             res = generate_story(pipe, story, seed=seed + 1000 * k, id_images=refs, id_encoder=encoder,
                                  style_strength_ratio=strength, candidates=candidates, **kw)
         else:  # text-only draws; with candidates > 1 kept by closeness to the reference (the choice without the ID)
-            runs = [generate_story(pipe, story, seed=seed + 1000 * k + j * CANDIDATE_SEED_STRIDE, **kw)
-                    for j in range(candidates)]
+            runs = [generate_story(pipe, story, seed=s, **kw) for s in candidate_seeds(seed + 1000 * k, candidates)]
             res = runs[0] if candidates == 1 else pick_closest(encoder, runs, refs)
         panels = res.arrays()
         match = reference_match(panels, st.references[0], recognizer)
