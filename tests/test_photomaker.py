@@ -530,21 +530,26 @@ def test_the_guidance_is_chosen_by_the_same_rule_over_its_own_rows():
 def test_other_encoders_are_measured_as_the_id_row_on_their_own_pipelines(monkeypatch):
     calls = []
 
-    def fake_setting(pipe, encoder, stories, recognizer, *, use_id=True, csa=False, references=1, strength=20.0,
-                     guidance=None, seed=0, candidates=1):
+    def fake_rows(pipe, encoder, stories, recognizer, *, use_id=True, csa=False, references=1, strength=20.0,
+                  guidance=None, seed=0, candidates=1):
         calls.append((pipe, encoder, len(stories), use_id, csa, references, strength, guidance, candidates))
-        match = {"enc": 0.8, "base": 0.6}[encoder] if use_id else 0.2
+        match = {("pipe", "enc"): 0.8, ("pipe2", "base"): 0.6}[pipe, encoder] if use_id else 0.2
         if guidance is not None:  # the guidance sweep: 4 reads best
             match -= abs(guidance - 4.0) / 10
-        return {"reference_match_min": match, "scene_accuracy": 1.0, "pipe": pipe}
+        if csa:  # CSA costs the hair of the last story only
+            return [{**dict.fromkeys(pm.MATCHED, match), "hair": match - 0.3 * (i == len(stories) - 1),
+                     "scene_accuracy": 1.0} for i in range(len(stories))]
+        return [{**dict.fromkeys(pm.MATCHED, match), "scene_accuracy": 1.0} for _ in stories]
 
-    monkeypatch.setattr(pm, "run_setting", fake_setting)
+    monkeypatch.setattr(pm, "setting_rows", fake_rows)
     monkeypatch.setattr(pm, "make_reference_stories", lambda n, seed: [seed] * n)
     res = pm.run_photomaker_eval("pipe", "enc", None, n_stories=3, n_tuning=2, progress=False,
                                  others={"base": ("pipe2", "base")})
     ablation = res["encoder_ablation"]
     assert ablation["id"] == res["table"]["id"] and ablation["base"]["reference_match_min"] == 0.6
-    assert ablation["base"]["pipe"] == "pipe2"  # its own pipeline: a fused LoRA stays in a UNet
+    assert calls[-1][:2] == ("pipe2", "base")  # its own pipeline: a fused LoRA stays in a UNet
+    gap = res["csa_minus_id"]  # the paired interval of the CSA row's minimum minus the ID row's
+    assert gap["mean"] == pytest.approx(-0.1) and gap["n"] == 3 and gap["ci_low"] <= -0.1 <= gap["ci_high"] <= 0
     assert res["guidance_scale"] == 4.0 and set(res["guidance_sweep"]["rows"]) == {
         "no_id", *(f"id_guidance_{g:g}" for g in pm.GUIDANCES)}
     k = pm.STORYWORLD_CANDIDATES
@@ -632,3 +637,10 @@ def test_the_shipped_encoder_makes_held_out_characters_panels_follow_their_refer
     assert with_id["shirt"] >= plain["shirt"] + 0.3 and with_id["trousers"] >= plain["trousers"] + 0.2, (plain, with_id)
     assert sum(with_id[a] for a in pm.MATCHED) >= sum(plain[a] for a in pm.MATCHED) + 1.0
     assert with_id["scene_accuracy"] >= plain["scene_accuracy"] - 0.1
+
+
+def test_paired_min_difference_needs_both_rows_on_the_same_stories():
+    rows = [dict.fromkeys(pm.MATCHED, 1.0)] * 3
+    with pytest.raises(ValueError, match="same >= 2 stories"):
+        pm.paired_min_difference(rows, rows[:2])
+    assert pm.paired_min_difference(rows, rows) == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "level": 0.95, "n": 3}

@@ -1,6 +1,6 @@
 """PhotoMaker in storyworld, measured: do a story's panels follow the reference images?
 
-    python -m sdlite.eval photomaker --stories 50 --out results/photomaker.json
+    python -m sdlite.eval photomaker --stories 100 --out results/photomaker.json
 
 Stories of one character from the held-out split (`storyworld.datasets.is_held_out`: the ID encoder never saw these
 characters in training), 4 panels, independent noise per panel, prompts that leave the identity unsaid ("a girl img,
@@ -27,7 +27,9 @@ Next to them, on the same stories:
     candidate_sweep     on the tuning stories, 1, 2, 4 and 8 draws per panel at the chosen strength and guidance
 
 Bars: reference_match_min (id, as shipped) >= 0.75, reference_match_min_with_csa >= reference_match_min - 0.02,
-scene accuracy within 5 points of no_id.
+scene accuracy within 5 points of no_id. `csa_minus_id`: the CSA row's minimum minus the ID row's, with a paired
+bootstrap interval over the stories. Each story moves a row's mean by 1/(4 * stories) per panel, so a gap of
+0.02 needs many stories to be told from luck: the Makefile's line measures 100.
 """
 from __future__ import annotations
 
@@ -98,12 +100,13 @@ def _scene_action(panels: np.ndarray, story: ReferenceStory, recognizer) -> tupl
     return float(scene), float(action)
 
 
-def run_setting(pipe, encoder, stories: list[ReferenceStory], recognizer, *, use_id: bool = True, csa: bool = False,
-                references: int = 1, strength: float = 20.0, guidance: float | None = None, seed: int = 0,
-                candidates: int = 1) -> dict:
-    """Mean reference match per attribute, its minimum, scene and action accuracy of one setting over the stories
-    (`guidance`: the classifier-free guidance scale; None: the model's default, storyworld's 5; `candidates`: draws
-    per panel, the one closest to the reference kept, `sdlite.id_selection`; without the ID path that choice alone)."""
+def setting_rows(pipe, encoder, stories: list[ReferenceStory], recognizer, *, use_id: bool = True, csa: bool = False,
+                 references: int = 1, strength: float = 20.0, guidance: float | None = None, seed: int = 0,
+                 candidates: int = 1) -> list[dict[str, float]]:
+    """One setting, story by story: the reference match per attribute, scene and action accuracy of each story's
+    panels (`guidance`: the classifier-free guidance scale; None: the model's default, storyworld's 5; `candidates`:
+    draws per panel, the one closest to the reference kept, `sdlite.id_selection`; without the ID path that choice
+    alone)."""
     rows = []
     for k, st in enumerate(stories):
         story = parse_story(st.text)
@@ -119,9 +122,36 @@ def run_setting(pipe, encoder, stories: list[ReferenceStory], recognizer, *, use
         match = reference_match(panels, st.references[0], recognizer)
         scene, action = _scene_action(panels, st, recognizer)
         rows.append({**match, "scene_accuracy": scene, "action_accuracy": action})
+    return rows
+
+
+def summarise(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The stories' mean of each measure, and `reference_match_min`: the lowest attribute's mean."""
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     mean["reference_match_min"] = min(mean[a] for a in MATCHED)
     return {k: round(v, 4) for k, v in mean.items()}
+
+
+def run_setting(pipe, encoder, stories: list[ReferenceStory], recognizer, **setting) -> dict[str, float]:
+    """Mean reference match per attribute, its minimum, scene and action accuracy of one setting over the stories
+    (the keywords: :func:`setting_rows`)."""
+    return summarise(setting_rows(pipe, encoder, stories, recognizer, **setting))
+
+
+def paired_min_difference(rows_a: list[dict], rows_b: list[dict], resamples: int = 2000, seed: int = 0,
+                          level: float = 0.95) -> dict[str, float]:
+    """`reference_match_min` of setting a minus that of b, measured on the same stories, and its bootstrap
+    confidence interval (stories resampled with replacement, seeded; the minimum is taken after each resample's
+    means): is the gap between two rows bigger than the luck of which stories were drawn?"""
+    a = np.array([[r[m] for m in MATCHED] for r in rows_a])  # (stories, attributes)
+    b = np.array([[r[m] for m in MATCHED] for r in rows_b])
+    if a.shape != b.shape or len(a) < 2:
+        raise ValueError(f"need both settings' rows on the same >= 2 stories, got {len(a)} and {len(b)}")
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    diffs = a[idx].mean(1).min(-1) - b[idx].mean(1).min(-1)  # (resamples,)
+    lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+    return {"mean": round(float(a.mean(0).min() - b.mean(0).min()), 4), "ci_low": round(float(lo), 4),
+            "ci_high": round(float(hi), 4), "level": level, "n": len(a)}
 
 
 def _choose(sweep: dict[str, dict], prefix: str, max_scene_drop: float) -> float:
@@ -176,10 +206,12 @@ def run_photomaker_eval(pipe, encoder, recognizer, *, n_stories: int = 50, n_tun
     stories = make_reference_stories(n_stories, EVAL_SEED)
     single = {"strength": strength, "guidance": guidance, "seed": seed}
     chosen = {**single, "candidates": candidates}  # every ID row's settings
+    id_rows = setting_rows(pipe, encoder, stories, recognizer, **chosen)
+    csa_rows = setting_rows(pipe, encoder, stories, recognizer, csa=True, **chosen)
     table = {
         "no_id": run_setting(pipe, encoder, stories, recognizer, use_id=False, seed=seed),
-        "id": run_setting(pipe, encoder, stories, recognizer, **chosen),
-        "id_csa": run_setting(pipe, encoder, stories, recognizer, csa=True, **chosen),
+        "id": summarise(id_rows),
+        "id_csa": summarise(csa_rows),
         "id_3_refs": run_setting(pipe, encoder, stories, recognizer, references=3, **chosen),
         "id_single_draw": run_setting(pipe, encoder, stories, recognizer, **single),
         "id_csa_single_draw": run_setting(pipe, encoder, stories, recognizer, csa=True, **single),
@@ -194,6 +226,7 @@ def run_photomaker_eval(pipe, encoder, recognizer, *, n_stories: int = 50, n_tun
         "reference_match_min": table["id"]["reference_match_min"],
         "reference_match_min_with_csa": table["id_csa"]["reference_match_min"],
         "no_id_reference_match_min": table["no_id"]["reference_match_min"],
+        "csa_minus_id": paired_min_difference(csa_rows, id_rows),
         "reference_match_min_single_draw": table["id_single_draw"]["reference_match_min"],
         "candidates": candidates,
         "scene_accuracy_drop": round(table["no_id"]["scene_accuracy"] - table["id"]["scene_accuracy"], 4),
