@@ -103,7 +103,7 @@ eval: install
 	$(PY) -m sdlite.eval storyworld --out results/storyworld.json
 	$(PY) -m sdlite.eval consistency --stories 50 --panels 4 4 --batch-stories 25 --shared-settings no_csa,default --threads 1 --out results/consistency.json --force
 	$(PY) -m sdlite.eval transitions --clips 100 --steps 8 --methods latent_interpolation,no_predictor,temporal_only,full,true_embeddings,full_polished --threads 1 --out results/motion.json --force
-	$(PY) -m sdlite.eval photomaker --stories 50 --tuning-stories 24 --compare base=data/storyworld/id_encoder_base --threads 1 --out results/photomaker.json --force
+	$(PY) -m sdlite.eval photomaker --stories 100 --tuning-stories 24 --compare base=data/storyworld/id_encoder_base --threads 1 --out results/photomaker.json --force
 	$(PY) -m sdlite.eval decoder-ablation --clips 100 --steps 8 --decoder "3000 steps, no keyframe reading=data/motion/decoder_3000_steps" --decoder "3000 + 1000 steps, no keyframe reading=data/motion/decoder_no_keyframes" --decoder "3000 + 1000 steps, keyframe reading (shipped)=data/motion/decoder" --decoder "wide (2x channels), 3000 steps, no keyframe reading=data/motion/decoder_wide_3000_steps" --threads 1 --out results/motion_ablation.json --force
 
 benchmarks: install

@@ -614,6 +614,9 @@ def test_results_photomaker_json_is_whole_and_its_bars_follow_its_numbers():
     assert res["style_strength_ratio"] == STORYWORLD_ID_STRENGTH  # the CLI's default is the one the sweep chose
     assert res["guidance_scale"] == STORYWORLD_ID_GUIDANCE == pm.choose_guidance(res["guidance_sweep"]["rows"])
     assert res["command"].startswith("python -m sdlite.eval photomaker")
+    gap = res["csa_minus_id"]  # the paired interval's centre is the two rows' difference
+    assert gap["n"] == res["n_stories"] and gap["ci_low"] <= gap["mean"] <= gap["ci_high"]
+    assert gap["mean"] == pytest.approx(res["reference_match_min_with_csa"] - res["reference_match_min"], abs=1e-3)
 
 
 def test_the_shipped_encoder_denoises_its_own_character_better_than_another():

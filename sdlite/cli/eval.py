@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 def add_photomaker_parser(sub) -> None:
     p = sub.add_parser("photomaker", help="reference-image mode (PhotoMaker) in storyworld -> results/photomaker.json",
                        description="Do a story's panels follow the reference images? (sdlite.eval.photomaker)")
-    p.add_argument("--stories", type=int, default=50, help="stories of held-out characters (default 50)")
+    p.add_argument("--stories", type=int, default=100, help="stories of held-out characters (default 100)")
     p.add_argument("--tuning-stories", type=int, default=24,
                    help="other stories, for choosing the delayed-conditioning strength (default 24)")
     p.add_argument("--id-encoder", default=None, help="ID encoder folder (default data/storyworld/id_encoder)")

@@ -177,7 +177,7 @@ def choose_guidance(sweep: dict[str, dict], max_scene_drop: float = 0.05) -> flo
     return _choose(sweep, "id_guidance_", max_scene_drop)
 
 
-def run_photomaker_eval(pipe, encoder, recognizer, *, n_stories: int = 50, n_tuning: int = 24, seed: int = 0,
+def run_photomaker_eval(pipe, encoder, recognizer, *, n_stories: int = 100, n_tuning: int = 24, seed: int = 0,
                         command: str = "", progress: bool = True, others: dict | None = None,
                         candidates: int = STORYWORLD_CANDIDATES) -> dict:
     """The whole table (see the module doc) as a dict ready for results/photomaker.json. `others`: {name: (pipe,
