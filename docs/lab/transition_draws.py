@@ -62,7 +62,9 @@ def main() -> None:
         z = transition_latents(models, x[:, 0], x[:, -1], frames, prompts, "full", STEPS, s, pin=True)
         v = decode_latents(models.vae, z)
         d = id_directions(encoder, as_uint8(v[:, 1:-1].flatten(0, 1))).view(b, frames - 2, -1)
-        latents.append(z), videos.append(v), closeness.append((d @ key_dir[..., None])[..., 0].mean(1))  # (B,)
+        latents.append(z)
+        videos.append(v)
+        closeness.append((d @ key_dir[..., None])[..., 0].mean(1))  # (B,): mean cosine over the in-between frames
 
     def measure(video: torch.Tensor) -> dict:
         m = video_metrics(video, x, models.embedder, true_e, recognizer)
