@@ -84,13 +84,23 @@ def load_clip_tokenizers(trigger_word: str | None = TRIGGER_WORD) -> tuple[CLIPT
     return tokenizer, tokenizer_2
 
 
+def _whole_word(word: str) -> str:
+    """A pattern for `word` as a whole word: "img" in "a man img, walking", not in "images" or "img2"."""
+    return rf"(?<!\w){re.escape(word)}(?!\w)"
+
+
+def has_trigger_word(prompt: str, trigger_word: str = TRIGGER_WORD) -> bool:
+    """Does the prompt carry the trigger word as a whole word (any case, punctuation around it allowed)?"""
+    return re.search(_whole_word(trigger_word), prompt, flags=re.IGNORECASE) is not None
+
+
 def remove_trigger_word(prompt: str, trigger_word: str = TRIGGER_WORD) -> str:
     """The prompt without the trigger word (whole word, any case), spaces tidied: 'a man img, walking' -> 'a man, walking'.
 
     Done on the text, not by decoding tokens, so the user's casing and punctuation survive.
     """
     # the trigger and the spaces before it go: "a man img, walking" -> "a man, walking"
-    text = re.sub(rf"\s*(?<!\w){re.escape(trigger_word)}(?!\w)", "", prompt, flags=re.IGNORECASE)
+    text = re.sub(r"\s*" + _whole_word(trigger_word), "", prompt, flags=re.IGNORECASE)
     return " ".join(text.split())
 
 

@@ -333,6 +333,7 @@ def run_cli(tmp_path, *options, story=STORY):
     ("Lily=missing.png", STORY, "reference image .*missing.png does not exist"),
     ("Bob={lily}", STORY, "no character 'Bob'"),
     ("Lily={lily}", STORY.replace("a girl img", "a girl"), "has no trigger word"),
+    ("Lily={lily}", STORY.replace("a girl img", "a girl images,"), "has no trigger word"),  # a whole word only
     ("Lily", STORY, "write NAME=IMAGE"),
     ("Lily={story}", STORY, "not a readable picture"),
 ])
@@ -350,6 +351,16 @@ def test_bad_references_fail_before_any_model_loads(tmp_path, monkeypatch, capsy
 
     assert re.search(message, err), err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_trigger_word_followed_by_punctuation_is_found(tmp_path, monkeypatch):
+    from sdlite.cli.story import check_references
+
+    lily = tmp_path / "lily.png"
+    lily_picture().save(lily)
+    for description in ("a girl img, brown hair", "a girl IMG", "a girl img."):
+        refs = check_references(parse_story(STORY.replace("a girl img", description)), [f"Lily={lily}"])
+        assert list(refs) == ["Lily"] and len(refs["Lily"]) == 1, description
 
 
 def test_strength_and_photomaker_need_a_reference(tmp_path, capsys):

@@ -156,3 +156,12 @@ def test_class_tokens_may_fill_exactly_up_to_the_last_free_slot_before_eos():
     assert mask[2:76] == [True] * 74 and not mask[76] and not mask[1]
     with pytest.raises(ValueError, match="last free position 75"):
         encode_with_trigger(tok, "a man img", num_id_images=75)
+
+
+def test_has_trigger_word_finds_the_whole_word_only():
+    from sdlite.tokenization import has_trigger_word
+
+    for prompt in ("a man img", "a man img, walking", "a man IMG.", "(img) a man"):
+        assert has_trigger_word(prompt), prompt
+    for prompt in ("a man", "a man images", "a man img2", "a man_img"):
+        assert not has_trigger_word(prompt), prompt

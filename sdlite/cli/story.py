@@ -261,7 +261,7 @@ def check_references(story, refs: list[str]) -> dict[str, list]:
     """``--ref NAME=IMAGE`` options -> {name: [RGB pictures]}, checked before any model loads: the form, a character
     of the story, the trigger word in its description, and a whole, readable picture."""
     from ..images import read_picture
-    from ..tokenization import TRIGGER_WORD
+    from ..tokenization import TRIGGER_WORD, has_trigger_word
 
     references: dict[str, list] = {}
     for ref in refs:
@@ -273,7 +273,7 @@ def check_references(story, refs: list[str]) -> dict[str, list]:
             raise ValueError(f"--ref {ref!r}: the story has no character {name!r} (its characters: "
                              f"{', '.join(story.characters) or 'none'})")
         ch = story.characters[name]
-        if TRIGGER_WORD not in ch.description.lower().split():
+        if not has_trigger_word(ch.description):
             raise ValueError(f"--ref {ref!r}: line {ch.line}: [{name}] {ch.description!r} has no trigger word: write "
                              f"{TRIGGER_WORD!r} right after the class word, e.g. [{name}] a girl {TRIGGER_WORD}")
         references.setdefault(name, []).append(read_picture(image, "reference image"))  # checked, then read
