@@ -89,9 +89,9 @@ def _whole_word(word: str) -> str:
     return rf"(?<!\w){re.escape(word)}(?!\w)"
 
 
-def has_trigger_word(prompt: str, trigger_word: str = TRIGGER_WORD) -> bool:
-    """Does the prompt carry the trigger word as a whole word (any case, punctuation around it allowed)?"""
-    return re.search(_whole_word(trigger_word), prompt, flags=re.IGNORECASE) is not None
+def count_trigger_words(prompt: str, trigger_word: str = TRIGGER_WORD) -> int:
+    """How often the prompt carries the trigger word as a whole word (any case, punctuation around it allowed)."""
+    return len(re.findall(_whole_word(trigger_word), prompt, flags=re.IGNORECASE))
 
 
 def remove_trigger_word(prompt: str, trigger_word: str = TRIGGER_WORD) -> str:

@@ -334,6 +334,7 @@ def run_cli(tmp_path, *options, story=STORY):
     ("Bob={lily}", STORY, "no character 'Bob'"),
     ("Lily={lily}", STORY.replace("a girl img", "a girl"), "has no trigger word"),
     ("Lily={lily}", STORY.replace("a girl img", "a girl images,"), "has no trigger word"),  # a whole word only
+    ("Lily={lily}", STORY.replace("[Lily] sitting", "[Lily] a girl img, sitting"), "line 3: .*more than once"),
     ("Lily", STORY, "write NAME=IMAGE"),
     ("Lily={story}", STORY, "not a readable picture"),
 ])

@@ -158,10 +158,11 @@ def test_class_tokens_may_fill_exactly_up_to_the_last_free_slot_before_eos():
         encode_with_trigger(tok, "a man img", num_id_images=75)
 
 
-def test_has_trigger_word_finds_the_whole_word_only():
-    from sdlite.tokenization import has_trigger_word
+def test_count_trigger_words_counts_the_whole_word_only():
+    from sdlite.tokenization import count_trigger_words
 
     for prompt in ("a man img", "a man img, walking", "a man IMG.", "(img) a man"):
-        assert has_trigger_word(prompt), prompt
+        assert count_trigger_words(prompt) == 1, prompt
     for prompt in ("a man", "a man images", "a man img2", "a man_img"):
-        assert not has_trigger_word(prompt), prompt
+        assert count_trigger_words(prompt) == 0, prompt
+    assert count_trigger_words("a man img, walking, a man img") == 2

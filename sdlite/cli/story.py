@@ -261,7 +261,7 @@ def check_references(story, refs: list[str]) -> dict[str, list]:
     """``--ref NAME=IMAGE`` options -> {name: [RGB pictures]}, checked before any model loads: the form, a character
     of the story, the trigger word in its description, and a whole, readable picture."""
     from ..images import read_picture
-    from ..tokenization import TRIGGER_WORD, has_trigger_word
+    from ..tokenization import TRIGGER_WORD, count_trigger_words
 
     references: dict[str, list] = {}
     for ref in refs:
@@ -273,9 +273,14 @@ def check_references(story, refs: list[str]) -> dict[str, list]:
             raise ValueError(f"--ref {ref!r}: the story has no character {name!r} (its characters: "
                              f"{', '.join(story.characters) or 'none'})")
         ch = story.characters[name]
-        if not has_trigger_word(ch.description):
+        if not count_trigger_words(ch.description):
             raise ValueError(f"--ref {ref!r}: line {ch.line}: [{name}] {ch.description!r} has no trigger word: write "
                              f"{TRIGGER_WORD!r} right after the class word, e.g. [{name}] a girl {TRIGGER_WORD}")
+        for panel in story.panels:  # the description joins every panel's prompt: the trigger must not come twice
+            if name in panel.characters and count_trigger_words(panel.id_prompt) > 1:
+                raise ValueError(f"--ref {ref!r}: line {panel.line}: the prompt {panel.id_prompt!r} has the trigger "
+                                 f"word {TRIGGER_WORD!r} more than once. [{name}]'s description already brings it: "
+                                 f"write the line without the description, e.g. [{name}] waving on the beach")
         references.setdefault(name, []).append(read_picture(image, "reference image"))  # checked, then read
     return references
 
