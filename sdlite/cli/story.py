@@ -259,7 +259,8 @@ def run_story_command(args) -> int:
 
 def check_references(story, refs: list[str]) -> dict[str, list]:
     """``--ref NAME=IMAGE`` options -> {name: [RGB pictures]}, checked before any model loads: the form, a character
-    of the story, the trigger word in its description, and a whole, readable picture."""
+    of the story, the trigger word in its description and once in each of its panels' prompts, and a whole, readable
+    picture."""
     from ..images import read_picture
     from ..tokenization import TRIGGER_WORD, count_trigger_words
 
