@@ -5,6 +5,7 @@ A story is a small text file, close in spirit to the official StoryDiffusion dem
     // lines starting with // are comments; blank lines are ignored
     style: plain                       (optional: a named style, or a template containing {prompt})
     negative: a crown                  (optional: the negative prompt, joined to the named style's own)
+    ref: Lily = lily.png               (optional, repeatable: a reference picture, relative to the story's folder)
     [Lily] a girl                      a character line: [Name] description (class word, trigger word ...)
     [Tom] a boy
     [Lily] walking in the park # Lily goes out.      one line per panel; after the last `#`: the caption
@@ -32,10 +33,13 @@ Rules (each broken rule is a ``ValueError`` naming the line and the fix):
   (the official demo's default style template alone is longer than 77 tokens).
 
 The trigger word of PhotoMaker (``img``, written after the class word: ``[Bob] a man img``) is kept in
-:attr:`StoryPanel.id_prompt` and removed from :attr:`StoryPanel.prompt`.
+:attr:`StoryPanel.id_prompt` and removed from :attr:`StoryPanel.prompt`. ``ref:`` lines name a defined character
+and a picture (:attr:`Story.references`); the picture is read, and the trigger word checked, when a story is
+generated with them (``sdlite story``, the same as ``--ref NAME=IMAGE``).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +51,7 @@ __all__ = [
     "StoryCharacter",
     "Story",
     "StoryPanel",
+    "StoryReference",
     "StyleTemplate",
     "check_story_prompts",
     "example_story_path",
@@ -127,6 +132,15 @@ class StoryCharacter:
 
 
 @dataclass(frozen=True)
+class StoryReference:
+    """A `ref: Name = picture` line: a reference picture of a character, for PhotoMaker's reference-image mode."""
+
+    name: str
+    image: str  # as written; read_story makes a relative path relative to the story's folder
+    line: int
+
+
+@dataclass(frozen=True)
 class StoryPanel:
     """One panel: its prompt before and after the style template, the characters it names, its caption."""
 
@@ -152,6 +166,7 @@ class Story:
     style: StyleTemplate = field(default_factory=lambda: STYLES["plain"])
     negative_prompt: str = ""  # what generation uses: the story's own `negative:` line, else the style's
     own_negative: str | None = None  # the story's `negative:` line (None: none), kept when the style changes
+    references: tuple[StoryReference, ...] = ()  # its `ref:` lines, in order
 
     def __len__(self) -> int:
         return len(self.panels)
@@ -261,8 +276,9 @@ def _panel_names(names: list[str], rest: str, line: str, number: int,
 
 def _read_lines(text: str):
     """Step 1 of `parse_story`: the lines -> (characters, panel rows (line, text, names, caption), the file's style,
-    its negative prompt)."""
+    its negative prompt, its `ref:` lines)."""
     characters: dict[str, StoryCharacter] = {}
+    references: list[StoryReference] = []
     rows: list[tuple[int, str, tuple[str, ...], str | None]] = []
     file_style: StyleTemplate | None = None
     negative: str | None = None
@@ -278,6 +294,9 @@ def _read_lines(text: str):
         if low.startswith("negative:"):
             negative = line[9:].strip()
             continue
+        if low.startswith("ref:"):
+            references.append(_reference(line[4:], number))
+            continue
         body, caption, names, rest = _split_line(line, number)
         is_definition = (not rows and len(names) == 1 and body.startswith("[") and names[0] != NO_CHARACTER
                          and names[0] not in characters)
@@ -291,7 +310,16 @@ def _read_lines(text: str):
             characters[names[0]] = StoryCharacter(names[0], rest, number)
             continue
         rows.append((number, body, rest, _panel_names(names, rest, line, number, characters), caption))
-    return characters, rows, file_style, negative
+    return characters, rows, file_style, negative, references
+
+
+def _reference(value: str, number: int) -> StoryReference:
+    """The text after `ref:` ("Lily = lily.png", "[Lily] = lily.png") -> a StoryReference, its form checked."""
+    name, sep, image = value.partition("=")
+    name, image = name.strip().strip("[]").strip(), image.strip()
+    if not sep or not _NAME.match(name) or not image:
+        raise ValueError(f"line {number}: write a reference line as `ref: Name = picture.png`, got `ref:{value}`")
+    return StoryReference(name, image, number)
 
 
 def parse_story(text: str, style: str | StyleTemplate | None = None) -> Story:
@@ -299,7 +327,12 @@ def parse_story(text: str, style: str | StyleTemplate | None = None) -> Story:
     if not isinstance(text, str):
         raise TypeError(f"parse_story needs the story text as a str, got {type(text).__name__}: "
                         "use read_story(path) for a file")
-    characters, rows, file_style, negative = _read_lines(text)
+    characters, rows, file_style, negative, references = _read_lines(text)
+    for ref in references:
+        if ref.name not in characters:
+            known = ", ".join(f"[{c}]" for c in characters) or "none"
+            raise ValueError(f"line {ref.line}: `ref:` names an unknown character [{ref.name}] (known: {known}): "
+                             "use the name of a character line")
     if not rows:
         raise ValueError("the story is empty: it has no panel lines. Add one line per panel after the character "
                          "lines, e.g. `[Lily] a girl` then `[Lily] walking in the park # Lily goes out.`")
@@ -320,7 +353,7 @@ def parse_story(text: str, style: str | StyleTemplate | None = None) -> Story:
             caption = _in_place(inline, {n: n for n in names}) if inline else (_join(list(names), rest) if names
                                                                                else rest)
         panels.append(StoryPanel(index, number, rest, names, caption, st.apply(raw), st.apply(id_raw), raw, inline))
-    story = Story(characters, tuple(panels), st, _negative(st, negative), negative)
+    story = Story(characters, tuple(panels), st, _negative(st, negative), negative, tuple(references))
     for name, ch in characters.items():  # step 3: every character has a reference panel
         if not story.solo_panels(name):
             raise ValueError(f"line {ch.line}: character [{name}] has no solo panel (a panel naming only [{name}]) "
@@ -342,7 +375,10 @@ def read_story(path: str | Path, style: str | StyleTemplate | None = None) -> St
         line = raw[: err.start].count(b"\n") + 1
         raise ValueError(f"{path}: line {line}: byte {raw[err.start]:#04x} is not UTF-8: save the story as UTF-8 "
                          "text") from None
-    return parse_story(text, style=style)
+    story = parse_story(text, style=style)
+    # a relative picture path is the story's folder's, not the folder sdlite runs in (an absolute one stays)
+    refs = tuple(dataclasses.replace(r, image=str(path.parent / Path(r.image).expanduser())) for r in story.references)
+    return dataclasses.replace(story, references=refs)
 
 
 def example_story_path() -> Path:

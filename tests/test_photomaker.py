@@ -354,13 +354,59 @@ def test_bad_references_fail_before_any_model_loads(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "o").exists()
 
 
+def test_a_story_names_its_references_with_ref_lines(tmp_path):
+    from sdlite.story import StoryReference, read_story
+
+    story = parse_story("[Lily] a girl img\nref: Lily = lily.png\nref: [Lily]=/abs/b c.png\n[Lily] waving on the beach\n")
+    assert story.references == (StoryReference("Lily", "lily.png", 2), StoryReference("Lily", "/abs/b c.png", 3))
+    assert len(story) == 1 and parse_story(STORY).references == ()
+    (tmp_path / "tales").mkdir()
+    (tmp_path / "tales" / "s.txt").write_text("[Lily] a girl img\nref: Lily = pics/lily.png\n[Lily] waving\n")
+    assert read_story(tmp_path / "tales" / "s.txt").references[0].image == str(tmp_path / "tales" / "pics" / "lily.png")
+    for text, message in (("ref: lily.png", "write a reference line as `ref: Name = picture.png`"),
+                          ("ref: Lily =", "write a reference line"),
+                          ("ref: Bob = bob.png", "line 2: `ref:` names an unknown character \\[Bob\\]")):
+        with pytest.raises(ValueError, match=message):
+            parse_story(f"[Lily] a girl img\n{text}\n[Lily] waving on the beach\n")
+
+
+def test_sdlite_story_uses_the_storys_ref_lines_as_it_uses_ref(tmp_path, monkeypatch):
+    lily_picture().save(tmp_path / "lily.png")
+    (tmp_path / "tale").mkdir()
+    (tmp_path / "tale" / "s.txt").write_text(STORY.replace("[Lily] a girl img\n", "[Lily] a girl img\nref: Lily = ../lily.png\n"))
+    monkeypatch.chdir(tmp_path / "tale")  # the story's folder, not the working folder, resolves the path
+    fast = ["--steps", "3", "--candidates", "2", "--quiet"]  # --candidates is accepted: the story has references
+    assert main(["story", "s.txt", "--out", str(tmp_path / "a" / "page.png"), *fast]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(tmp_path, "--ref", f"Lily={tmp_path / 'lily.png'}", *fast) == 0
+    assert main(["story", str(tmp_path / "s.txt"), "--out", str(tmp_path / "p" / "page.png"), "--steps", "3",
+                 "--quiet"]) == 0
+    for panel in ("panel_01.png", "panel_02.png"):
+        from_story = np.asarray(Image.open(tmp_path / "a" / "page_panels" / panel))
+        np.testing.assert_array_equal(from_story, np.asarray(Image.open(tmp_path / "o" / "page_panels" / panel)))
+        assert not np.array_equal(from_story, np.asarray(Image.open(tmp_path / "p" / "page_panels" / panel)))
+
+
+def test_a_missing_picture_named_by_the_story_fails_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the references were checked")
+
+    monkeypatch.setattr(sdlite.pipeline, "load_pipeline", no_model)
+    monkeypatch.setattr(sdlite.pipeline, "load_tokenizer", no_model)
+    story = STORY.replace("[Lily] a girl img\n", "[Lily] a girl img\nref: Lily = gone.png\n")
+    assert run_cli(tmp_path, story=story) == 2
+    err = capsys.readouterr().err
+    assert "line 2: ref: Lily = " in err and "gone.png does not exist" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_trigger_word_followed_by_punctuation_is_found(tmp_path, monkeypatch):
     from sdlite.cli.story import check_references
 
     lily = tmp_path / "lily.png"
     lily_picture().save(lily)
     for description in ("a girl img, brown hair", "a girl IMG", "a girl img."):
-        refs = check_references(parse_story(STORY.replace("a girl img", description)), [f"Lily={lily}"])
+        refs = check_references(parse_story(STORY.replace("a girl img", description)), [("--ref", "Lily", lily)])
         assert list(refs) == ["Lily"] and len(refs["Lily"]) == 1, description
 
 
@@ -457,7 +503,7 @@ def test_generate_story_draws_candidates_with_their_own_seeds_and_keeps_the_clos
 
 
 @pytest.mark.parametrize("options, message", [
-    (("--candidates", "2"), "--candidates works with --ref"),
+    (("--candidates", "2"), "--candidates works with reference pictures: add --ref"),
     (("--ref", "Lily={lily}", "--candidates", "0"), "--candidates 0"),
 ])
 def test_bad_candidates_fail_before_any_model_loads(tmp_path, capsys, options, message):

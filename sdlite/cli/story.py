@@ -39,7 +39,7 @@ def add_story_parser(subparsers) -> None:
     p.add_argument("--ref", action="append", default=[], metavar="NAME=IMAGE",
                    help="reference-image mode (PhotoMaker): the panels of character NAME follow IMAGE; repeat for "
                         "several images or characters. NAME's description needs the trigger word after its class "
-                        "word ([Lily] a girl img)")
+                        "word ([Lily] a girl img). Adds to the story's own `ref: NAME = IMAGE` lines")
     p.add_argument("--photomaker", default=None, metavar="PATH",
                    help="the ID encoder for --ref: an ID encoder folder or a PhotoMaker v1 checkpoint "
                         "(photomaker-v1.bin); default on storyworld: its own, data/storyworld/id_encoder")
@@ -134,13 +134,8 @@ def check_story_options(args) -> None:
     strength = getattr(args, "id_strength", None)
     need(strength is None or (math.isfinite(strength) and 0 <= strength <= 100),
          f"--id-strength {strength}: a percentage of the steps, 0 to 100")
-    need(strength is None or bool(getattr(args, "ref", None)), "--id-strength works with --ref: add --ref NAME=IMAGE")
     candidates = getattr(args, "candidates", None)
     need(candidates is None or candidates >= 1, f"--candidates {candidates}: use 1 or more draws per panel")
-    need(candidates is None or bool(getattr(args, "ref", None)),
-         "--candidates works with --ref: the draws are compared with the reference (add --ref NAME=IMAGE)")
-    need(getattr(args, "photomaker", None) is None or bool(getattr(args, "ref", None)),
-         "--photomaker works with --ref: add --ref NAME=IMAGE (the character's reference picture)")
     need(not (getattr(args, "no_csa", False) and (getattr(args, "save_characters", None)
                                                    or getattr(args, "load_characters", None))),
          "--save-characters / --load-characters need CSA: drop --no-csa")
@@ -186,7 +181,10 @@ def run_story_command(args) -> int:
         shown = "".join(lacking[:10]) + (" ..." if len(lacking) > 10 else "")
         print(f"sdlite story: warning: the caption font has no glyph for {len(lacking)} character(s) ({shown}): they "
               "print as empty boxes; pass --font PATH to a font that has them", file=sys.stderr)
-    references = check_references(story, getattr(args, "ref", []))  # names, trigger words, readable pictures
+    story_refs = [(f"{path}: line {r.line}: ref: {r.name} = {r.image}", r.name, r.image) for r in story.references]
+    cli_refs = [(f"--ref {ref!r}", *parse_reference_option(ref)) for ref in getattr(args, "ref", [])]
+    check_reference_options(args, bool(story_refs or cli_refs))
+    references = check_references(story, story_refs + cli_refs)  # names, trigger words, readable pictures
     load_dir = Path(args.load_characters) if getattr(args, "load_characters", None) else None
     if load_dir is not None and not load_dir.is_dir():
         raise FileNotFoundError(f"--load-characters {load_dir}: no such folder (write one with --save-characters)")
@@ -257,32 +255,51 @@ def run_story_command(args) -> int:
     return 0
 
 
-def check_references(story, refs: list[str]) -> dict[str, list]:
-    """``--ref NAME=IMAGE`` options -> {name: [RGB pictures]}, checked before any model loads: the form, a character
-    of the story, the trigger word in its description and once in each of its panels' prompts, and a whole, readable
-    picture."""
+def parse_reference_option(ref: str) -> tuple[str, str]:
+    """``--ref NAME=IMAGE`` -> (name, image), the form checked."""
+    name, sep, image = ref.partition("=")
+    name = name.strip().strip("[]")
+    if not sep or not name or not image:
+        raise ValueError(f"--ref {ref!r}: write NAME=IMAGE, e.g. --ref Lily=lily.png")
+    return name, image
+
+
+def check_reference_options(args, has_references: bool) -> None:
+    """The reference mode's options need references: ``--ref`` or the story's ``ref:`` lines."""
+    for option, value in (("--id-strength", getattr(args, "id_strength", None)),
+                          ("--candidates", getattr(args, "candidates", None)),
+                          ("--photomaker", getattr(args, "photomaker", None))):
+        if value is not None and not has_references:
+            raise ValueError(f"{option} works with reference pictures: add --ref NAME=IMAGE, or a line "
+                             "`ref: NAME = IMAGE` to the story")
+
+
+def check_references(story, refs: list[tuple[str, str, str]]) -> dict[str, list]:
+    """References (where, name, image) -> {name: [RGB pictures]}, checked before any model loads: a character of the
+    story, the trigger word in its description and once in each of its panels' prompts, and a whole, readable
+    picture. `where` starts each error: the ``--ref`` option or the story's ``ref:`` line."""
     from ..images import read_picture
     from ..tokenization import TRIGGER_WORD, count_trigger_words
 
     references: dict[str, list] = {}
-    for ref in refs:
-        name, sep, image = ref.partition("=")
-        name = name.strip().strip("[]")
-        if not sep or not name or not image:
-            raise ValueError(f"--ref {ref!r}: write NAME=IMAGE, e.g. --ref Lily=lily.png")
+    for where, name, image in refs:
         if name not in story.characters:
-            raise ValueError(f"--ref {ref!r}: the story has no character {name!r} (its characters: "
+            raise ValueError(f"{where}: the story has no character {name!r} (its characters: "
                              f"{', '.join(story.characters) or 'none'})")
         ch = story.characters[name]
         if not count_trigger_words(ch.description):
-            raise ValueError(f"--ref {ref!r}: line {ch.line}: [{name}] {ch.description!r} has no trigger word: write "
+            raise ValueError(f"{where}: line {ch.line}: [{name}] {ch.description!r} has no trigger word: write "
                              f"{TRIGGER_WORD!r} right after the class word, e.g. [{name}] a girl {TRIGGER_WORD}")
         for panel in story.panels:  # the description joins every panel's prompt: the trigger must not come twice
             if name in panel.characters and count_trigger_words(panel.id_prompt) > 1:
-                raise ValueError(f"--ref {ref!r}: line {panel.line}: the prompt {panel.id_prompt!r} has the trigger "
+                raise ValueError(f"{where}: line {panel.line}: the prompt {panel.id_prompt!r} has the trigger "
                                  f"word {TRIGGER_WORD!r} more than once. [{name}]'s description already brings it: "
                                  f"write the line without the description, e.g. [{name}] waving on the beach")
-        references.setdefault(name, []).append(read_picture(image, "reference image"))  # checked, then read
+        try:
+            picture = read_picture(image, "reference image")  # checked, then read
+        except (OSError, ValueError) as err:  # the same error, told where the picture was named
+            raise type(err)(f"{where}: {err}") from None
+        references.setdefault(name, []).append(picture)
     return references
 
 
