@@ -57,6 +57,7 @@ __all__ = [
     "example_story_path",
     "parse_story",
     "read_story",
+    "split_reference",
     "unknown_words",
 ]
 
@@ -313,13 +314,20 @@ def _read_lines(text: str):
     return characters, rows, file_style, negative, references
 
 
-def _reference(value: str, number: int) -> StoryReference:
-    """The text after `ref:` ("Lily = lily.png", "[Lily] = lily.png") -> a StoryReference, its form checked."""
-    name, sep, image = value.partition("=")
+def split_reference(text: str) -> tuple[str, str] | None:
+    """"Lily = lily.png" or "[Lily]=lily.png" -> ("Lily", "lily.png"); None when it is not of that form. The one
+    reading of a reference, for the story's `ref:` lines and `sdlite story --ref`."""
+    name, sep, image = text.partition("=")
     name, image = name.strip().strip("[]").strip(), image.strip()
-    if not sep or not _NAME.match(name) or not image:
+    return (name, image) if sep and _NAME.match(name) and image else None
+
+
+def _reference(value: str, number: int) -> StoryReference:
+    """The text after `ref:` -> a StoryReference, its form checked."""
+    parts = split_reference(value)
+    if parts is None:
         raise ValueError(f"line {number}: write a reference line as `ref: Name = picture.png`, got `ref:{value}`")
-    return StoryReference(name, image, number)
+    return StoryReference(*parts, number)
 
 
 def parse_story(text: str, style: str | StyleTemplate | None = None) -> Story:

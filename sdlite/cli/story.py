@@ -256,12 +256,13 @@ def run_story_command(args) -> int:
 
 
 def parse_reference_option(ref: str) -> tuple[str, str]:
-    """``--ref NAME=IMAGE`` -> (name, image), the form checked."""
-    name, sep, image = ref.partition("=")
-    name = name.strip().strip("[]")
-    if not sep or not name or not image:
+    """``--ref NAME=IMAGE`` -> (name, image), the form checked (read as the story's ``ref:`` lines are)."""
+    from ..story import split_reference
+
+    parts = split_reference(ref)
+    if parts is None:
         raise ValueError(f"--ref {ref!r}: write NAME=IMAGE, e.g. --ref Lily=lily.png")
-    return name, image
+    return parts
 
 
 def check_reference_options(args, has_references: bool) -> None:
