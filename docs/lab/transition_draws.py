@@ -24,17 +24,13 @@ import torch.nn.functional as F
 from sdlite.eval.video_metrics import paired_difference_ci, video_metrics
 from sdlite.id_encoder import load_id_encoder
 from sdlite.id_selection import candidate_seeds, id_directions
+from sdlite.images import to_uint8
 from sdlite.paths import data_dir
 from sdlite.storyworld.datasets import ClipDataset
 from sdlite.storyworld.recognizer import load_recognizer
 from sdlite.video import decode_latents, load_video_models, transition_latents
 
 STEPS = 8  # the evaluation's
-
-
-def as_uint8(frames: torch.Tensor):
-    """(n, 3, H, W) in [0, 1] -> (n, H, W, 3) uint8 arrays, the ID encoder's input."""
-    return (frames.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 @torch.no_grad()
@@ -55,13 +51,13 @@ def main() -> None:
     b, frames = x.shape[:2]
     true_e = models.embedder(x.flatten(0, 1)).reshape(b, frames, -1)
     prompts = [it["caption"] for it in items]
-    keys = id_directions(encoder, as_uint8(x[:, [0, -1]].flatten(0, 1))).view(b, 2, -1)
+    keys = id_directions(encoder, to_uint8(x[:, [0, -1]].flatten(0, 1))).view(b, 2, -1)
     key_dir = F.normalize(keys.mean(1), dim=-1)  # (B, D): each clip's keyframes' direction
     latents, videos, closeness = [], [], []
     for s in candidate_seeds(0, args.draws):  # draw 0 is the evaluation's single draw
         z = transition_latents(models, x[:, 0], x[:, -1], frames, prompts, "full", STEPS, s, pin=True)
         v = decode_latents(models.vae, z)
-        d = id_directions(encoder, as_uint8(v[:, 1:-1].flatten(0, 1))).view(b, frames - 2, -1)
+        d = id_directions(encoder, to_uint8(v[:, 1:-1].flatten(0, 1))).view(b, frames - 2, -1)
         latents.append(z)
         videos.append(v)
         closeness.append((d @ key_dir[..., None])[..., 0].mean(1))  # (B,): mean cosine over the in-between frames
